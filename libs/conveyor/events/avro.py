@@ -1,0 +1,99 @@
+"""Avro data for internal events: schemaless fastavro encoding against `schemas/*.avsc`.
+
+Schemaless bytes carry no schema id, so the writer schema travels as the CloudEvent
+`dataschema` (`urn:conveyor:schema:<name>:<version>`). A reader always resolves the writer's
+version against the newest version it knows, which is how schema evolution works: data written
+with version N is read by version N+1 (new fields need defaults).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import fastavro
+from fastavro.types import Schema
+
+from conveyor.errors import PermanentError
+from conveyor.paths import schemas_dir
+
+_FILE = re.compile(r"^(?P<name>[a-z0-9-]+)\.v(?P<version>\d+)\.avsc$")
+_URN = re.compile(r"^urn:conveyor:schema:(?P<name>[a-z0-9-]+):(?P<version>\d+)$")
+
+
+class SchemaError(PermanentError):
+    """Data that does not match its schema, or a schema Conveyor does not know."""
+
+
+@dataclass(slots=True)
+class SchemaSet:
+    """Every parsed schema version in a directory, with named types shared between them."""
+
+    schemas: dict[tuple[str, int], Schema] = field(default_factory=dict)
+    latest: dict[str, int] = field(default_factory=dict)
+
+    def get(self, name: str, version: int) -> Schema:
+        try:
+            return self.schemas[(name, version)]
+        except KeyError:
+            raise SchemaError(f"unknown schema {name} version {version}") from None
+
+    def newest(self, name: str) -> tuple[int, Schema]:
+        version = self.latest.get(name)
+        if version is None:
+            raise SchemaError(f"unknown schema {name}")
+        return version, self.schemas[(name, version)]
+
+    def encode(self, name: str, version: int, data: dict[str, Any]) -> bytes:
+        buf = io.BytesIO()
+        try:
+            fastavro.schemaless_writer(buf, self.get(name, version), data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise SchemaError(f"data does not match schema {name}:{version}: {exc}") from exc
+        return buf.getvalue()
+
+    def decode_urn(self, urn: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+        """Decode data written with the schema `urn` names, read as that schema's newest version."""
+        match = _URN.match(urn or "")
+        if match is None:
+            raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
+        name, version = match["name"], int(match["version"])
+        writer = self.get(name, version)
+        _, reader = self.newest(name)
+        try:
+            record = fastavro.schemaless_reader(io.BytesIO(payload), writer, reader)
+        except Exception as exc:  # fastavro raises many types on corrupt bytes
+            raise SchemaError(f"data is not valid {name}:{version} Avro: {exc!r}") from exc
+        if not isinstance(record, dict):
+            raise SchemaError(f"{name}:{version} data is not a record")
+        return name, record
+
+
+def load_schema_set(directory: Path) -> SchemaSet:
+    """Parse every `<name>.v<version>.avsc`; named types (e.g. conveyor.Task) come first."""
+    files = sorted(p for p in directory.glob("*.avsc") if _FILE.match(p.name))
+    raw = {p: json.loads(p.read_text()) for p in files}
+    named: dict[str, Any] = {}
+    out = SchemaSet()
+    # Records referenced by name (conveyor.Task) must be parsed before the records using them.
+    for path in sorted(files, key=lambda p: 0 if _is_shared(raw[p]) else 1):
+        match = _FILE.match(path.name)
+        assert match is not None
+        name, version = match["name"], int(match["version"])
+        out.schemas[(name, version)] = fastavro.parse_schema(raw[path], named_schemas=named)
+        out.latest[name] = max(version, out.latest.get(name, 0))
+    return out
+
+
+def _is_shared(schema: dict[str, Any]) -> bool:
+    return schema.get("name") == "Task"
+
+
+@cache
+def default_schemas() -> SchemaSet:
+    return load_schema_set(schemas_dir())

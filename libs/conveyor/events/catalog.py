@@ -1,0 +1,89 @@
+"""The event catalog: which CloudEvents type travels on which topics with which data schema.
+
+`schemas/catalog.json` is the single source; topic apply, the codec and every stage read it
+through `Catalog`. Topic names get the deployment's prefix (`CONVEYOR_TOPIC_PREFIX`) in front,
+which lets tests and tenants share one cluster.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+from conveyor.paths import schemas_dir
+
+STATUS_TOPIC = "conveyor.task.status"
+STATUS_TYPE = "conveyor.task.status.v1"
+INGRESS_TOPIC = "conveyor.task.submitted"
+LANES = ("high", "normal", "low")
+
+
+@dataclass(frozen=True, slots=True)
+class EventSpec:
+    type: str
+    topics: tuple[str, ...]
+    schema: str
+    version: int
+    producer: str
+    consumers: tuple[str, ...]
+    ingress: bool
+
+    @property
+    def dataschema(self) -> str:
+        return schema_urn(self.schema, self.version)
+
+
+def schema_urn(name: str, version: int) -> str:
+    return f"urn:conveyor:schema:{name}:{version}"
+
+
+@dataclass(frozen=True, slots=True)
+class Catalog:
+    events: tuple[EventSpec, ...]
+    stages: tuple[str, ...]
+    partitions: int
+    named_types: tuple[str, ...]
+
+    def spec(self, event_type: str) -> EventSpec | None:
+        for spec in self.events:
+            if spec.type == event_type:
+                return spec
+        return None
+
+    def consumed_by(self, stage: str) -> tuple[EventSpec, ...]:
+        return tuple(spec for spec in self.events if stage in spec.consumers)
+
+    def stage_topics(self) -> tuple[str, ...]:
+        """Every topic the pipeline's events travel on, in catalog order."""
+        return tuple(topic for spec in self.events for topic in spec.topics)
+
+    def retry_topic(self, stage: str, rung: int) -> str:
+        return f"conveyor.{stage}.retry.{rung}"
+
+    def dlq_topic(self, stage: str) -> str:
+        return f"conveyor.{stage}.dlq"
+
+
+@cache
+def load_catalog(directory: Path | None = None) -> Catalog:
+    raw = json.loads(((directory or schemas_dir()) / "catalog.json").read_text())
+    events = tuple(
+        EventSpec(
+            type=e["type"],
+            topics=tuple(e["topics"]),
+            schema=e["schema"],
+            version=int(e["version"]),
+            producer=e["producer"],
+            consumers=tuple(e["consumers"]),
+            ingress=bool(e.get("ingress", False)),
+        )
+        for e in raw["events"]
+    )
+    return Catalog(
+        events=events,
+        stages=tuple(raw["stages"]),
+        partitions=int(raw["partitions"]),
+        named_types=tuple(raw.get("named_types", ())),
+    )

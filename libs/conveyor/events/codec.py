@@ -1,0 +1,156 @@
+"""CloudEvents 1.0 on Kafka: binary content mode out, binary and structured mode in.
+
+Binary mode puts each attribute in a `ce_<name>` header, `datacontenttype` in `content-type`,
+and the data in the record value. The `cloudevents` SDK's Kafka binding is the reference; this
+module builds the header list directly because the SDK costs ~12 µs per event against ~1 µs
+here, and `tests/unit/test_codec.py` proves both produce the same headers and read each other.
+Every decoding failure raises `DecodeError` (permanent: the record is dead-lettered).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from conveyor.errors import PermanentError
+from conveyor.events.avro import SchemaError, SchemaSet
+from conveyor.events.model import AVRO, JSON, SPECVERSION, STRUCTURED, Event
+
+Headers = list[tuple[str, bytes]]
+RawHeaders = Sequence[tuple[str, bytes | str | None]] | None
+
+_REQUIRED = ("id", "source", "type")
+_CORE = frozenset(
+    ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema")
+)
+
+
+class DecodeError(PermanentError):
+    """The record is not a CloudEvent Conveyor can read."""
+
+
+def encode_binary(event: Event, schemas: SchemaSet) -> tuple[Headers, bytes]:
+    """Headers and value of `event` in binary content mode; Avro data needs `dataschema`."""
+    headers: Headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", event.id.encode()),
+        ("ce_source", event.source.encode()),
+        ("ce_type", event.type.encode()),
+        ("content-type", event.datacontenttype.encode()),
+    ]
+    if event.subject is not None:
+        headers.append(("ce_subject", event.subject.encode()))
+    if event.time is not None:
+        headers.append(("ce_time", event.time.encode()))
+    if event.dataschema is not None:
+        headers.append(("ce_dataschema", event.dataschema.encode()))
+    for name, value in event.extensions.items():
+        headers.append(("ce_" + name, value.encode()))
+    return headers, _encode_data(event, schemas)
+
+
+def _encode_data(event: Event, schemas: SchemaSet) -> bytes:
+    if event.datacontenttype == AVRO:
+        name, version = _urn_parts(event.dataschema)
+        return schemas.encode(name, version, event.data)
+    if event.datacontenttype == JSON:
+        return json.dumps(event.data, separators=(",", ":")).encode()
+    if isinstance(event.data, bytes):
+        return event.data
+    raise SchemaError(f"cannot encode data of content type {event.datacontenttype!r}")
+
+
+def _urn_parts(urn: str | None) -> tuple[str, int]:
+    parts = (urn or "").split(":")
+    if len(parts) != 5 or parts[:3] != ["urn", "conveyor", "schema"] or not parts[4].isdigit():
+        raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
+    return parts[3], int(parts[4])
+
+
+def header_map(headers: RawHeaders) -> dict[str, str]:
+    """Kafka headers as str -> str (the last value wins; undecodable values are rejected)."""
+    out: dict[str, str] = {}
+    for key, value in headers or ():
+        if value is None:
+            continue
+        try:
+            out[key] = value if isinstance(value, str) else value.decode()
+        except UnicodeDecodeError:
+            raise DecodeError(f"header {key!r} is not UTF-8") from None
+    return out
+
+
+def decode(headers: RawHeaders, value: bytes | None, schemas: SchemaSet) -> Event:
+    """Read a record in either content mode; raise `DecodeError` or `SchemaError` if unreadable."""
+    return decode_mapped(header_map(headers), value, schemas)
+
+
+def decode_mapped(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet) -> Event:
+    """`decode` for a caller that already made the header map (the runtime needs it first)."""
+    content_type = hmap.get("content-type", "")
+    if content_type.startswith(STRUCTURED):
+        return _decode_structured(value, schemas)
+    if "ce_specversion" not in hmap:
+        raise DecodeError("record is not a CloudEvent: no ce_specversion header")
+    attrs = {key[3:]: val for key, val in hmap.items() if key.startswith("ce_")}
+    attrs["datacontenttype"] = content_type or JSON
+    return _event(attrs, _decode_data(attrs, value or b"", schemas))
+
+
+def _decode_structured(value: bytes | None, schemas: SchemaSet) -> Event:
+    try:
+        doc = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DecodeError(f"structured CloudEvent is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DecodeError("structured CloudEvent is not a JSON object")
+    attrs = {k: v for k, v in doc.items() if k not in ("data", "data_base64")}
+    for key, val in attrs.items():
+        if not isinstance(val, str):
+            # CloudEvents JSON allows integer/boolean extensions; Conveyor carries strings.
+            attrs[key] = json.dumps(val) if not isinstance(val, (int, float, bool)) else str(val)
+    attrs.setdefault("datacontenttype", JSON)
+    if "data_base64" in doc:
+        try:
+            payload = base64.b64decode(doc["data_base64"], validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise DecodeError("data_base64 is not base64") from None
+        return _event(attrs, _decode_data(attrs, payload, schemas))
+    data = doc.get("data")
+    if attrs["datacontenttype"] == AVRO:
+        raise DecodeError("Avro data in structured mode must use data_base64")
+    return _event(attrs, data)
+
+
+def _decode_data(attrs: dict[str, str], payload: bytes, schemas: SchemaSet) -> Any:
+    content_type = attrs["datacontenttype"]
+    if content_type == AVRO:
+        return schemas.decode_urn(attrs.get("dataschema", ""), payload)[1]
+    if content_type.startswith(JSON) or content_type.endswith("+json"):
+        try:
+            return json.loads(payload) if payload else None
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DecodeError(f"data is not JSON: {exc}") from None
+    raise DecodeError(f"unsupported datacontenttype {content_type!r}")
+
+
+def _event(attrs: dict[str, str], data: Any) -> Event:
+    if attrs.get("specversion") != SPECVERSION:
+        raise DecodeError(f"unsupported specversion {attrs.get('specversion')!r}")
+    for name in _REQUIRED:
+        if not attrs.get(name):
+            raise DecodeError(f"CloudEvent attribute {name!r} is missing")
+    return Event(
+        id=attrs["id"],
+        type=attrs["type"],
+        source=attrs["source"],
+        subject=attrs.get("subject"),
+        time=attrs.get("time"),
+        datacontenttype=attrs["datacontenttype"],
+        dataschema=attrs.get("dataschema"),
+        data=data,
+        extensions={k: v for k, v in attrs.items() if k not in _CORE},
+    )

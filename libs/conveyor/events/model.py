@@ -1,0 +1,62 @@
+"""The in-memory CloudEvent every handler receives and every stage emits.
+
+Frozen and slotted: it is created once per record on the hot path and never mutated. Only the
+attributes Conveyor uses are fields; every other CloudEvents extension attribute is kept in
+`extensions` (string values, CloudEvents names: lowercase letters and digits).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+SPECVERSION = "1.0"
+AVRO = "application/avro"
+JSON = "application/json"
+STRUCTURED = "application/cloudevents+json"
+
+# Extension attributes Conveyor defines (architecture section 3).
+TENANT = "tenant"
+PRIORITY = "priority"
+DEADLINE = "deadline"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+ATTEMPT = "attempt"
+FIRSTFAILEDAT = "firstfailedat"
+LASTERROR = "lasterror"
+RETRY_STATE = (ATTEMPT, FIRSTFAILEDAT, LASTERROR)
+
+# Ids are deterministic per (task id, type[, discriminator]) so that a redelivered input yields
+# the same output id and every consumer can deduplicate by id.
+_ID_NAMESPACE = uuid.UUID("6f0b6d1e-7c0a-4a51-9a53-2c6f2f1d0c0e")
+
+
+def event_id(task_id: str, event_type: str, discriminator: str = "") -> str:
+    return str(uuid.uuid5(_ID_NAMESPACE, f"{task_id}\x1f{event_type}\x1f{discriminator}"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: str
+    type: str
+    source: str
+    subject: str | None
+    data: Any
+    datacontenttype: str = AVRO
+    dataschema: str | None = None
+    time: str | None = None
+    extensions: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def task_id(self) -> str | None:
+        return self.subject
+
+    def ext(self, name: str, default: str | None = None) -> str | None:
+        return self.extensions.get(name, default)
+
+    @property
+    def attempt(self) -> int:
+        raw = self.extensions.get(ATTEMPT)
+        return int(raw) if raw and raw.isdigit() else 0

@@ -1,0 +1,1 @@
+"""Kafka client configuration, topic administration and the client protocols the runtime uses."""

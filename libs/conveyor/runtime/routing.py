@@ -1,0 +1,182 @@
+"""From a record's outcome to the records the stage produces: outputs, retries, dead letters.
+
+Pure functions of their inputs (no Kafka client here), so every routing rule has a unit test.
+A record that succeeds yields its output events; one that fails climbs the retry ladder or goes
+to the dead-letter topic with a `failed` status event. Outputs that cannot be encoded, or are
+larger than the configured limit, fail their input permanently: they are never sent half-made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.trace import Span
+
+from conveyor.errors import PermanentError
+from conveyor.events.avro import SchemaSet
+from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE, Catalog
+from conveyor.events.codec import encode_binary
+from conveyor.events.model import AVRO, FIRSTFAILEDAT, RETRY_STATE, TRACEPARENT, Event, event_id
+from conveyor.runtime.deadletter import Failure, dead_letter_headers, origin_headers
+from conveyor.runtime.handler import Emit
+from conveyor.runtime.ladder import RetryPolicy, retry_headers
+from conveyor.settings import StageSettings
+from conveyor.telemetry import tracing
+
+
+@dataclass(frozen=True, slots=True)
+class OutRecord:
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+
+
+@dataclass(slots=True)
+class Item:
+    """One consumed record on its way through the stage."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, bytes]]
+    hmap: dict[str, str]
+    span: Span
+    event: Event | None = None
+
+    @property
+    def task_id(self) -> str | None:
+        if self.event is not None and self.event.subject:
+            return self.event.subject
+        return self.key.decode("utf-8", "replace") if self.key else None
+
+    @property
+    def attempt(self) -> int:
+        raw = self.hmap.get("ce_attempt", "")
+        return int(raw) if raw.isdigit() else 0
+
+
+class Router:
+    """Builds the records a stage produces for each consumed item."""
+
+    def __init__(
+        self, stage: str, settings: StageSettings, catalog: Catalog, schemas: SchemaSet
+    ) -> None:
+        self.stage = stage
+        self.settings = settings
+        self.catalog = catalog
+        self.schemas = schemas
+        self.policy = RetryPolicy(tuple(settings.retry_delays))
+        self.source = f"/conveyor/{stage}"
+        self.dlq_topic = settings.topic(catalog.dlq_topic(stage))
+        self._specs = {spec.type: spec for spec in catalog.events}
+
+    def outputs(self, item: Item, emits: Sequence[Emit], now: str) -> list[OutRecord]:
+        """Encode the handler's emits; raise PermanentError if one can't be sent."""
+        assert item.event is not None
+        return [self._output(item, item.event, emit, now) for emit in emits]
+
+    def _output(self, item: Item, source: Event, emit: Emit, now: str) -> OutRecord:
+        spec = self._specs.get(emit.type)
+        if spec is None:
+            raise PermanentError(f"stage {self.stage} emitted unknown event type {emit.type}")
+        task_id = source.subject or item.task_id or ""
+        ext = {k: v for k, v in source.extensions.items() if k not in RETRY_STATE}
+        if TRACEPARENT not in ext:
+            start = tracing.traceparent_of(item.span)
+            if start:
+                ext[TRACEPARENT] = start  # this hop starts the task's trace
+        ext.update(emit.extensions)
+        event = Event(
+            id=event_id(task_id, emit.type, emit.discriminator),
+            type=emit.type,
+            source=self.source,
+            subject=task_id,
+            time=now,
+            datacontenttype=AVRO,
+            dataschema=spec.dataschema,
+            data=emit.data,
+            extensions=ext,
+        )
+        headers, value = encode_binary(event, self.schemas)
+        headers += tracing.inject(item.span)
+        topic = self.settings.topic(emit.topic or spec.topics[0])
+        record = OutRecord(topic, task_id.encode(), value, headers)
+        self._check_size(record)
+        return record
+
+    def _check_size(self, record: OutRecord) -> None:
+        size = len(record.value) + sum(len(k) + len(v) for k, v in record.headers)
+        if size > self.settings.max_record_bytes:
+            raise PermanentError(
+                f"output for {record.topic} is {size} bytes, over the "
+                f"{self.settings.max_record_bytes}-byte limit"
+            )
+
+    def failure(self, item: Item, failure: Failure, now: str) -> tuple[list[OutRecord], int]:
+        """Retry or dead-letter records for a failed item; returns them and the rung (0 = DLQ)."""
+        attempt = item.attempt + 1
+        rung = None if failure.permanent else self.policy.next_rung(attempt)
+        headers = origin_headers(item.headers, item.topic, item.partition, item.offset)
+        if rung is not None:
+            first = item.hmap.get("ce_" + FIRSTFAILEDAT) or now
+            retried = retry_headers(
+                headers, attempt=attempt, first_failed_at=first,
+                error=f"{failure.error_class}: {failure.message}",
+            )
+            topic = self.settings.topic(self.catalog.retry_topic(self.stage, rung))
+            out = [OutRecord(topic, item.key, item.value, retried)]
+            out += self._status(item, "retrying", failure, attempt, now, f"retry.{rung}")
+            return out, rung
+        dead = dead_letter_headers(headers, failure, stage=self.stage, attempts=attempt, now=now)
+        out = [OutRecord(self.dlq_topic, item.key, item.value, dead)]
+        where = f"failed.{item.topic}.{item.partition}.{item.offset}"
+        out += self._status(item, "failed", failure, attempt, now, where)
+        return out, 0
+
+    def _status(
+        self, item: Item, status: str, failure: Failure, attempt: int, now: str, where: str
+    ) -> list[OutRecord]:
+        task_id = item.task_id
+        if not task_id:
+            return []  # neither a subject nor a key: nothing to attach a status to
+        data = _task_fields(item.event.data if item.event is not None else None)
+        ext = item.event.extensions if item.event is not None else {}
+        body = {
+            "task_id": task_id,
+            "tenant": ext.get("tenant") or data.get("tenant") or "",
+            "status": status,
+            "stage": self.stage,
+            "reason": f"{failure.error_class}: {failure.message}",
+            "error_class": failure.error_class,
+            "attempt": attempt,
+            "callback_url": data.get("callback_url"),
+            "kind": data.get("kind"),
+            "time": now,
+        }
+        source = item.event or Event(
+            id="", type="", source="", subject=task_id, data=None,
+            extensions={k[3:]: v for k, v in item.hmap.items() if k in _CARRIED},
+        )
+        emit = Emit(STATUS_TYPE, body, topic=STATUS_TOPIC, discriminator=f"{self.stage}.{where}")
+        return [self._output(item, source, emit, now)]
+
+
+_CARRIED = frozenset(("ce_tenant", "ce_priority", "ce_deadline", "ce_traceparent", "ce_tracestate"))
+
+
+def _task_fields(data: Any) -> Mapping[str, Any]:
+    """tenant / callback_url / kind from ingress data (flat) or internal data (`task`)."""
+    if not isinstance(data, Mapping):
+        return {}
+    task = data.get("task")
+    fields = task if isinstance(task, Mapping) else data
+    out = {}
+    for key in ("tenant", "callback_url", "kind"):
+        value = fields.get(key)
+        out[key] = value if isinstance(value, str) else None
+    return out

@@ -1,0 +1,178 @@
+"""OpenTelemetry tracing across Kafka hops: one trace id from submit to notify.
+
+Each record's consume span is a *child* of the context in its `traceparent` Kafka header (the
+previous hop), falling back to the CloudEvents `ce_traceparent` attribute (the starting trace),
+so one trace covers the whole task, retries included. Outputs carry the consume span's context
+in `traceparent`/`tracestate` headers.
+
+The SDK is installed only when an exporter is configured by the standard variables
+(`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, protocol from
+`OTEL_EXPORTER_OTLP_PROTOCOL`: `http/protobuf` default, or `grpc`) and neither
+`OTEL_SDK_DISABLED=true` nor `OTEL_TRACES_EXPORTER=none` is set. Without it the API's no-op
+tracer still propagates the incoming context unchanged, at almost no cost. The sampler honours
+`OTEL_TRACES_SAMPLER` (e.g. `parentbased_traceidratio`). Telemetry never raises into the
+pipeline: every call here logs and swallows its own failures.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, Span, SpanKind
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+log = logging.getLogger(__name__)
+_PROPAGATOR = TraceContextTextMapPropagator()
+_TRACER_NAME = "conveyor"
+_enabled = False
+
+
+def tracing_configured() -> bool:
+    if os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return False
+    if os.environ.get("OTEL_TRACES_EXPORTER", "otlp").lower() == "none":
+        return False
+    return bool(
+        os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def init_tracing(service: str) -> bool:
+    """Install the SDK with an OTLP exporter when configured; return whether it is on."""
+    global _enabled
+    if _enabled or not tracing_configured():
+        return _enabled
+    try:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+        resource = Resource.create(
+            {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"conveyor-{service}")}
+        )
+        provider = TracerProvider(resource=resource)
+        provider.add_span_processor(BatchSpanProcessor(_exporter()))
+        trace.set_tracer_provider(provider)
+        _enabled = True
+    except Exception:
+        log.exception("tracing setup failed service=%s; continuing without export", service)
+    return _enabled
+
+
+def _exporter() -> Any:
+    protocol = os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
+    )
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
+
+    return HttpExporter()
+
+
+def shutdown_tracing() -> None:
+    provider = trace.get_tracer_provider()
+    try:
+        shutdown = getattr(provider, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+    except Exception:
+        log.exception("tracing shutdown failed")
+
+
+def tracer() -> trace.Tracer:
+    return trace.get_tracer(_TRACER_NAME)
+
+
+def parent_context(headers: Mapping[str, str]) -> Context | None:
+    """The incoming context: the `traceparent` header, else the CloudEvents attribute."""
+    if "traceparent" in headers:
+        carrier = {"traceparent": headers["traceparent"]}
+        if "tracestate" in headers:
+            carrier["tracestate"] = headers["tracestate"]
+    elif "ce_traceparent" in headers:
+        carrier = {"traceparent": headers["ce_traceparent"]}
+        if "ce_tracestate" in headers:
+            carrier["tracestate"] = headers["ce_tracestate"]
+    else:
+        return None
+    try:
+        return _PROPAGATOR.extract(carrier)
+    except Exception:
+        log.debug("bad traceparent header ignored")
+        return None
+
+
+def start_span(
+    name: str,
+    *,
+    parent: Context | None,
+    kind: SpanKind = SpanKind.INTERNAL,
+    attributes: Mapping[str, Any] | None = None,
+    links: Sequence[Link] | None = None,
+) -> Span:
+    try:
+        # An explicit empty Context makes a record without trace context a new root, rather
+        # than a child of whatever span happens to be current in the loop.
+        return tracer().start_span(
+            name, context=parent if parent is not None else Context(), kind=kind,
+            attributes=dict(attributes or {}), links=links,
+        )
+    except Exception:
+        log.exception("span start failed name=%s", name)
+        return trace.INVALID_SPAN
+
+
+def inject(span: Span) -> list[tuple[str, bytes]]:
+    """`traceparent`/`tracestate` headers naming `span` as the parent of the next hop."""
+    carrier: dict[str, str] = {}
+    try:
+        _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    except Exception:
+        log.exception("trace inject failed")
+    return [(key, value.encode()) for key, value in carrier.items()]
+
+
+def trace_id_hex(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    return format(ctx.trace_id, "032x") if ctx.is_valid else None
+
+
+def traceparent_of(span: Span) -> str | None:
+    ctx = span.get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"
+
+
+def end_span(span: Span, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, type(error).__name__))
+        span.end()
+    except Exception:
+        log.exception("span end failed")
+
+
+def activate(span: Span) -> object:
+    """Make `span` current (handler spans nest inside it); pass the token to `deactivate`."""
+    return otel_context.attach(trace.set_span_in_context(span))
+
+
+def deactivate(token: object) -> None:
+    try:
+        otel_context.detach(token)  # type: ignore[arg-type]
+    except Exception:
+        log.debug("context detach failed")
