@@ -1,0 +1,61 @@
+"""Result store: where writeback records task state and timelines, and notify its notifications.
+
+`open_store(url)` picks the backend from the URL: `sqlite:///relative/file.db`,
+`sqlite:////absolute/file.db` (SQLAlchemy's convention: the path is what follows the third
+slash), `sqlite:///:memory:` (private in-memory database, for unit tests), or
+`postgresql://user@host:port/db` (also `postgres://`), passed as is to psycopg. The PostgreSQL
+backend is imported only when asked for. The status model and merge rules are in `base.py`.
+"""
+
+from __future__ import annotations
+
+from conveyor.store.base import (
+    STATUSES,
+    TERMINAL_STATUSES,
+    NotificationRecord,
+    ResultStore,
+    TaskEventRecord,
+    TaskRecord,
+    TaskStatus,
+    TaskUpdate,
+    is_terminal,
+    merge_task,
+    status_wins,
+)
+
+__all__ = [
+    "STATUSES",
+    "TERMINAL_STATUSES",
+    "NotificationRecord",
+    "ResultStore",
+    "TaskEventRecord",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskUpdate",
+    "is_terminal",
+    "merge_task",
+    "open_store",
+    "status_wins",
+]
+
+_SQLITE_PREFIX = "sqlite:///"
+_POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+def open_store(url: str) -> ResultStore:
+    """Open (and create the schema of) the store at `url`; raises ValueError for other schemes."""
+    if url.startswith(_SQLITE_PREFIX):
+        from conveyor.store.sqlite import SqliteResultStore
+
+        path = url.removeprefix(_SQLITE_PREFIX)
+        if not path:
+            raise ValueError(f"sqlite URL without a path: {url!r}")
+        return SqliteResultStore(path)
+    if url.startswith(_POSTGRES_PREFIXES):
+        from conveyor.store.postgres import PostgresResultStore
+
+        return PostgresResultStore(url)
+    scheme = url.split(":", 1)[0] if ":" in url else url
+    raise ValueError(
+        f"unsupported result store URL scheme {scheme!r}: use sqlite:///path or postgresql://..."
+    )

@@ -1,0 +1,322 @@
+"""The result store contract: status model, records, precedence rule, `ResultStore` protocol.
+
+A task's row in `tasks` is the merge of every event seen for it; `task_events` keeps each event
+once (primary key = CloudEvent id), which both deduplicates redelivered records and forms the
+timeline. Status precedence (`status_wins`) makes the merge independent of arrival order: a late
+non-terminal status (processing, retrying) never overwrites a terminal one; a terminal status
+overwrites a non-terminal one; between two terminal statuses, or two non-terminal ones, the newer
+event time wins (ties: `processing`/`retrying` beat `pending`, otherwise the stored row stays).
+Fields an update leaves as None never erase stored values; a losing update may still fill fields
+that are NULL (so a late event can add the trace id), but never overwrites them; `stage` is thus
+the stage of the event that set the status. `tenant`, `kind` and `callback_url` are fixed by the
+first event that names them (no event can move a task to another tenant). The
+result of a `blocked` task is always withheld (NULL). All timestamps are event times (the
+CloudEvent `time`), timezone-aware UTC, so replays rebuild the same rows; `updated_at` is the time
+of the event that set the current status, `created_at` the earliest event time seen,
+`completed_at` the time of the terminal event. Backends: `sqlite.py`, `postgres.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, Protocol
+
+
+class TaskStatus(StrEnum):
+    """Lifecycle of a task; the four last values are terminal."""
+
+    PENDING = "pending"
+    PROCESSING = "processing"
+    RETRYING = "retrying"
+    COMPLETED = "completed"
+    BLOCKED = "blocked"
+    FAILED = "failed"
+    EXPIRED = "expired"
+
+
+STATUSES: frozenset[str] = frozenset(s.value for s in TaskStatus)
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "blocked", "failed", "expired"})
+VERDICTS: frozenset[str] = frozenset({"allow", "flag", "block"})
+
+# Notification claim states: a claim is taken before the webhook is sent, then completed.
+NOTIFICATION_CLAIMED = "claimed"
+NOTIFICATION_DELIVERED = "delivered"  # 2xx/3xx answer
+NOTIFICATION_REJECTED = "rejected"  # 4xx/5xx answer recorded as final by the notify service
+
+
+def is_terminal(status: str) -> bool:
+    """True for completed, blocked, failed and expired."""
+    return status in TERMINAL_STATUSES
+
+
+def _rank(status: str) -> int:
+    # Only breaks ties between events with the same time: work in progress beats `pending`.
+    return 0 if status == TaskStatus.PENDING else 1
+
+
+def status_wins(
+    current_status: str | None, current_time: datetime | None, new_status: str, new_time: datetime
+) -> bool:
+    """Whether an event with `new_status` at `new_time` replaces the stored status.
+
+    Terminal beats non-terminal regardless of time; otherwise the newer time wins, and on equal
+    times the stored status stays unless a `pending` is being superseded by work in progress.
+    """
+    if current_status is None or current_time is None:
+        return True
+    new_key = (is_terminal(new_status), new_time, _rank(new_status))
+    current_key = (is_terminal(current_status), current_time, _rank(current_status))
+    if new_key[0] != current_key[0]:
+        return new_key[0]
+    return new_key > current_key
+
+
+def _require_utc(name: str, value: datetime | None) -> None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError(f"{name} must be timezone-aware (UTC), got naive {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskUpdate:
+    """One event's contribution to a task: an event row plus the fields it knows about."""
+
+    task_id: str
+    event_id: str  # CloudEvent id: the deduplication key
+    event_type: str
+    status: str
+    time: datetime  # CloudEvent time, timezone-aware
+    stage: str | None = None
+    tenant: str | None = None
+    kind: str | None = None
+    result: Any = None  # JSON-serialisable; withheld (never stored) when status is blocked
+    verdict: str | None = None
+    moderation: Any = None  # JSON-serialisable scores and reasons
+    trace_id: str | None = None
+    error: str | None = None
+    callback_url: str | None = None
+    detail: str | None = None  # short timeline text, e.g. "attempt 2: timeout"
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown task status {self.status!r}")
+        if self.verdict is not None and self.verdict not in VERDICTS:
+            raise ValueError(f"unknown moderation verdict {self.verdict!r}")
+        _require_utc("time", self.time)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """The merged state of one task, as stored in `tasks`."""
+
+    task_id: str
+    status: str
+    created_at: datetime
+    updated_at: datetime
+    tenant: str | None = None
+    kind: str | None = None
+    stage: str | None = None
+    result: Any = None
+    verdict: str | None = None
+    moderation: Any = None
+    trace_id: str | None = None
+    error: str | None = None
+    callback_url: str | None = None
+    completed_at: datetime | None = None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the task has reached a terminal status."""
+        return is_terminal(self.status)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskEventRecord:
+    """One row of a task's timeline."""
+
+    event_id: str
+    task_id: str
+    type: str
+    status: str
+    time: datetime
+    stage: str | None = None
+    detail: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationRecord:
+    """The single terminal notification of a task: claimed, then delivered or rejected."""
+
+    task_id: str
+    event_id: str
+    status: str
+    url: str
+    claimed_at: datetime
+    http_status: int | None = None
+    delivered_at: datetime | None = None
+
+
+def _fill(current: Any, new: Any, *, wins: bool) -> Any:
+    # None never erases; a winning update overwrites, a losing one only fills gaps.
+    if new is None:
+        return current
+    return new if wins or current is None else current
+
+
+# Fields that follow the winning event, and fields fixed by the first event that names them.
+_STATE_FIELDS = ("stage", "result", "verdict", "moderation", "trace_id", "error")
+_IDENTITY_FIELDS = ("tenant", "kind", "callback_url")
+
+
+def merge_task(current: TaskRecord | None, update: TaskUpdate) -> TaskRecord:
+    """Fold `update` into the stored row `current` (None: first event) following the precedence."""
+    if current is None:
+        current = TaskRecord(update.task_id, update.status, update.time, update.time)
+        wins = True
+    else:
+        wins = status_wins(current.status, current.updated_at, update.status, update.time)
+    status = update.status if wins else current.status
+    fields: dict[str, Any] = {
+        name: _fill(getattr(current, name), getattr(update, name), wins=wins)
+        for name in _STATE_FIELDS
+    }
+    for name in _IDENTITY_FIELDS:  # set once: a later event can never move a task to a tenant
+        fields[name] = _fill(getattr(current, name), getattr(update, name), wins=False)
+    if status == TaskStatus.BLOCKED:
+        fields["result"] = None  # moderation withheld it; never keep an earlier copy
+    completed_at = current.completed_at
+    if wins and is_terminal(update.status):
+        completed_at = update.time
+    return dataclasses.replace(
+        current,
+        status=status,
+        created_at=min(current.created_at, update.time),
+        updated_at=update.time if wins else current.updated_at,
+        completed_at=completed_at,
+        **fields,
+    )
+
+
+def dump_json(value: Any) -> str | None:
+    """Serialise a result or moderation value for a JSON text column (None stays NULL)."""
+    if value is None:
+        return None
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def load_json(text: str | None) -> Any:
+    """Inverse of `dump_json`."""
+    return None if text is None else json.loads(text)
+
+
+# Column orders shared by both backends' SELECTs and the row converters below.
+TASK_COLUMNS = (
+    "task_id",
+    "status",
+    "created_at",
+    "updated_at",
+    "tenant",
+    "kind",
+    "stage",
+    "result",
+    "verdict",
+    "moderation",
+    "trace_id",
+    "error",
+    "callback_url",
+    "completed_at",
+)
+EVENT_COLUMNS = ("event_id", "task_id", "type", "status", "time", "stage", "detail")
+NOTIFICATION_COLUMNS = (
+    "task_id",
+    "event_id",
+    "status",
+    "url",
+    "claimed_at",
+    "http_status",
+    "delivered_at",
+)
+
+
+def task_from_row(row: Sequence[Any], to_time: Callable[[Any], datetime | None]) -> TaskRecord:
+    """Build a `TaskRecord` from a row in `TASK_COLUMNS` order; `to_time` decodes timestamps."""
+    values = dict(zip(TASK_COLUMNS, row, strict=True))
+    for name in ("created_at", "updated_at", "completed_at"):
+        values[name] = to_time(values[name])
+    values["result"] = load_json(values["result"])
+    values["moderation"] = load_json(values["moderation"])
+    return TaskRecord(**values)
+
+
+def task_params(task: TaskRecord, from_time: Callable[[datetime | None], Any]) -> tuple[Any, ...]:
+    """Inverse of `task_from_row`: parameters in `TASK_COLUMNS` order."""
+    values = [getattr(task, name) for name in TASK_COLUMNS]
+    for i, name in enumerate(TASK_COLUMNS):
+        if name in ("created_at", "updated_at", "completed_at"):
+            values[i] = from_time(values[i])
+        elif name in ("result", "moderation"):
+            values[i] = dump_json(values[i])
+    return tuple(values)
+
+
+def utcnow() -> datetime:
+    """Wall-clock now in UTC (only for notification bookkeeping; task times are event times)."""
+    return datetime.now(UTC)
+
+
+class ResultStore(Protocol):
+    """Where writeback records task state and notify records its one notification per task.
+
+    Every method is one transaction. Transient database faults (connection lost, database
+    locked) raise `conveyor.errors.RetryableError`.
+    """
+
+    def apply(self, update: TaskUpdate) -> bool:
+        """Record the event and merge it into the task; False if the event id was seen before."""
+        ...
+
+    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[bool]:
+        """`apply` for a batch in one transaction (one commit/fsync per batch)."""
+        ...
+
+    def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
+        """The task, or None; with `tenant`, None unless the task belongs to that tenant."""
+        ...
+
+    def timeline(self, task_id: str, *, tenant: str | None = None) -> list[TaskEventRecord]:
+        """The task's events ordered by event time (ties: arrival order)."""
+        ...
+
+    def count_by_status(self) -> dict[str, int]:
+        """Number of tasks per status; every status is present, zeros included."""
+        ...
+
+    def claim_notification(
+        self, task_id: str, event_id: str, url: str, *, lease_s: float | None = None
+    ) -> bool:
+        """Claim the task's notification: True only for the first claim.
+
+        With `lease_s`, an unfinished claim older than that may be taken over (its holder is
+        presumed dead: at-least-once delivery instead of a notification lost to a crash).
+        """
+        ...
+
+    def complete_notification(self, task_id: str, http_status: int) -> bool:
+        """Mark the claimed notification as answered; False if there was no claim."""
+        ...
+
+    def release_notification(self, task_id: str) -> bool:
+        """Drop an unfinished claim so a retry can claim again; False if there was none."""
+        ...
+
+    def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
+        """Notification claims, oldest first."""
+        ...
+
+    def close(self) -> None:
+        """Release the connection; the store is unusable afterwards."""
+        ...

@@ -1,0 +1,64 @@
+"""The result store contract (tests/unit/test_store.py) against a real PostgreSQL server.
+
+Also what only a server can show: a connection killed under the store raises `RetryableError`
+and the next call reconnects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from conveyor.errors import RetryableError
+from conveyor.store import ResultStore, TaskUpdate, open_store
+
+from tests.unit.test_store import SharedStoreContract  # the contract is written once, there
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def clean_postgres(postgres_url: str) -> str:
+    """The session database, emptied: each test starts from no rows."""
+    open_store(postgres_url).close()  # creates the schema on first use
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        conn.execute("TRUNCATE tasks, task_events, notifications")
+    return postgres_url
+
+
+class TestPostgresStore(SharedStoreContract):
+    @pytest.fixture
+    def store_url(self, clean_postgres: str) -> str:
+        return clean_postgres
+
+
+@pytest.fixture
+def store(clean_postgres: str) -> Iterator[ResultStore]:
+    opened = open_store(clean_postgres)
+    yield opened
+    opened.close()
+
+
+def test_killed_connection_is_retryable_then_reconnects(
+    store: ResultStore, clean_postgres: str
+) -> None:
+    event = TaskUpdate("t1", "e1", "x", "pending", datetime(2024, 1, 1, tzinfo=UTC))
+    assert store.count_by_status()["pending"] == 0  # connection established
+    with psycopg.connect(clean_postgres, autocommit=True) as admin:
+        killed = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = 'conveyor' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    assert killed and all(row[0] for row in killed)
+    with pytest.raises(RetryableError):
+        store.apply(event)
+    assert store.apply(event) is True  # the retry reconnects and applies once
+    assert store.apply(event) is False
+
+
+def test_schema_creation_is_idempotent(clean_postgres: str) -> None:
+    stores = [open_store(clean_postgres) for _ in range(3)]
+    for opened in stores:
+        opened.close()

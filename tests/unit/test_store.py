@@ -1,0 +1,335 @@
+"""Result store: the precedence rule, and the behaviour contract every backend must keep.
+
+`StoreContract` and `SharedStoreContract` are written once and run here against SQLite (in memory
+and on a file) and in tests/integration/test_store_postgres.py against a real PostgreSQL; a
+backend's test class only provides the `store_url` fixture (and `clean_store` for shared servers).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conveyor.errors import RetryableError
+from conveyor.store import ResultStore, TaskUpdate, merge_task, open_store, status_wins
+from conveyor.store import sqlite as sqlite_backend
+
+T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+
+
+def at(seconds: float) -> datetime:
+    return T0 + timedelta(seconds=seconds)
+
+
+def update(task_id: str, event_id: str, status: str, seconds: float, **fields: Any) -> TaskUpdate:
+    fields.setdefault("tenant", "acme")
+    return TaskUpdate(
+        task_id, event_id, f"conveyor.task.{status}.v1", status, at(seconds), **fields
+    )
+
+
+# --- the precedence rule, pure ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "current_s", "new", "new_s", "wins"),
+    [
+        (None, None, "pending", 0, True),
+        ("completed", 5, "processing", 9, False),  # late non-terminal never beats terminal
+        ("failed", 5, "retrying", 9, False),
+        ("processing", 9, "completed", 5, True),  # terminal beats non-terminal, whatever the time
+        ("failed", 5, "completed", 9, True),  # redrive: newer terminal wins
+        ("completed", 9, "failed", 5, False),  # older terminal loses
+        ("completed", 5, "expired", 5, False),  # same time: the stored terminal stays
+        ("retrying", 5, "processing", 3, False),  # non-terminal: newer wins
+        ("processing", 3, "retrying", 5, True),
+        ("pending", 5, "processing", 5, True),  # same time: work in progress beats pending
+        ("processing", 5, "pending", 5, False),
+    ],
+)
+def test_status_precedence(
+    current: str | None, current_s: float | None, new: str, new_s: float, wins: bool
+) -> None:
+    current_time = None if current_s is None else at(current_s)
+    assert status_wins(current, current_time, new, at(new_s)) is wins
+
+
+def test_merge_losing_update_fills_gaps_but_overwrites_nothing() -> None:
+    done = merge_task(None, update("t", "e1", "completed", 5, stage="writeback", trace_id=None))
+    merged = merge_task(done, update("t", "e2", "processing", 9, stage="inference", trace_id="ab"))
+    assert (merged.status, merged.stage, merged.trace_id) == ("completed", "writeback", "ab")
+    assert merged.updated_at == at(5) and merged.completed_at == at(5)
+
+
+def test_task_update_rejects_naive_time_and_unknown_values() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        TaskUpdate("t", "e", "x", "pending", datetime(2024, 1, 1))
+    with pytest.raises(ValueError, match="status"):
+        TaskUpdate("t", "e", "x", "done", T0)
+    with pytest.raises(ValueError, match="verdict"):
+        TaskUpdate("t", "e", "x", "completed", T0, verdict="maybe")
+
+
+# --- the backend contract --------------------------------------------------------------------
+
+
+class StoreContract:
+    """Behaviour every `ResultStore` backend keeps; subclasses provide `store_url`."""
+
+    @pytest.fixture
+    def store(self, store_url: str) -> Iterator[ResultStore]:
+        opened = open_store(store_url)
+        yield opened
+        opened.close()
+
+    def test_first_event_creates_task_with_event_times(self, store: ResultStore) -> None:
+        assert store.apply(update("t1", "e1", "pending", 0, kind="generate", trace_id="tr"))
+        task = store.get("t1")
+        assert task is not None
+        assert (task.status, task.kind, task.trace_id, task.tenant) == (
+            "pending",
+            "generate",
+            "tr",
+            "acme",
+        )
+        assert task.created_at == task.updated_at == at(0) and task.completed_at is None
+
+    def test_duplicate_event_id_is_ignored(self, store: ResultStore) -> None:
+        assert store.apply(update("t1", "e1", "pending", 0)) is True
+        assert store.apply(update("t1", "e1", "completed", 5, result={"text": "x"})) is False
+        task = store.get("t1")
+        assert task is not None and task.status == "pending" and task.result is None
+        assert [e.event_id for e in store.timeline("t1")] == ["e1"]
+
+    def test_late_processing_never_overwrites_completed(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e3", "completed", 3, stage="writeback", result={"text": "hi"}))
+        store.apply(update("t1", "e2", "processing", 9, stage="inference"))
+        task = store.get("t1")
+        assert task is not None
+        assert (task.status, task.stage, task.result) == ("completed", "writeback", {"text": "hi"})
+        assert task.completed_at == at(3) and task.updated_at == at(3)
+
+    def test_redriven_failed_task_becomes_completed(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "failed", 5, error="dead-lettered: timeout"))
+        store.apply(update("t1", "e2", "completed", 50, result=[0.25, -1.5]))
+        store.apply(update("t1", "e0", "expired", 1))  # older terminal: ignored
+        task = store.get("t1")
+        assert task is not None
+        assert (task.status, task.result, task.completed_at) == ("completed", [0.25, -1.5], at(50))
+        assert task.error == "dead-lettered: timeout"  # None never erases; the timeline tells
+
+    def test_none_fields_do_not_erase_stored_values(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "pending", 0, callback_url="https://cb", kind="embed"))
+        store.apply(update("t1", "e2", "processing", 1, tenant=None))
+        task = store.get("t1")
+        assert task is not None
+        assert (task.tenant, task.kind, task.callback_url) == ("acme", "embed", "https://cb")
+
+    def test_blocked_task_withholds_result(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "processing", 1, result={"text": "bad words"}))
+        store.apply(
+            update(
+                "t1",
+                "e2",
+                "blocked",
+                2,
+                verdict="block",
+                moderation={"scores": {"toxic": 0.97}, "reasons": ["toxic"]},
+            )
+        )
+        task = store.get("t1")
+        assert task is not None and task.status == "blocked" and task.result is None
+        assert task.verdict == "block" and task.moderation["reasons"] == ["toxic"]
+
+    def test_tenant_is_fixed_by_the_first_event(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "pending", 0, tenant="acme"))
+        store.apply(update("t1", "e2", "completed", 5, tenant="globex"))
+        assert store.get("t1", tenant="globex") is None
+        task = store.get("t1", tenant="acme")
+        assert task is not None and task.status == "completed"
+
+    def test_other_tenant_sees_nothing(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "pending", 0, tenant="acme"))
+        assert store.get("t1", tenant="acme") is not None
+        assert store.get("t1", tenant="globex") is None
+        assert store.timeline("t1", tenant="globex") == []
+        assert len(store.timeline("t1", tenant="acme")) == 1
+        assert store.get("missing") is None
+
+    def test_timeline_is_ordered_by_event_time_not_arrival(self, store: ResultStore) -> None:
+        for event_id, status, seconds in [
+            ("c", "completed", 3),
+            ("a", "pending", 0),
+            ("b2", "retrying", 2),
+            ("b1", "processing", 1),
+        ]:
+            store.apply(update("t1", event_id, status, seconds, detail=f"{status} note"))
+        timeline = store.timeline("t1")
+        assert [e.event_id for e in timeline] == ["a", "b1", "b2", "c"]
+        assert timeline[1].detail == "processing note" and timeline[3].time == at(3)
+        assert all(
+            e.time.tzinfo is not None and e.time.utcoffset() == timedelta(0) for e in timeline
+        )
+
+    def test_times_are_stored_as_utc(self, store: ResultStore) -> None:
+        local = datetime(2024, 5, 1, 14, 0, tzinfo=timezone(timedelta(hours=2)))
+        store.apply(TaskUpdate("t1", "e1", "x", "pending", local))
+        task = store.get("t1")
+        assert task is not None and task.created_at == T0 and task.created_at.tzinfo == UTC
+
+    def test_count_by_status_lists_every_status(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "completed", 0))
+        store.apply(update("t2", "e2", "completed", 0))
+        store.apply(update("t3", "e3", "retrying", 0))
+        counts = store.count_by_status()
+        assert counts["completed"] == 2 and counts["retrying"] == 1 and counts["expired"] == 0
+        assert set(counts) == {
+            "pending",
+            "processing",
+            "retrying",
+            "completed",
+            "blocked",
+            "failed",
+            "expired",
+        }
+
+    def test_apply_many_dedupes_within_and_across_batches(self, store: ResultStore) -> None:
+        batch = [
+            update("t1", "e1", "pending", 0),
+            update("t1", "e1", "pending", 0),
+            update("t2", "e2", "completed", 1),
+        ]
+        assert store.apply_many(batch) == [True, False, True]
+        assert store.apply_many([update("t2", "e2", "completed", 1)]) == [False]
+
+    def test_failed_batch_rolls_back_entirely(self, store: ResultStore) -> None:
+        unserialisable = update("t2", "e2", "completed", 1, result={"x": object()})
+        with pytest.raises(TypeError):
+            store.apply_many([update("t1", "e1", "pending", 0), unserialisable])
+        assert store.get("t1") is None and store.timeline("t1") == []
+        assert store.apply(update("t1", "e1", "pending", 0)) is True  # usable afterwards
+
+    def test_only_first_notification_claim_wins(self, store: ResultStore) -> None:
+        assert store.claim_notification("t1", "ev", "https://cb") is True
+        assert store.claim_notification("t1", "ev", "https://cb") is False
+        assert store.complete_notification("t1", 204) is True
+        assert store.release_notification("t1") is False  # a delivered notice stays delivered
+        assert store.claim_notification("t1", "ev", "https://cb") is False
+        [record] = store.list_notifications()
+        assert (record.status, record.http_status, record.url) == ("delivered", 204, "https://cb")
+        assert record.delivered_at is not None and record.delivered_at >= record.claimed_at
+
+    def test_released_claim_can_be_claimed_again(self, store: ResultStore) -> None:
+        assert store.claim_notification("t1", "ev", "https://cb")
+        assert store.release_notification("t1") is True
+        assert store.list_notifications() == []
+        assert store.claim_notification("t1", "ev", "https://cb") is True
+        assert store.complete_notification("t1", 410) is True
+        assert store.list_notifications()[0].status == "rejected"
+        assert store.complete_notification("t2", 200) is False  # never claimed
+
+    def test_stale_claim_is_taken_over_only_with_a_lease(self, store: ResultStore) -> None:
+        assert store.claim_notification("t1", "ev", "https://old")
+        assert store.claim_notification("t1", "ev", "https://new", lease_s=3600) is False
+        assert store.claim_notification("t1", "ev", "https://new", lease_s=0) is True
+        assert store.list_notifications()[0].url == "https://new"
+
+
+class SharedStoreContract(StoreContract):
+    """Contract for stores that several processes open at once (a file, a server)."""
+
+    def test_two_store_objects_apply_concurrently_without_loss(self, store_url: str) -> None:
+        stores = [open_store(store_url), open_store(store_url)]
+        tasks, per_task = 20, 6
+        results: list[list[bool]] = [[], []]
+
+        def work(index: int) -> None:
+            # Both writers send every event (redelivery); each task's terminal event comes last.
+            for n in range(tasks):
+                for step in range(per_task):
+                    status = "completed" if step == per_task - 1 else "processing"
+                    item = update(f"t{n}", f"t{n}-e{step}", status, step)
+                    results[index].append(stores[index].apply(item))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert sum(results[0]) + sum(results[1]) == tasks * per_task  # each event applied once
+        assert stores[1].count_by_status()["completed"] == tasks
+        assert len(stores[0].timeline("t7")) == per_task
+        for opened in stores:
+            opened.close()
+
+    def test_data_survives_reopen(self, store: ResultStore, store_url: str) -> None:
+        store.apply(update("t1", "e1", "completed", 1, result={"text": "héllo ✓"}))
+        reopened = open_store(store_url)
+        task = reopened.get("t1")
+        reopened.close()
+        assert task is not None and task.result == {"text": "héllo ✓"}
+
+
+class TestSqliteMemoryStore(StoreContract):
+    @pytest.fixture
+    def store_url(self) -> str:
+        return "sqlite:///:memory:"
+
+
+class TestSqliteFileStore(SharedStoreContract):
+    @pytest.fixture
+    def store_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path}/nested/results.db"  # absolute: four slashes
+
+
+# --- SQLite and URL specifics ----------------------------------------------------------------
+
+
+def test_sqlite_file_uses_wal(tmp_path: Path) -> None:
+    open_store(f"sqlite:///{tmp_path}/r.db").close()
+    with sqlite3.connect(tmp_path / "r.db") as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_locked_database_raises_retryable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sqlite_backend, "BUSY_TIMEOUT_MS", 50)
+    store = open_store(f"sqlite:///{tmp_path}/r.db")
+    blocker = sqlite3.connect(tmp_path / "r.db", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # another process holding the write lock
+    try:
+        with pytest.raises(RetryableError, match="locked"):
+            store.apply(update("t1", "e1", "pending", 0))
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    assert store.apply(update("t1", "e1", "pending", 0)) is True
+    store.close()
+
+
+def test_relative_sqlite_url_is_relative_to_cwd(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    open_store("sqlite:///var/results.db").close()
+    assert (tmp_path / "var" / "results.db").is_file()
+
+
+def test_unreachable_postgres_raises_retryable() -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(RetryableError):
+        open_store(f"postgresql://postgres@127.0.0.1:{port}/x?connect_timeout=2")
+
+
+def test_unknown_scheme_is_rejected() -> None:
+    with pytest.raises(ValueError, match="mysql"):
+        open_store("mysql://db/x")
