@@ -215,30 +215,45 @@ class StageRunner:
         """Decode and check a record; a bad one is dead-lettered here and None returned."""
         value = msg.value() or b""
         headers = list(msg.headers() or ())
+        hmap: dict[str, str] = {}
+        event = None
+        error: PermanentError | None = None
         try:
             hmap = header_map(headers)
-        except DecodeError:
-            hmap = {}
-        span = tracing.start_span(
-            f"process {msg.topic()}", parent=tracing.parent_context(hmap), kind=SpanKind.CONSUMER,
-            attributes=self._span_attributes(msg, hmap),
-        )
-        item = Item(msg.topic(), msg.partition(), msg.offset(), msg.key(), value, headers, hmap, span)
-        try:
             if len(value) > self.settings.max_record_bytes:
                 raise PermanentError(f"record is {len(value)} bytes, over the "
                                      f"{self.settings.max_record_bytes}-byte limit")
-            if not hmap and headers:
-                raise DecodeError("record headers are not UTF-8")
-            item.event = decode_mapped(hmap, value, self.schemas)
-            if item.event.type not in self.accepts:
-                raise PermanentError(f"stage {self.stage} does not accept {item.event.type}")
-            if item.event.datacontenttype != AVRO and item.topic not in self.ingress_topics:
-                raise DecodeError(f"internal events must be Avro, got {item.event.datacontenttype}")
+            event = decode_mapped(hmap, value, self.schemas)
+            if event.type not in self.accepts:
+                raise PermanentError(f"stage {self.stage} does not accept {event.type}")
+            if event.datacontenttype != AVRO and msg.topic() not in self.ingress_topics:
+                raise DecodeError(f"internal events must be Avro, got {event.datacontenttype}")
         except PermanentError as exc:
-            self._fail(item, exc, out, now, permanent=True)
+            error = exc
+        # The span starts after decoding: a structured-mode event carries its trace context in
+        # the JSON body, not in headers.
+        span = tracing.start_span(
+            f"process {msg.topic()}", parent=self._parent(hmap, event), kind=SpanKind.CONSUMER,
+            attributes=self._span_attributes(msg, hmap),
+        )
+        item = Item(msg.topic(), msg.partition(), msg.offset(), msg.key(), value, headers, hmap,
+                    span, event)
+        if error is not None:
+            self._fail(item, error, out, now, permanent=True)
             return None
         return item
+
+    @staticmethod
+    def _parent(hmap: dict[str, str], event: Any) -> Any:
+        if "traceparent" in hmap or "ce_traceparent" in hmap or event is None:
+            return tracing.parent_context(hmap)
+        start = event.ext("traceparent")
+        if not start:
+            return None
+        carrier = {"ce_traceparent": start}
+        if event.ext("tracestate"):
+            carrier["ce_tracestate"] = event.ext("tracestate")
+        return tracing.parent_context(carrier)
 
     def _handle(self, items: list[Item], out: list[OutRecord], now: str) -> None:
         events = [item.event for item in items if item.event is not None]

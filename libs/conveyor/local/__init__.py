@@ -1,0 +1,1 @@
+"""Running Conveyor on one machine: service processes, their supervisor, the demo."""

@@ -1,0 +1,76 @@
+"""preprocess's decisions: what a valid task is, how its text is normalised and templated,
+how many tokens it has and which priority lane it takes."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from conveyor.errors import PermanentError
+from conveyor.events.ingress import param_text, parse_task
+from conveyor.events.model import Event
+from conveyor.runtime import Emit, StageContext
+
+from services.preprocess.settings import PreprocessSettings
+
+PREPROCESSED = "conveyor.task.preprocessed.v1"
+TokenCounter = Callable[[str, str], int]  # (kind, text) -> tokens
+_SPACE = re.compile(r"[ \t\f\v\u00a0]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def normalise(text: str) -> str:
+    """Unicode NFKC, unified newlines, runs of spaces collapsed, at most one blank line."""
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
+    lines = [_SPACE.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
+    s = ctx.settings
+    task = parse_task(event.data)
+    if event.subject and event.subject != task.task_id:
+        raise PermanentError(f"subject {event.subject!r} differs from task_id {task.task_id!r}")
+    text = normalise(task.input)
+    if not text:
+        raise PermanentError("input is empty after normalisation")
+    if len(text) > s.max_input_chars:
+        raise PermanentError(f"input has {len(text)} characters, over {s.max_input_chars}")
+    template_id = task.template or s.default_template
+    template = s.templates.get(template_id)
+    if template is None:
+        raise PermanentError(f"unknown template {template_id!r}")
+    prompt = template.replace("{input}", text)
+    count: TokenCounter = ctx.resources["count_tokens"]
+    tokens = count(task.kind, prompt)
+    if tokens > s.max_input_tokens:
+        raise PermanentError(f"prompt has {tokens} tokens, over the limit of {s.max_input_tokens}")
+    data = {
+        "task": {
+            "task_id": task.task_id,
+            "tenant": task.tenant,
+            "kind": task.kind,
+            "priority": task.priority,
+            "callback_url": task.callback_url,
+            "deadline": task.deadline.isoformat() if task.deadline else None,
+            "submitted_at": event.time or datetime.now(UTC).isoformat(),
+            "model": task.model,
+            "params": {k: param_text(v) for k, v in task.params.items()},
+        },
+        "input": text,
+        "prompt": prompt,
+        "token_count": tokens,
+        "labels": task.labels,
+    }
+    ext = {"tenant": task.tenant, "priority": task.priority}
+    if task.deadline is not None:
+        ext["deadline"] = task.deadline.isoformat()
+    return Emit(PREPROCESSED, data, topic=f"conveyor.task.preprocessed.{task.priority}",
+                extensions=ext)
+
+
+def word_count(_kind: str, text: str) -> int:
+    """The fallback counter when tokenizers are switched off: whitespace-separated words."""
+    return len(text.split())
