@@ -48,23 +48,26 @@ class ServiceProcess:
         self.address = None
 
     def wait_ready(self, timeout_s: float = 120.0) -> str:
-        """Wait for the port file and a 200 from /healthz; raise with the log tail otherwise."""
+        """Wait for the port file and a 200 from /readyz; raise with the log tail otherwise."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited {self.proc.returncode}:\n{self.tail()}")
             if self.port_file.exists():
                 self.address = self.port_file.read_text().strip()
-                if self.healthy():
+                if self.probe("/readyz"):
                     return self.address
             time.sleep(0.1)
         raise TimeoutError(f"{self.label} not ready after {timeout_s}s:\n{self.tail()}")
 
     def healthy(self) -> bool:
+        return self.probe("/healthz")
+
+    def probe(self, path: str) -> bool:
         if not self.address:
             return False
         try:
-            with urllib.request.urlopen(f"http://{self.address}/healthz", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{self.address}{path}", timeout=2) as resp:
                 return bool(resp.status == 200)
         except (urllib.error.URLError, OSError):
             return False

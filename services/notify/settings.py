@@ -1,0 +1,20 @@
+"""notify settings (`CONVEYOR_*`)."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from conveyor.settings import StageSettings, default_store_url
+
+
+class NotifySettings(StageSettings):
+    store_url: str = Field(default_factory=default_store_url, description="result store URL")
+    webhook_secrets: dict[str, str] = Field(
+        default_factory=dict, description="tenant -> HMAC secret (JSON)"
+    )
+    webhook_default_secret: str | None = Field(None, description="for tenants not listed")
+    # A receiver that takes longer than 5 s is treated as down; the ladder tries again later.
+    webhook_timeout_s: float = Field(5.0, gt=0)
+    # A claim older than this whose sender died is taken over (at-least-once, not lost).
+    claim_lease_s: float = Field(60.0, gt=0)
+    batch_max: int = Field(50, ge=1)

@@ -1,0 +1,26 @@
+"""Entry point: `python -m services.writeback` (or `conveyor run writeback`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from conveyor.runtime.entry import main
+from conveyor.runtime.handler import StageService
+from conveyor.store import open_store
+from services.writeback.handler import handle_batch
+from services.writeback.settings import WritebackSettings
+
+
+def setup(settings: WritebackSettings) -> dict[str, Any]:
+    return {"store": open_store(settings.store_url)}
+
+
+def teardown(resources: dict[str, Any]) -> None:
+    resources["store"].close()
+
+
+SERVICE = StageService("writeback", WritebackSettings, handle_batch=handle_batch, setup=setup,
+                       teardown=teardown)
+
+if __name__ == "__main__":
+    main(SERVICE)
