@@ -1,0 +1,210 @@
+{{/* Names ------------------------------------------------------------------------------------ */}}
+
+{{/* Chart name (app.kubernetes.io/name). */}}
+{{- define "conveyor.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name prefix of every object (63 characters at most: DNS label). */}}
+{{- define "conveyor.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Name of one component's objects. Call with (dict "root" $ "component" "inference"). */}}
+{{- define "conveyor.componentName" -}}
+{{- printf "%s-%s" (include "conveyor.fullname" .root) .component | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "conveyor.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The Kafka stage services, in pipeline order. */}}
+{{- define "conveyor.stages" -}}
+{{- list "preprocess" "inference" "moderation" "writeback" "notify" | toJson }}
+{{- end }}
+
+{{/* Labels --------------------------------------------------------------------------------------- */}}
+
+{{- define "conveyor.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "conveyor.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "conveyor.labels" -}}
+helm.sh/chart: {{ include "conveyor.chart" . }}
+{{ include "conveyor.selectorLabels" . }}
+app.kubernetes.io/version: {{ include "conveyor.imageTag" . | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: conveyor
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Call with (dict "root" $ "component" "inference"). */}}
+{{- define "conveyor.componentSelectorLabels" -}}
+{{ include "conveyor.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "conveyor.componentLabels" -}}
+{{ include "conveyor.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Image and service account ------------------------------------------------------------------ */}}
+
+{{- define "conveyor.imageTag" -}}
+{{- .Values.image.tag | default .Chart.AppVersion | toString }}
+{{- end }}
+
+{{- define "conveyor.image" -}}
+{{- printf "%s:%s" .Values.image.repository (include "conveyor.imageTag" .) }}
+{{- end }}
+
+{{- define "conveyor.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "conveyor.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Kafka topics and consumer groups ----------------------------------------------------------- */}}
+
+{{/* Consumer group of a stage: <prefix>conveyor.<stage> (StageSettings.group). */}}
+{{- define "conveyor.consumerGroup" -}}
+{{- printf "%sconveyor.%s" .root.Values.kafka.topicPrefix .component }}
+{{- end }}
+
+{{/* A stage's main input topics (JSON list, prefixed): what its lag is measured on. */}}
+{{- define "conveyor.inputTopics" -}}
+{{- $inputs := dict
+      "preprocess" (list "conveyor.task.submitted")
+      "inference" (list "conveyor.task.preprocessed.high" "conveyor.task.preprocessed.normal" "conveyor.task.preprocessed.low")
+      "moderation" (list "conveyor.task.inferred")
+      "writeback" (list "conveyor.task.moderated")
+      "notify" (list "conveyor.task.stored") }}
+{{- $out := list }}
+{{- range (get $inputs .component) }}
+{{- $out = append $out (printf "%s%s" $.root.Values.kafka.topicPrefix .) }}
+{{- end }}
+{{- toJson $out }}
+{{- end }}
+
+{{/* Configuration ------------------------------------------------------------------------------ */}}
+
+{{/* Where the image keeps state and caches (CONVEYOR_HOME): an emptyDir in the pod. */}}
+{{- define "conveyor.homeDir" -}}/var/lib/conveyor{{- end }}
+{{- define "conveyor.kafkaCaDir" -}}/etc/conveyor/kafka-ca{{- end }}
+
+{{/*
+Non-secret settings shared by every service and the topic Job, as a YAML map of strings. The
+ConfigMap renders it as data; the hook Job (which runs before the ConfigMap exists on first
+install) renders the same map as env.
+*/}}
+{{- define "conveyor.configData" -}}
+{{- $k := .Values.kafka -}}
+CONVEYOR_KAFKA_BOOTSTRAP: {{ $k.bootstrap | quote }}
+CONVEYOR_KAFKA_SECURITY_PROTOCOL: {{ $k.securityProtocol | quote }}
+CONVEYOR_TOPIC_PREFIX: {{ $k.topicPrefix | quote }}
+{{- if $k.sasl.mechanism }}
+CONVEYOR_KAFKA_SASL_MECHANISM: {{ $k.sasl.mechanism | quote }}
+CONVEYOR_KAFKA_SASL_USERNAME: {{ $k.sasl.username | quote }}
+{{- end }}
+{{- if $k.tls.existingSecret }}
+CONVEYOR_KAFKA_SSL_CA_LOCATION: {{ printf "%s/%s" (include "conveyor.kafkaCaDir" .) $k.tls.caKey | quote }}
+{{- end }}
+{{- if $k.extra }}
+CONVEYOR_KAFKA_EXTRA: {{ toJson $k.extra | quote }}
+{{- end }}
+CONVEYOR_RETRY_DELAYS: {{ toJson .Values.config.retryDelays | quote }}
+CONVEYOR_EXACTLY_ONCE: {{ .Values.config.exactlyOnce | toString | quote }}
+CONVEYOR_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
+CONVEYOR_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
+CONVEYOR_METRICS_HOST: "0.0.0.0"
+CONVEYOR_METRICS_PORT: {{ .Values.metrics.port | toString | quote }}
+CONVEYOR_HOME: {{ include "conveyor.homeDir" . | quote }}
+HOME: {{ include "conveyor.homeDir" . | quote }}
+{{- with .Values.otel }}
+{{- if .endpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ .endpoint | quote }}
+OTEL_EXPORTER_OTLP_PROTOCOL: {{ .protocol | quote }}
+{{- end }}
+OTEL_TRACES_SAMPLER: {{ .sampler | quote }}
+OTEL_TRACES_SAMPLER_ARG: {{ .samplerArg | toString | quote }}
+{{- if .resourceAttributes }}
+{{- $attrs := list }}
+{{- range $key, $value := .resourceAttributes }}
+{{- $attrs = append $attrs (printf "%s=%s" $key (toString $value)) }}
+{{- end }}
+OTEL_RESOURCE_ATTRIBUTES: {{ join "," $attrs | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Secret env: the SASL password from its existing Secret (nothing when SASL is off). */}}
+{{- define "conveyor.kafkaSecretEnv" -}}
+{{- $sasl := .Values.kafka.sasl -}}
+{{- if $sasl.mechanism }}
+- name: CONVEYOR_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ required "kafka.sasl.existingSecret is required when kafka.sasl.mechanism is set" $sasl.existingSecret }}
+      key: {{ $sasl.passwordKey }}
+{{- end }}
+{{- end }}
+
+{{- define "conveyor.kafkaCaVolume" -}}
+{{- if .Values.kafka.tls.existingSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .Values.kafka.tls.existingSecret }}
+    items:
+      - key: {{ .Values.kafka.tls.caKey }}
+        path: {{ .Values.kafka.tls.caKey }}
+{{- end }}
+{{- end }}
+
+{{- define "conveyor.kafkaCaVolumeMount" -}}
+{{- if .Values.kafka.tls.existingSecret }}
+- name: kafka-ca
+  mountPath: {{ include "conveyor.kafkaCaDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret holding the store URL and webhook secrets ("" when there is none). */}}
+{{- define "conveyor.appSecretName" -}}
+{{- if .Values.secrets.existingSecret }}
+{{- .Values.secrets.existingSecret }}
+{{- else if or .Values.secrets.values.storeUrl .Values.secrets.values.webhookSecrets }}
+{{- include "conveyor.fullname" . }}
+{{- end }}
+{{- end }}
+
+{{/* Whether the chart creates the app Secret itself. */}}
+{{- define "conveyor.createAppSecret" -}}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.values.storeUrl .Values.secrets.values.webhookSecrets) }}true{{- end }}
+{{- end }}
+
+{{/* KEDA: the kafka scaler's SASL mode for a librdkafka mechanism. */}}
+{{- define "conveyor.kedaSaslMode" -}}
+{{- $modes := dict "PLAIN" "plaintext" "SCRAM-SHA-256" "scram_sha256" "SCRAM-SHA-512" "scram_sha512" }}
+{{- get $modes .Values.kafka.sasl.mechanism }}
+{{- end }}
+
+{{/* Whether the KEDA kafka trigger needs a TriggerAuthentication (SASL or TLS). */}}
+{{- define "conveyor.kedaNeedsAuth" -}}
+{{- if or .Values.kafka.sasl.mechanism (hasSuffix "SSL" .Values.kafka.securityProtocol) }}true{{- end }}
+{{- end }}
