@@ -1,0 +1,1 @@
+"""HTTP building blocks for Conveyor's ASGI front ends: bearer-token auth and request metrics."""

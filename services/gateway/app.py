@@ -1,0 +1,312 @@
+"""gateway's routes and what they decide: who the caller is, what a task may say, what they see.
+
+The token names the tenant; a body naming another is 403, a known `task_id` 409 (ids are global:
+a second tenant's task would merge into the first one's row). POST answers 202 once the broker
+acknowledged the record. GET and the WebSocket read the result store, each tenant its own tasks
+only (another tenant's is 404, like an unknown id); a task submitted here and not yet in the store
+is `pending`, with a queue position estimate from the preprocess group's lag. The WebSocket polls
+the task's row every `ws_poll_s`, pushes each status or stage change, and closes (1000) after the
+terminal one. The full contract and the reasons: docs/gateway.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from conveyor.errors import BrokerError, PermanentError, RetryableError
+from conveyor.events.ingress import parse_task
+from conveyor.publisher import TaskPublisher
+from conveyor.store import ResultStore, is_terminal
+from conveyor.web.auth import TokenTable, bearer_token
+from conveyor.web.expiring import ExpiringMap
+from conveyor.web.metrics import WEBSOCKETS, RequestMetricsMiddleware
+from services.gateway.schema import (
+    Submitted,
+    openapi_document,
+    pending_view,
+    task_view,
+    timeline_view,
+)
+from services.gateway.settings import GatewaySettings
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    """What the routes share: settings, tokens, publisher, store, queue estimate, liveness."""
+
+    def __init__(self, settings: GatewaySettings, *, publisher: TaskPublisher, store: ResultStore,
+                 queue_estimate: Callable[[], int | None],
+                 closers: tuple[Callable[[], None], ...] = ()) -> None:
+        self.settings = settings
+        self.tokens = TokenTable(settings.gateway_tokens)
+        self.publisher = publisher
+        self.store = store
+        self.queue_estimate = queue_estimate
+        self.recent: ExpiringMap[str, Submitted] = ExpiringMap(
+            ttl_s=settings.recent_ttl_s, max_size=settings.recent_max)
+        self.closers = closers
+        self.started = False
+        self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
+        self.sockets = 0
+
+    def healthy(self) -> bool:
+        return time.monotonic() - self.heartbeat < self.settings.health_stall_s
+
+    def ready(self) -> bool:
+        if not self.started:
+            return False
+        try:
+            self.store.get("readyz-probe")  # any answer proves the store is reachable
+        except Exception:
+            return False
+        return True
+
+    async def tick(self) -> None:
+        while True:
+            self.heartbeat = time.monotonic()
+            await asyncio.sleep(1.0)  # a ticker for /healthz, not synchronisation
+
+    async def exists(self, task_id: str) -> bool:
+        found = await run_in_threadpool(self.store.get, task_id)
+        return found is not None or self.recent.get(task_id) is not None
+
+    async def view(self, task_id: str, tenant: str, *, timeline: bool) -> dict[str, Any] | None:
+        """The task as its tenant sees it, or None (unknown, or another tenant's)."""
+        record, events = await run_in_threadpool(self._read, task_id, tenant, timeline)
+        if record is not None:
+            out = task_view(record)
+        elif (sub := self.recent.get(task_id)) is not None and sub.tenant == tenant:
+            out = pending_view(task_id, sub)
+        else:
+            return None
+        if timeline:
+            out["timeline"] = timeline_view(events)
+        pending = out["status"] == "pending"
+        out["queue_position_estimate"] = (
+            await run_in_threadpool(self.queue_estimate) if pending else None
+        )
+        return out
+
+    def _read(self, task_id: str, tenant: str, timeline: bool) -> tuple[Any, list[Any]]:
+        record = self.store.get(task_id, tenant=tenant)
+        events = self.store.timeline(task_id, tenant=tenant) if timeline and record else []
+        return record, events
+
+    def close(self) -> None:
+        self.publisher.close()
+        for close in self.closers:
+            close()
+        self.store.close()
+
+
+def _gateway(conn: Request | WebSocket) -> Gateway:
+    gateway: Gateway = conn.app.state.gateway
+    return gateway
+
+
+def _tenant(request: Request) -> str:
+    tenant = _gateway(request).tokens.tenant_for(bearer_token(request.headers.get("authorization")))
+    if tenant is None:
+        raise HTTPException(401, "missing or unknown bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+    return tenant
+
+
+async def _json_body(request: Request, limit: int) -> Any:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise HTTPException(413, f"body larger than {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():  # counted as it arrives: Content-Length may lie
+        body += chunk
+        if len(body) > limit:
+            raise HTTPException(413, f"body larger than {limit} bytes")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise HTTPException(400, "body is not valid JSON") from None
+
+
+async def submit_task(request: Request) -> Response:
+    gateway = _gateway(request)
+    tenant = _tenant(request)
+    body = await _json_body(request, gateway.settings.max_body_bytes)
+    if not isinstance(body, dict):
+        raise HTTPException(400, "task data must be a JSON object")
+    if body.get("tenant") not in (None, tenant):
+        raise HTTPException(403, "the task names another tenant than the token's")
+    body["tenant"] = tenant
+    if body.get("task_id") is None:
+        body["task_id"] = str(uuid.uuid4())
+    try:
+        task_id = parse_task(body).task_id
+    except PermanentError as exc:
+        raise HTTPException(422, str(exc)) from None
+    if await gateway.exists(task_id):
+        raise HTTPException(409, f"task {task_id} already exists")
+    try:
+        task_id, trace_id = await gateway.publisher.submit(body)
+    except PermanentError as exc:  # e.g. the encoded record is over the stages' size limit
+        raise HTTPException(422, str(exc)) from None
+    gateway.recent.put(task_id, Submitted(tenant, trace_id, time.time()))
+    url = str(request.url_for("task_status", task_id=task_id))
+    log.info("task accepted task_id=%s tenant=%s trace_id=%s", task_id, tenant, trace_id)
+    return JSONResponse(
+        {"task_id": task_id, "status": "pending", "status_url": url, "trace_id": trace_id},
+        status_code=202, headers={"Location": url},
+    )
+
+
+async def task_status(request: Request) -> Response:
+    tenant = _tenant(request)
+    view = await _gateway(request).view(request.path_params["task_id"], tenant, timeline=True)
+    if view is None:
+        raise HTTPException(404, "task not found")
+    return JSONResponse(view)
+
+
+async def task_events(ws: WebSocket) -> None:
+    gateway = _gateway(ws)
+    token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
+    tenant = gateway.tokens.tenant_for(token)
+    if tenant is None:
+        return await _deny(ws, 401, "missing or unknown bearer token")
+    task_id = ws.path_params["task_id"]
+    view = await gateway.view(task_id, tenant, timeline=False)
+    if view is None:
+        return await _deny(ws, 404, "task not found")
+    if gateway.sockets >= gateway.settings.ws_max_connections:
+        return await _deny(ws, 503, "too many open WebSockets")
+    await ws.accept()
+    gateway.sockets += 1
+    WEBSOCKETS.inc()
+    try:
+        await _follow(ws, gateway, task_id, tenant, view)
+    except WebSocketDisconnect:
+        pass  # the client left
+    finally:
+        gateway.sockets -= 1
+        WEBSOCKETS.dec()
+
+
+async def _deny(ws: WebSocket, status: int, message: str) -> None:
+    if "websocket.http.response" in ws.scope.get("extensions", {}):
+        await ws.send_denial_response(JSONResponse({"error": message}, status_code=status))
+    else:  # a server without denial responses: close the handshake (policy / try again later)
+        await ws.close(1013 if status == 503 else 1008, message)
+
+
+async def _follow(
+    ws: WebSocket, gateway: Gateway, task_id: str, tenant: str, view: dict[str, Any]
+) -> None:
+    left = asyncio.ensure_future(_until_disconnect(ws))
+    deadline = time.monotonic() + gateway.settings.ws_max_s
+    sent: tuple[Any, Any] | None = None
+    try:
+        while True:
+            if (view["status"], view["stage"]) != sent:
+                final = is_terminal(view["status"])
+                await ws.send_json({**view, "final": final})
+                sent = (view["status"], view["stage"])
+                if final:
+                    return await ws.close(1000, "terminal status")
+            if time.monotonic() >= deadline:
+                return await ws.close(1000, "time limit reached; reconnect to follow on")
+            done, _ = await asyncio.wait({left}, timeout=gateway.settings.ws_poll_s)
+            if done:
+                return
+            view = await _poll(gateway, task_id, tenant) or view
+    finally:
+        left.cancel()
+
+
+async def _poll(gateway: Gateway, task_id: str, tenant: str) -> dict[str, Any] | None:
+    try:
+        return await gateway.view(task_id, tenant, timeline=False)
+    except RetryableError as exc:  # the store is briefly unavailable: keep the socket, try again
+        log.warning("task poll failed task_id=%s error=%s", task_id, exc)
+        return None
+
+
+async def _until_disconnect(ws: WebSocket) -> None:
+    while (await ws.receive())["type"] != "websocket.disconnect":
+        pass  # clients have nothing to say; their messages are ignored
+
+
+async def healthz(request: Request) -> Response:
+    ok = _gateway(request).healthy()
+    return PlainTextResponse("ok\n" if ok else "unavailable\n", 200 if ok else 503)
+
+
+async def readyz(request: Request) -> Response:
+    ok = await run_in_threadpool(_gateway(request).ready)
+    return PlainTextResponse("ok\n" if ok else "unavailable\n", 200 if ok else 503)
+
+
+async def metrics(_request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+async def openapi(_request: Request) -> Response:
+    return JSONResponse(openapi_document())
+
+
+async def _http_error(_request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return JSONResponse({"error": exc.detail}, exc.status_code, headers=exc.headers)
+
+
+async def _unavailable(_request: Request, exc: Exception) -> Response:
+    log.warning("dependency unavailable error=%s", exc)
+    return JSONResponse({"error": f"temporarily unavailable: {exc}"}, 503,
+                        headers={"Retry-After": "1"})
+
+
+def build_app(gateway: Gateway) -> Starlette:
+    @asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        if not len(gateway.tokens):
+            log.warning("no gateway tokens configured: every call will be 401")
+        gateway.publisher.start()
+        ticker = asyncio.ensure_future(gateway.tick())
+        gateway.started = True
+        try:
+            yield
+        finally:
+            gateway.started = False
+            ticker.cancel()
+            await run_in_threadpool(gateway.close)
+
+    app = Starlette(
+        routes=[
+            Route("/v1/tasks", submit_task, methods=["POST"]),
+            Route("/v1/tasks/{task_id}", task_status, methods=["GET"], name="task_status"),
+            WebSocketRoute("/v1/tasks/{task_id}/events", task_events),
+            Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+            Route("/openapi.json", openapi),
+        ],
+        middleware=[Middleware(RequestMetricsMiddleware)],
+        exception_handlers={HTTPException: _http_error, BrokerError: _unavailable,
+                            RetryableError: _unavailable},
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,188 @@
+"""The gateway's API shapes: a task as JSON (HTTP answer and WebSocket message), and the OpenAPI
+document that describes them, kept side by side so the two change together.
+
+Times are RFC 3339 UTC strings; `result` is what writeback stored (withheld, null, for a blocked
+task); `timeline` lists the task's events in event-time order.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor.events.ingress import TaskRequest
+from conveyor.store import STATUSES, TaskEventRecord, TaskRecord
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What the gateway remembers of a task it accepted, until the store knows the task."""
+
+    tenant: str
+    trace_id: str | None
+    at: float  # wall-clock submit time (seconds since the epoch)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+def task_view(task: TaskRecord) -> dict[str, Any]:
+    return {
+        "task_id": task.task_id, "tenant": task.tenant, "kind": task.kind,
+        "status": task.status, "stage": task.stage, "verdict": task.verdict,
+        "moderation": task.moderation, "result": task.result, "error": task.error,
+        "trace_id": task.trace_id, "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at), "completed_at": _iso(task.completed_at),
+    }
+
+
+def pending_view(task_id: str, submitted: Submitted) -> dict[str, Any]:
+    at = _iso(datetime.fromtimestamp(submitted.at, UTC))
+    return {
+        "task_id": task_id, "tenant": submitted.tenant, "kind": None, "status": "pending",
+        "stage": None, "verdict": None, "moderation": None, "result": None, "error": None,
+        "trace_id": submitted.trace_id, "created_at": at, "updated_at": at, "completed_at": None,
+    }
+
+
+def timeline_view(events: Sequence[TaskEventRecord]) -> list[dict[str, Any]]:
+    return [
+        {"event_id": e.event_id, "type": e.type, "status": e.status, "time": _iso(e.time),
+         "stage": e.stage, "detail": e.detail}
+        for e in events
+    ]
+
+
+def _nullable(kind: str, description: str = "", **extra: Any) -> dict[str, Any]:
+    return {"type": [kind, "null"], "description": description, **extra}
+
+
+def _task_request_schema() -> dict[str, Any]:
+    schema = TaskRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    # The gateway fills both: the tenant from the token, the id with a UUID.
+    schema["required"] = [name for name in schema["required"] if name not in ("tenant", "task_id")]
+    schema["properties"]["tenant"]["description"] = "defaults to the token's tenant; another: 403"
+    schema["properties"]["task_id"]["description"] = "defaults to a new UUID; must be unused"
+    return schema
+
+
+_TASK: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "task_id": {"type": "string"}, "tenant": _nullable("string"),
+        "kind": _nullable("string"),
+        "status": {"type": "string", "enum": sorted(STATUSES)},
+        "stage": _nullable("string", "stage of the event that set the status"),
+        "verdict": _nullable("string", "moderation verdict", enum=["allow", "flag", "block", None]),
+        "moderation": {"description": "moderation scores and reasons"},
+        "result": {"description": "the task's result; null until completed, withheld if blocked"},
+        "error": _nullable("string", "why the task failed or expired"),
+        "trace_id": _nullable("string", "W3C trace id (null when tracing is off)"),
+        "created_at": _nullable("string", format="date-time"),
+        "updated_at": _nullable("string", format="date-time"),
+        "completed_at": _nullable("string", format="date-time"),
+        "queue_position_estimate": _nullable(
+            "integer", "pending tasks only: records on the ingress topic not yet taken by "
+            "preprocess (its consumer group's lag, refreshed every few seconds), an upper bound "
+            "on the task's place in the queue; null otherwise or when the lag is unavailable"),
+    },
+    "required": ["task_id", "status"],
+}
+_EVENT: dict[str, Any] = {
+    "type": "object",
+    "properties": {"event_id": {"type": "string"}, "type": {"type": "string"},
+                   "status": {"type": "string"}, "time": {"type": "string", "format": "date-time"},
+                   "stage": _nullable("string"), "detail": _nullable("string")},
+}
+_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+
+
+def _answer(description: str, schema: str = "Error") -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"description": description, "content": {"application/json": {"schema": ref}}}
+
+
+def _probe(summary: str, failed: str) -> dict[str, Any]:
+    return {"get": {"summary": summary, "security": [], "responses": {
+        "200": {"description": "ok"}, "503": {"description": failed}}}}
+
+
+_AUTH_ERRORS = {"401": _answer("missing or unknown bearer token")}
+_TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_PATHS: dict[str, Any] = {
+    "/v1/tasks": {"post": {
+        "summary": "Submit a task", "operationId": "submitTask",
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/TaskRequest"}}}},
+        "responses": {
+            "202": _answer("accepted: the broker holds the task", "TaskAccepted"),
+            "400": _answer("body is not a JSON object"), **_AUTH_ERRORS,
+            "403": _answer("the body names another tenant"),
+            "409": _answer("the task id is already in use"),
+            "413": _answer("body too large"), "422": _answer("invalid task (reason in `error`)"),
+            "503": _answer("broker did not acknowledge in time; retry with the same task_id"),
+        }}},
+    "/v1/tasks/{task_id}": {"get": {
+        "summary": "Status, timeline, result, trace id and queue position estimate of a task",
+        "operationId": "getTask", "parameters": [_TASK_ID],
+        "responses": {"200": _answer("the task", "TaskWithTimeline"), **_AUTH_ERRORS,
+                      "404": _answer("no such task for this tenant")}}},
+    "/v1/tasks/{task_id}/events": {"get": {
+        "summary": "WebSocket: one message per status change, closed after the terminal one",
+        "description": "Upgrade to a WebSocket. Every message is a `TaskMessage`; after the "
+        "message with `final: true` the server closes the socket (1000). Token in the "
+        "`Authorization` header or the `token` query parameter.",
+        "operationId": "followTask", "security": [{"bearerAuth": []}, {"queryToken": []}],
+        "parameters": [_TASK_ID],
+        "responses": {"101": {"description": "switching protocols; messages: TaskMessage",
+                              "content": {"application/json": {"schema": {
+                                  "$ref": "#/components/schemas/TaskMessage"}}}},
+                      **_AUTH_ERRORS, "404": _answer("no such task for this tenant")}}},
+    "/healthz": _probe("liveness: the event loop runs", "stalled"),
+    "/readyz": _probe("readiness: started and the result store answers", "not ready"),
+    "/metrics": {"get": {"summary": "Prometheus exposition", "security": [],
+                         "responses": {"200": {"description": "metrics"}}}},
+}
+
+
+@functools.cache
+def _document() -> dict[str, Any]:
+    task_with_timeline = copy.deepcopy(_TASK)
+    task_with_timeline["properties"]["timeline"] = {
+        "type": "array", "items": {"$ref": "#/components/schemas/TimelineEvent"}}
+    message = copy.deepcopy(_TASK)
+    message["properties"]["final"] = {"type": "boolean", "description": "terminal status"}
+    accepted = {"type": "object", "required": ["task_id", "status", "status_url", "trace_id"],
+                "properties": {"task_id": {"type": "string"}, "status": {"const": "pending"},
+                               "status_url": {"type": "string", "format": "uri"},
+                               "trace_id": _nullable("string", "null when tracing is off")}}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Conveyor gateway", "version": "1.0.0",
+                 "description": "Submit AI inference tasks and follow them. Each bearer token "
+                 "belongs to one tenant; a tenant never sees another tenant's tasks (404)."},
+        "security": [{"bearerAuth": []}],
+        "paths": _PATHS,
+        "components": {
+            "securitySchemes": {
+                "bearerAuth": {"type": "http", "scheme": "bearer",
+                               "description": "per-tenant token (CONVEYOR_GATEWAY_TOKENS)"},
+                "queryToken": {"type": "apiKey", "in": "query", "name": "token",
+                               "description": "WebSocket only, for clients that cannot set "
+                               "headers"},
+            },
+            "schemas": {"TaskRequest": _task_request_schema(), "TaskAccepted": accepted,
+                        "Task": _TASK, "TaskWithTimeline": task_with_timeline,
+                        "TaskMessage": message, "TimelineEvent": _EVENT, "Error": _ERROR},
+        },
+    }
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 document of the gateway (a copy: callers may change it)."""
+    return copy.deepcopy(_document())
