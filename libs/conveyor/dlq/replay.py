@@ -1,0 +1,194 @@
+"""Replay: make a stage process part of its input again, from a time or an offset.
+
+Two modes (`conveyor replay --mode`):
+- `reset`: move the stage's consumer group on its input topics to the offsets for `--from`
+  (`offsets_for_times` for a time; an offset is clamped to what the partition still holds). Only
+  for an INACTIVE group (no members, checked with describe_consumer_groups): a running stage
+  would overwrite the reset with its next commit, and the broker itself refuses offset changes
+  from outside an active group. The stage re-consumes everything from there on when it starts.
+- `republish`: read [from, to) of the stage's input topics (bounded: `to` defaults to the high
+  watermarks seen at start) and produce those records again, original key, value and headers,
+  into the same topic and partition, plus `conveyor_replayed_from` = `<topic>:<partition>:
+  <offset>`; the stage may keep running. Every consumer group of those topics sees them again
+  (e.g. writeback also reads inference's input); deterministic event ids keep that idempotent.
+
+Retry rungs are not replayed: a replayed record starts from the stage input like a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from confluent_kafka import (
+    Consumer,
+    ConsumerGroupTopicPartitions,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient
+
+from conveyor.dlq.reader import META_TIMEOUT_S, Ranges, offsets_at, open_reader, read_range
+from conveyor.dlq.reader import watermarks as read_watermarks
+from conveyor.dlq.records import parse_time, to_ms
+from conveyor.dlq.redrive import Pacer
+from conveyor.errors import BrokerError, ConveyorError
+from conveyor.events.catalog import load_catalog
+from conveyor.kafka.config import admin as admin_conf
+from conveyor.kafka.config import common
+from conveyor.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+REPLAYED_FROM = "conveyor_replayed_from"
+# Broker acks for the republished records.
+FLUSH_TIMEOUT_S = 60.0
+
+
+class ReplayError(ConveyorError):
+    """A replay that must not run: an active group, an unknown stage, a bad position."""
+
+
+Position = int | datetime  # an offset (every partition) or a time
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayPlan:
+    stage: str
+    group: str
+    ranges: Ranges  # input partition -> [from, to)
+
+    @property
+    def records(self) -> int:
+        """Offsets in range (transaction markers included, so an upper bound)."""
+        return sum(end - start for start, end in self.ranges.values())
+
+
+def parse_position(text: str, *, now: datetime | None = None) -> Position:
+    """Digits are an offset; anything else a time (RFC 3339 or relative like `1h`)."""
+    value = text.strip()
+    if value.isdigit():
+        return int(value)
+    return parse_time(value, now=now or datetime.now(UTC))
+
+
+def input_topics(settings: KafkaSettings, stage: str) -> list[str]:
+    catalog = load_catalog()
+    if stage not in catalog.stages:
+        raise ReplayError(f"unknown stage {stage!r}; stages: {', '.join(catalog.stages)}")
+    return [settings.topic(t) for spec in catalog.consumed_by(stage) for t in spec.topics]
+
+
+def plan(settings: KafkaSettings, stage: str, start: Position, end: Position | None = None,
+         *, group: str | None = None) -> ReplayPlan:
+    """Resolve --from/--to into offsets per input partition, against what the topics hold now."""
+    topics = input_topics(settings, stage)
+    with open_reader(settings) as consumer:
+        marks = read_watermarks(consumer, topics)
+        if not marks:
+            raise ReplayError(f"none of {topics} exists")
+        first = _resolve(consumer, marks, start)
+        last = _resolve(consumer, marks, end) if end is not None else {
+            tp: high for tp, (_, high) in marks.items()}
+    ranges = {tp: (first[tp], max(first[tp], last[tp])) for tp in marks}
+    return ReplayPlan(stage, group or f"{settings.topic_prefix}conveyor.{stage}", ranges)
+
+
+def _resolve(consumer: Consumer, marks: Ranges, position: Position) -> dict[tuple[str, int], int]:
+    if isinstance(position, int):
+        return {tp: min(max(position, low), high) for tp, (low, high) in marks.items()}
+    return offsets_at(consumer, list(marks), to_ms(position), marks)
+
+
+def reset(settings: KafkaSettings, replay: ReplayPlan, *, dry_run: bool = False
+          ) -> dict[tuple[str, int], int]:
+    """Set the (inactive) group's offsets to each range's start; return the committed offsets
+    before the reset (-1: none). A dry run checks and reports without changing anything."""
+    admin = AdminClient(admin_conf(settings))
+    _require_inactive(admin, replay.group)
+    before = _committed(admin, replay)
+    if dry_run:
+        return before
+    tps = [TopicPartition(t, p, start) for (t, p), (start, _) in sorted(replay.ranges.items())]
+    futures = admin.alter_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(replay.group, tps)], request_timeout=META_TIMEOUT_S)
+    try:
+        result = futures[replay.group].result(timeout=META_TIMEOUT_S)
+    except KafkaException as exc:  # the group became active in between, among others
+        raise ReplayError(f"offset reset of group {replay.group} refused: {exc}") from exc
+    failed = [tp for tp in result.topic_partitions if tp.error is not None]
+    if failed:
+        raise ReplayError(f"offset reset failed for {[(t.topic, t.partition) for t in failed]}: "
+                          f"{failed[0].error}")
+    log.info("group offsets reset group=%s partitions=%d", replay.group, len(tps))
+    return before
+
+
+def _require_inactive(admin: AdminClient, group: str) -> None:
+    future = admin.describe_consumer_groups([group], request_timeout=META_TIMEOUT_S)[group]
+    try:
+        description = future.result(timeout=META_TIMEOUT_S)
+    except KafkaException as exc:
+        raise BrokerError(f"describing group {group} failed: {exc}") from exc
+    if description.members:
+        hosts = sorted({m.host for m in description.members})
+        raise ReplayError(
+            f"group {group} is active ({len(description.members)} members on "
+            f"{', '.join(hosts)}, state {description.state.name}): stop the stage before a "
+            f"reset, or use --mode republish")
+
+
+def _committed(admin: AdminClient, replay: ReplayPlan) -> dict[tuple[str, int], int]:
+    tps = [TopicPartition(t, p) for t, p in sorted(replay.ranges)]
+    futures = admin.list_consumer_group_offsets(
+        [ConsumerGroupTopicPartitions(replay.group, tps)], request_timeout=META_TIMEOUT_S)
+    result = futures[replay.group].result(timeout=META_TIMEOUT_S)
+    return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions}
+
+
+def republish(settings: KafkaSettings, replay: ReplayPlan, *, rate: float | None = None,
+              on_record: Callable[[str, int, int], None] | None = None) -> int:
+    """Produce the plan's records again into their own topic and partition; return how many."""
+    producer = Producer({**common(settings), "client.id": "conveyor-replay",
+                         "enable.idempotence": True, "acks": "all", "linger.ms": 5,
+                         "message.max.bytes": 2_097_152})  # as the stages' producers allow
+    errors: list[str] = []
+    pacer = Pacer(rate)
+    count = 0
+    with open_reader(settings) as consumer:
+        for msg in read_range(consumer, replay.ranges):
+            pacer.wait()
+            _produce_again(producer, msg, errors)
+            count += 1
+            if on_record:
+                on_record(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
+    if producer.flush(FLUSH_TIMEOUT_S) or errors:
+        raise BrokerError(f"republish failed: {errors[:3] or 'delivery timed out'}")
+    log.info("replay republished stage=%s records=%d", replay.stage, count)
+    return count
+
+
+def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
+    topic, partition = str(msg.topic()), int(msg.partition() or 0)
+    origin = f"{topic}:{partition}:{msg.offset()}"
+    headers: list[tuple[str, str | bytes | None]] = [
+        h for h in msg.headers() or () if h[0] != REPLAYED_FROM]  # type: ignore[misc]
+    headers.append((REPLAYED_FROM, origin.encode()))
+
+    def on_delivery(err: object, _msg: object) -> None:
+        if err is not None:
+            errors.append(str(err))
+
+    while True:
+        try:
+            producer.produce(topic, msg.value(), msg.key(), partition=partition,
+                             headers=headers, on_delivery=on_delivery)
+            break
+        except BufferError:
+            # The local queue is full: serve delivery reports until it drains (bounded by
+            # delivery.timeout.ms: undeliverable records fail and leave the queue).
+            producer.poll(0.1)
+    producer.poll(0)
