@@ -47,7 +47,8 @@ def produce_structured(bootstrap: str, topic: str, docs: Iterable[Mapping[str, A
 
 def produce_raw(bootstrap: str, topic: str, records: Iterable[tuple[bytes | None, bytes,
                 list[tuple[str, bytes]]]]) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap})
+    # Room for the oversized records the size guard tests send.
+    producer = Producer({"bootstrap.servers": bootstrap, "message.max.bytes": 4_000_000})
     for key, value, headers in records:
         producer.produce(topic, value, key, headers=headers)
     assert producer.flush(30) == 0

@@ -9,30 +9,34 @@ before anything is sent.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Producer
 from opentelemetry.trace import SpanKind
 
-from conveyor.errors import BrokerError
+from conveyor.errors import BrokerError, PermanentError
 from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import INGRESS_TOPIC, load_catalog
 from conveyor.events.codec import encode_binary
 from conveyor.events.ingress import parse_task
 from conveyor.events.model import AVRO, Event
 from conveyor.kafka.config import common
-from conveyor.settings import KafkaSettings
+from conveyor.settings import KafkaSettings, StageSettings
 from conveyor.telemetry import tracing
 
 SUBMITTED = "conveyor.task.submitted.v1"
 
 
 class TaskClient:
-    def __init__(self, settings: KafkaSettings, *, source: str = "/conveyor/client") -> None:
+    def __init__(self, settings: KafkaSettings, *, source: str = "/conveyor/client",
+                 max_record_bytes: int | None = None) -> None:
         self.settings = settings
         self.source = source
+        # The stages dead-letter larger records; refuse them here, before anything is sent.
+        self.max_record_bytes = max_record_bytes or getattr(
+            settings, "max_record_bytes", StageSettings.model_fields["max_record_bytes"].default)
         self.topic = settings.topic(INGRESS_TOPIC)
         spec = load_catalog().spec(SUBMITTED)
         assert spec is not None
@@ -41,8 +45,14 @@ class TaskClient:
         self.producer = Producer({**common(settings), "linger.ms": 5, "enable.idempotence": True})
         self.errors: list[str] = []
 
-    def submit(self, task: Mapping[str, Any]) -> tuple[str, str | None]:
-        """Validate and send one task; returns (task id, trace id). Call `flush()` after."""
+    def submit(
+        self, task: Mapping[str, Any], *, on_delivery: Callable[[Any, Any], None] | None = None
+    ) -> tuple[str, str | None]:
+        """Validate and send one task; returns (task id, trace id). Call `flush()` after.
+
+        `on_delivery(err, msg)`, when given, gets this record's delivery report instead of the
+        client's error list, so an asynchronous caller can await each record's acknowledgement.
+        """
         data = normalise_request(task)
         span = tracing.start_span(f"submit {self.topic}", parent=None, kind=SpanKind.PRODUCER,
                                   attributes={"messaging.system": "kafka",
@@ -61,11 +71,21 @@ class TaskClient:
                       time=datetime.now(UTC).isoformat(timespec="milliseconds"), extensions=ext)
         headers, value = encode_binary(event, self.schemas)
         headers += tracing.inject(span)
+        self._check_size(data["task_id"], value, headers, span)
         self.producer.produce(self.topic, value, data["task_id"].encode(), headers=headers,
-                              on_delivery=self._on_delivery)
+                              on_delivery=on_delivery or self._on_delivery)
         self.producer.poll(0)
         tracing.end_span(span)
         return data["task_id"], tracing.trace_id_hex(span)
+
+    def _check_size(self, task_id: str, value: bytes, headers: list[tuple[str, bytes]],
+                    span: Any) -> None:
+        size = len(task_id.encode()) + len(value) + sum(len(k) + len(v) for k, v in headers)
+        if size > self.max_record_bytes:
+            error = PermanentError(f"task {task_id} encodes to {size} bytes, over the "
+                                   f"{self.max_record_bytes}-byte record limit")
+            tracing.end_span(span, error)
+            raise error
 
     def submit_many(self, tasks: Iterable[Mapping[str, Any]]) -> list[str]:
         ids = [self.submit(task)[0] for task in tasks]

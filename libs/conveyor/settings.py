@@ -48,6 +48,12 @@ class StageSettings(KafkaSettings):
         1_000_000, ge=1024, description="larger input records are dead-lettered"
     )
     exactly_once: bool = Field(False, description="Kafka transactions: consume-produce-commit")
+    instance_slot: str | None = Field(
+        None,
+        description="stable name of this instance's slot (StatefulSet pod, supervisor label); "
+        "exactly-once uses transactional.id <group>.<slot> so a restart fences its "
+        "predecessor's open transaction; default: the per-start instance id",
+    )
     linger_ms: float = Field(1.0, ge=0, description="producer linger; low for latency per hop")
     delivery_timeout_s: float = Field(30.0, gt=0, description="max wait for broker acks")
     max_in_flight: int = Field(1000, ge=1, description="pause input above this many records")

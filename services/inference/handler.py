@@ -13,6 +13,7 @@ from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.telemetry.tracing import span
 from services.inference.settings import InferenceSettings
 
 INFERRED = "conveyor.task.inferred.v1"
@@ -38,7 +39,8 @@ def handle_batch(events: Sequence[Event], ctx: StageContext[InferenceSettings]) 
         batch = [events[i].data for i in indices]
         started = time.perf_counter()
         try:
-            results = _RUNNERS[kind](registry.for_kind(kind, name), batch)
+            with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
+                results = _RUNNERS[kind](registry.for_kind(kind, name), batch)
         except Exception as exc:  # the whole group failed: each record takes the ladder
             for i in indices:
                 outcomes[i] = exc

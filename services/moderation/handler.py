@@ -18,6 +18,7 @@ from typing import Any
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.telemetry.tracing import span
 from services.moderation.settings import ModerationSettings, Threshold
 
 MODERATED = "conveyor.task.moderated.v1"
@@ -36,7 +37,10 @@ def handle_batch(
 ) -> list[BatchOutcome]:
     texts = [_texts(event) for event in events]
     flat = [t for group in texts for t in group]
-    results = {signal.name: signal.evaluate(flat) for signal in ctx.resources["signals"]}
+    results: dict[str, Any] = {}
+    for signal in ctx.resources["signals"]:
+        with span(f"classify {signal.name}", {"conveyor.texts": len(flat)}):
+            results[signal.name] = signal.evaluate(flat)
     out: list[BatchOutcome] = []
     pos = 0
     for event, group in zip(events, texts, strict=True):

@@ -13,6 +13,7 @@ import httpx
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
+from conveyor.telemetry.tracing import inject_current, span
 from services.notify.settings import NotifySettings
 
 NOTIFIED = "conveyor.task.notified.v1"
@@ -54,7 +55,11 @@ def handle(event: Event, ctx: StageContext[NotifySettings]) -> Emit | None:
                "X-Conveyor-Event-Id": event.id, "X-Conveyor-Task-Id": task["task_id"]}
     client: httpx.Client = ctx.resources["http"]
     try:
-        response = client.post(url, content=body, headers=headers, timeout=s.webhook_timeout_s)
+        with span("webhook POST", {"http.request.method": "POST", "url.full": url}) as posting:
+            # The receiver can join the task's trace: W3C traceparent on the request.
+            headers.update(inject_current())
+            response = client.post(url, content=body, headers=headers, timeout=s.webhook_timeout_s)
+            posting.set_attribute("http.response.status_code", response.status_code)
     except httpx.HTTPError as exc:
         store.release_notification(task["task_id"])
         raise RetryableError(f"webhook to {url} failed: {type(exc).__name__}") from exc

@@ -12,6 +12,7 @@ from conveyor.errors import PermanentError
 from conveyor.events.ingress import param_text, parse_task
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
+from conveyor.telemetry.tracing import span
 
 from services.preprocess.settings import PreprocessSettings
 
@@ -44,7 +45,8 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
         raise PermanentError(f"unknown template {template_id!r}")
     prompt = template.replace("{input}", text)
     count: TokenCounter = ctx.resources["count_tokens"]
-    tokens = count(task.kind, prompt)
+    with span("tokenise", {"conveyor.task.kind": task.kind}):
+        tokens = count(task.kind, prompt)
     if tokens > s.max_input_tokens:
         raise PermanentError(f"prompt has {tokens} tokens, over the limit of {s.max_input_tokens}")
     data = {

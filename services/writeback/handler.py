@@ -11,6 +11,7 @@ from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.store import TaskUpdate
+from conveyor.telemetry.tracing import span
 from services.writeback.settings import WritebackSettings
 
 STORED = "conveyor.task.stored.v1"
@@ -26,7 +27,9 @@ def handle_batch(events: Sequence[Event], ctx: StageContext[WritebackSettings]) 
     updates = [update_for(event) for event in events]
     todo = [u for u in updates if u is not None]
     if todo:
-        ctx.resources["store"].apply_many(todo)  # one transaction; RetryableError if the DB is down
+        with span("db upsert", {"db.operation.name": "upsert",
+                                "db.operation.batch.size": len(todo)}):
+            ctx.resources["store"].apply_many(todo)  # one transaction; RetryableError if DB is down
     return [_stored(event, update) for event, update in zip(events, updates, strict=True)]
 
 

@@ -103,7 +103,7 @@ def decode_mapped(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet)
 def _decode_structured(value: bytes | None, schemas: SchemaSet) -> Event:
     try:
         doc = json.loads(value or b"")
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # too deep: poison too
         raise DecodeError(f"structured CloudEvent is not JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise DecodeError("structured CloudEvent is not a JSON object")
@@ -132,7 +132,7 @@ def _decode_data(attrs: dict[str, str], payload: bytes, schemas: SchemaSet) -> A
     if content_type.startswith(JSON) or content_type.endswith("+json"):
         try:
             return json.loads(payload) if payload else None
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise DecodeError(f"data is not JSON: {exc}") from None
     raise DecodeError(f"unsupported datacontenttype {content_type!r}")
 

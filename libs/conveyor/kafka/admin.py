@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from conveyor.dlq.ledger import LEDGER_CONFIG, LEDGER_TOPIC
 from conveyor.errors import BrokerError
 from conveyor.events.catalog import Catalog, load_catalog
 from conveyor.kafka.config import admin as admin_conf
@@ -37,9 +38,12 @@ def planned_topics(
         names.append(catalog.dlq_topic(stage))
     # Dead letters are kept for 14 days so operators can inspect and redrive them.
     dlq = {"retention.ms": str(14 * 24 * 3600 * 1000)}
-    return [
+    plans = [
         TopicPlan(prefix + name, parts, dlq if name.endswith(".dlq") else {}) for name in names
     ]
+    # The redrive ledger: one partition, so one transactional writer orders every entry.
+    plans.append(TopicPlan(prefix + LEDGER_TOPIC, 1, dict(LEDGER_CONFIG)))
+    return plans
 
 
 def apply_topics(

@@ -46,6 +46,10 @@ def consumer(settings: StageSettings, *, client_id: str) -> dict[str, Any]:
             "max.poll.interval.ms": 300_000,
             # Bound prefetch memory: 16 MiB per consumer is plenty for small task events.
             "queued.max.messages.kbytes": 16_384,
+            # A resumed retry partition joins the next fetch request only when the one in
+            # flight returns; librdkafka's 500 ms long poll made 1 s retries ~50% late. One
+            # poll interval keeps retries due on time; new records still return a fetch at once.
+            "fetch.wait.max.ms": min(settings.poll_timeout_ms, 500),
             # Fail fast when a broker disappears so health checks notice.
             "session.timeout.ms": 10_000,
             "heartbeat.interval.ms": 2_000,
@@ -74,6 +78,9 @@ def producer(
     )
     if transactional_id:
         conf["transactional.id"] = transactional_id
+        # An open transaction of a crashed instance blocks read_committed readers of its
+        # partitions until this timeout, unless its restart fences it first by reusing the
+        # transactional.id (`StageSettings.instance_slot`, see StageRunner.start).
         conf["transaction.timeout.ms"] = 60_000
     return conf
 

@@ -36,7 +36,8 @@ class ServiceProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
         env = {**os.environ, **self.env, "CONVEYOR_PORT_FILE": str(self.port_file),
-               "CONVEYOR_INSTANCE_ID": f"{self.label}-{self.starts}"}
+               "CONVEYOR_INSTANCE_ID": f"{self.label}-{self.starts}",
+               "CONVEYOR_INSTANCE_SLOT": self.label}  # stable across restarts (transactions)
         env.setdefault("CONVEYOR_METRICS_PORT", "0")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(

@@ -87,7 +87,7 @@ class Router:
         task_id = source.subject or item.task_id or ""
         ext = {k: v for k, v in source.extensions.items() if k not in RETRY_STATE}
         if TRACEPARENT not in ext:
-            start = tracing.traceparent_of(item.span)
+            start = tracing.traceparent_of(item.span) or item.hmap.get("traceparent")
             if start:
                 ext[TRACEPARENT] = start  # this hop starts the task's trace
         ext.update(emit.extensions)
@@ -103,7 +103,10 @@ class Router:
             extensions=ext,
         )
         headers, value = encode_binary(event, self.schemas)
-        headers += tracing.inject(item.span)
+        if tracing.enabled():
+            headers += tracing.inject(item.span)  # the next hop's span is a child of this one
+        else:
+            headers += tracing.carried(item.hmap, source.extensions)
         topic = self.settings.topic(emit.topic or spec.topics[0])
         record = OutRecord(topic, task_id.encode(), value, headers)
         self._check_size(record)
@@ -145,7 +148,12 @@ class Router:
         if not task_id:
             return []  # neither a subject nor a key: nothing to attach a status to
         data = _task_fields(item.event.data if item.event is not None else None)
-        ext = item.event.extensions if item.event is not None else {}
+        # An undecodable record still names its tenant (and trace) in its ce_* headers.
+        source = item.event or Event(
+            id="", type="", source="", subject=task_id, data=None,
+            extensions={k[3:]: v for k, v in item.hmap.items() if k in _CARRIED},
+        )
+        ext = source.extensions
         body = {
             "task_id": task_id,
             "tenant": ext.get("tenant") or data.get("tenant") or "",
@@ -158,10 +166,6 @@ class Router:
             "kind": data.get("kind"),
             "time": now,
         }
-        source = item.event or Event(
-            id="", type="", source="", subject=task_id, data=None,
-            extensions={k[3:]: v for k, v in item.hmap.items() if k in _CARRIED},
-        )
         emit = Emit(STATUS_TYPE, body, topic=STATUS_TOPIC, discriminator=f"{self.stage}.{where}")
         return [self._output(item, source, emit, now)]
 

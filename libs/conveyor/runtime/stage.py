@@ -25,10 +25,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from opentelemetry.trace import Link, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Link, SpanKind
 
 from conveyor.errors import BrokerError, PermanentError
-from conveyor.events.avro import default_schemas
+from conveyor.events.avro import SchemaError, default_schemas
 from conveyor.events.catalog import load_catalog
 from conveyor.events.codec import DecodeError, decode_mapped, header_map
 from conveyor.events.model import AVRO
@@ -55,7 +55,9 @@ class StageRunner:
         self.catalog = load_catalog()
         self.schemas = default_schemas()
         self.router = Router(self.stage, settings, self.catalog, self.schemas)
-        specs = self.catalog.consumed_by(self.stage)
+        # A stage that accepts only some of the types routed to it subscribes only to theirs.
+        specs = tuple(s for s in self.catalog.consumed_by(self.stage)
+                      if not service.accepts or s.type in service.accepts)
         self.accepts = frozenset(service.accepts or [s.type for s in specs])
         self.ingress_topics = frozenset(settings.topic(t) for s in specs if s.ingress for t in s.topics)
         self.input_topics = [settings.topic(t) for s in specs for t in s.topics]
@@ -72,6 +74,7 @@ class StageRunner:
         self.failed: str | None = None
         self.started = False
         self._paused: dict[TP, int] = {}  # partition -> due time (ms) of its head record
+        self._revoked: set[TP] = set()  # partitions revoked during the current poll
         self._delivery_errors: list[KafkaError] = []
         self._last_lag = 0.0
         self._crash_after = _failpoint_count(os.environ.get("CONVEYOR_FAILPOINT", ""))
@@ -84,7 +87,11 @@ class StageRunner:
         if self.service.setup is not None:
             self.ctx.resources.update(self.service.setup(self.settings))
         client_id = f"conveyor-{self.stage}-{self.instance}"
-        txn_id = f"{self.settings.group}.{self.instance}" if self.settings.exactly_once else None
+        # A restarted instance reuses its slot's transactional.id, so init_transactions fences
+        # the crashed one's open transaction at once (read_committed readers would otherwise
+        # stall on it until transaction.timeout.ms).
+        slot = self.settings.instance_slot or self.instance
+        txn_id = f"{self.settings.group}.{slot}" if self.settings.exactly_once else None
         self.producer = Producer(config.producer(self.settings, client_id=client_id,
                                                  transactional_id=txn_id))
         if txn_id:
@@ -147,6 +154,7 @@ class StageRunner:
     def _poll(self) -> list[Message]:
         assert self.consumer is not None
         s = self.settings
+        self._revoked.clear()
         # consume(n, t) blocks until n records or t: drain what is queued without waiting,
         # and block only for the first record of an idle stage.
         batch = self.consumer.consume(s.batch_max, 0)
@@ -159,10 +167,21 @@ class StageRunner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # The loop is synchronous: by the time a revoke is served inside consume(), every
-        # earlier batch was produced, acknowledged and committed. Only forget paused state.
+        # earlier batch was produced, acknowledged and committed. Records of these partitions
+        # that an earlier consume() of this poll returned are dropped (`_revoked`): their new
+        # owner reads them from the committed offset. librdkafka keeps a partition's pause
+        # across revoke and re-assign, so a paused rung is resumed here, else it would come
+        # back paused with no timer to resume it, and stall for good.
+        paused = [tp for tp in partitions if (tp.topic, tp.partition) in self._paused]
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
+            self._revoked.add((tp.topic, tp.partition))
         self.metrics.paused.set(len(self._paused))
+        if paused:
+            try:
+                consumer.resume(paused)
+            except KafkaException as exc:
+                log.warning("resume on revoke failed stage=%s error=%s", self.stage, exc)
 
     def _resume_due(self) -> None:
         if not self._paused:
@@ -193,14 +212,15 @@ class StageRunner:
         starts: dict[TP, int] = {}
         items: list[Item] = []
         out: list[OutRecord] = []
+        consumed: dict[str, int] = {}
         for msg in batch:
             err = msg.error()
             if err is not None:
                 self._on_consume_error(err)
                 continue
             tp = (msg.topic(), msg.partition())
-            if tp in self._paused:
-                continue  # fetched before the pause took effect; it will come again
+            if tp in self._paused or tp in self._revoked:
+                continue  # fetched before the pause / revoke took effect; it will come again
             rung = rung_of(tp[0]) if tp[0] in self.retry_topics else 0
             if rung:
                 due = self.router.policy.due_ms(rung, msg.timestamp()[1])
@@ -209,10 +229,12 @@ class StageRunner:
                     continue
             starts.setdefault(tp, msg.offset())
             commits[tp] = msg.offset() + 1
-            self.metrics.consumed(tp[0]).inc()
+            consumed[tp[0]] = consumed.get(tp[0], 0) + 1
             item = self._admit(msg, out, now)
             if item is not None:
                 items.append(item)
+        for topic, n in consumed.items():  # one increment per topic and batch, not per record
+            self.metrics.consumed(topic).inc(n)
         self.metrics.in_flight.set(len(items))
         if items:
             self._handle(items, out, now)
@@ -237,20 +259,32 @@ class StageRunner:
                 raise PermanentError(f"stage {self.stage} does not accept {event.type}")
             if event.datacontenttype != AVRO and msg.topic() not in self.ingress_topics:
                 raise DecodeError(f"internal events must be Avro, got {event.datacontenttype}")
+            self._check_schema(event)
         except PermanentError as exc:
             error = exc
         # The span starts after decoding: a structured-mode event carries its trace context in
-        # the JSON body, not in headers.
+        # the JSON body, not in headers. Without the SDK there is no span to make: the router
+        # carries the incoming context to the next hop as it is (tracing.carried).
         span = tracing.start_span(
             f"process {msg.topic()}", parent=self._parent(hmap, event), kind=SpanKind.CONSUMER,
-            attributes=self._span_attributes(msg, hmap),
-        )
+            attributes=self._span_attributes(msg, hmap, event),
+        ) if tracing.enabled() else INVALID_SPAN
         item = Item(msg.topic(), msg.partition(), msg.offset(), msg.key(), value, headers, hmap,
                     span, event)
         if error is not None:
             self._fail(item, error, out, now, permanent=True)
             return None
         return item
+
+    def _check_schema(self, event: Any) -> None:
+        """Avro data must be written with (a version of) the schema the catalog names."""
+        if event.datacontenttype != AVRO:
+            return
+        spec = self.catalog.spec(event.type)
+        parts = (event.dataschema or "").split(":")
+        if spec is not None and (len(parts) != 5 or parts[3] != spec.schema):
+            raise SchemaError(f"{event.type} must carry {spec.schema} data, "
+                              f"not {event.dataschema}")
 
     @staticmethod
     def _parent(hmap: dict[str, str], event: Any) -> Any:
@@ -299,9 +333,9 @@ class StageRunner:
                     tracing.deactivate(token)
             return results
         assert svc.handle_batch is not None
-        links = [Link(i.span.get_span_context()) for i in items[1:]]
+        links = [Link(i.span.get_span_context()) for i in items[1:]] if tracing.enabled() else []
         batch_span = tracing.start_span(f"{self.stage} batch", parent=_ctx_of(items[0].span),
-                                        links=links, attributes={"conveyor.batch.size": len(items)})
+                                        links=links, attributes=self._batch_attributes(items))
         token = tracing.activate(batch_span)
         try:
             outcomes = list(svc.handle_batch(events, self.ctx))
@@ -359,6 +393,7 @@ class StageRunner:
             if offsets:
                 self.producer.send_offsets_to_transaction(
                     offsets, self.consumer.consumer_group_metadata(), timeout)
+            self._failpoint()  # leaves the transaction open: the broker must abort it
             self._commit_transaction(timeout)
         except KafkaException as exc:
             error = exc.args[0]
@@ -385,11 +420,14 @@ class StageRunner:
 
     def _failpoint(self) -> None:
         # Fault injection for tests: `CONVEYOR_FAILPOINT=exit-before-commit:N` ends the process
-        # after the Nth acknowledged batch and before its commit, as a crash there would.
+        # after the Nth acknowledged batch and before its commit (offsets, or the transaction
+        # holding them), as a crash there would.
         if self._crash_after is None:
             return
         self._crash_after -= 1
         if self._crash_after <= 0:
+            assert self.producer is not None
+            self.producer.flush(self.settings.delivery_timeout_s)  # in a transaction: unacked
             log.warning("failpoint exit-before-commit reached stage=%s", self.stage)
             logging.shutdown()
             os._exit(86)
@@ -428,7 +466,14 @@ class StageRunner:
         for topic, n in counts.items():
             self.metrics.emitted(topic).inc(n)
 
-    def _span_attributes(self, msg: Message, hmap: dict[str, str]) -> dict[str, Any]:
+    def _span_attributes(self, msg: Message, hmap: dict[str, str], event: Any) -> dict[str, Any]:
+        # A structured-mode (JSON) event has its attributes in the body, not in ce_* headers.
+        event_id = event.id if event is not None else hmap.get("ce_id", "")
+        event_type = event.type if event is not None else hmap.get("ce_type", "")
+        subject = event.subject if event is not None else hmap.get("ce_subject")
+        key = msg.key()
+        if not subject and isinstance(key, bytes):
+            subject = key.decode("utf-8", "replace")
         return {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
@@ -437,11 +482,22 @@ class StageRunner:
             "messaging.destination.partition.id": str(msg.partition()),
             "messaging.kafka.offset": msg.offset(),
             "messaging.consumer.group.name": self.settings.group,
-            "messaging.message.id": hmap.get("ce_id", ""),
-            "cloudevents.event_id": hmap.get("ce_id", ""),
-            "cloudevents.event_type": hmap.get("ce_type", ""),
+            "messaging.message.id": event_id,
+            "cloudevents.event_id": event_id,
+            "cloudevents.event_type": event_type,
             "conveyor.stage": self.stage,
-            "conveyor.task_id": hmap.get("ce_subject", ""),
+            "conveyor.task_id": subject or "",
+        }
+
+    def _batch_attributes(self, items: list[Item]) -> dict[str, Any]:
+        return {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "process",
+            "messaging.operation.name": "process",
+            "messaging.batch.message_count": len(items),
+            "messaging.consumer.group.name": self.settings.group,
+            "conveyor.stage": self.stage,
+            "conveyor.batch.size": len(items),
         }
 
     def _observe_e2e(self, item: Item) -> None:

@@ -1,7 +1,8 @@
 """Structured logs: one line per record outcome, with trace id and task id, never payloads.
 
 `CONVEYOR_LOG_FORMAT=json` writes one JSON object per line (for log shippers); the default is
-`key=value` text. `CONVEYOR_LOG_LEVEL` sets the level (INFO by default).
+`key=value` text. `CONVEYOR_LOG_LEVEL` sets the level (INFO by default). A line written while a
+span is current (inside a handler) gets that span's `trace_id` appended, unless it names one.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import logging
 import os
 import sys
 import time
+
+from conveyor.telemetry.tracing import current_trace_id
 
 
 class JsonFormatter(logging.Formatter):
@@ -22,9 +25,23 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        trace_id = current_trace_id()
+        if trace_id:
+            doc["trace_id"] = trace_id
         if record.exc_info:
             doc["exception"] = self.formatException(record.exc_info)
         return json.dumps(doc)
+
+
+class TextFormatter(logging.Formatter):
+    """`key=value` lines; handler lines get the current trace id so they join their record's."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        if "trace_id=" in line:
+            return line
+        trace_id = current_trace_id()
+        return f"{line} trace_id={trace_id}" if trace_id else line
 
 
 def setup_logging(service: str) -> None:
@@ -34,7 +51,7 @@ def setup_logging(service: str) -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s %(levelname)s {service} %(name)s %(message)s")
+            TextFormatter(f"%(asctime)s %(levelname)s {service} %(name)s %(message)s")
         )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -38,8 +38,13 @@ CONSUMER_LAG = Gauge(
     "conveyor_consumer_lag", "High watermark minus committed offset",
     ["stage", "topic", "partition"],
 )
-GPU_MEMORY = Gauge("conveyor_gpu_memory_bytes", "CUDA memory allocated", ["stage", "device"])
-GPU_UTILISATION = Gauge("conveyor_gpu_utilization_ratio", "CUDA utilisation 0..1", ["stage", "device"])
+# Set by conveyor.telemetry.gpu (inference, only where CUDA is present).
+GPU_MEMORY = Gauge(
+    "conveyor_gpu_memory_bytes", "CUDA device memory in use", ["stage", "device"]
+)
+GPU_UTILISATION = Gauge(
+    "conveyor_gpu_utilization_ratio", "CUDA device utilisation, 0..1", ["stage", "device"]
+)
 
 
 class StageMetrics:
