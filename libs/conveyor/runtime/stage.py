@@ -61,6 +61,8 @@ class StageRunner:
         self.accepts = frozenset(service.accepts or [s.type for s in specs])
         self.ingress_topics = frozenset(settings.topic(t) for s in specs if s.ingress for t in s.topics)
         self.input_topics = [settings.topic(t) for s in specs for t in s.topics]
+        # Each input topic carries one event type (the catalog's); anything else is misrouted.
+        self.topic_types = {settings.topic(t): s.type for s in specs for t in s.topics}
         self.retry_topics = [
             settings.topic(self.catalog.retry_topic(self.stage, n))
             for n in range(1, self.router.policy.rungs + 1)
@@ -257,6 +259,9 @@ class StageRunner:
             event = decode_mapped(hmap, value, self.schemas)
             if event.type not in self.accepts:
                 raise PermanentError(f"stage {self.stage} does not accept {event.type}")
+            expected = self.topic_types.get(msg.topic())
+            if expected is not None and event.type != expected:
+                raise PermanentError(f"{event.type} does not belong on {msg.topic()}")
             if event.datacontenttype != AVRO and msg.topic() not in self.ingress_topics:
                 raise DecodeError(f"internal events must be Avro, got {event.datacontenttype}")
             self._check_schema(event)
