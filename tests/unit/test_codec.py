@@ -115,3 +115,13 @@ def test_event_ids_are_deterministic_per_task_and_type() -> None:
     assert event_id("t", "a") != event_id("t", "b")
     assert event_id("t", "a") != event_id("u", "a")
     assert event_id("t", "a", "x") != event_id("t", "a")
+
+
+def test_event_id_is_the_rfc4122_uuid5_of_task_type_and_discriminator() -> None:
+    import uuid
+
+    from conveyor.events.model import _ID_NAMESPACE
+
+    for task_id in ("t", "task-1", "ünïcode", "x" * 200):
+        expected = uuid.uuid5(_ID_NAMESPACE, f"{task_id}\x1ftype\x1fd")
+        assert event_id(task_id, "type", "d") == str(expected)

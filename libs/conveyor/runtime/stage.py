@@ -309,6 +309,7 @@ class StageRunner:
         outcomes = self._run_handler(items, events)
         self.metrics.handler.observe(time.perf_counter() - started)
         self.metrics.batch.observe(len(items))
+        now_s = time.time()
         for item, outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, BaseException):
                 self._fail(item, outcome, out, now, permanent=isinstance(outcome, PermanentError))
@@ -320,7 +321,7 @@ class StageRunner:
                 self._fail(item, exc, out, now, permanent=True)
                 continue
             out.extend(records)
-            self._observe_e2e(item)
+            self._observe_e2e(item, now_s)
             self._log_outcome(item, "emitted", len(records))
             tracing.end_span(item.span)
 
@@ -505,16 +506,18 @@ class StageRunner:
             "conveyor.batch.size": len(items),
         }
 
-    def _observe_e2e(self, item: Item) -> None:
+    def _observe_e2e(self, item: Item, now_s: float) -> None:
         data = item.event.data if item.event is not None else None
         task = data.get("task") if isinstance(data, dict) else None
         submitted = task.get("submitted_at") if isinstance(task, dict) else None
         if isinstance(submitted, str):
             try:
                 start = datetime.fromisoformat(submitted)
-                self.metrics.e2e.observe((datetime.now(UTC) - start).total_seconds())
-            except (ValueError, TypeError):
-                pass
+            except ValueError:
+                return
+            if start.tzinfo is None:
+                start = start.replace(tzinfo=UTC)
+            self.metrics.e2e.observe(now_s - start.timestamp())
 
     def _log_outcome(self, item: Item, outcome: str, emitted: int,
                      failure: Failure | None = None) -> None:
