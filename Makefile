@@ -53,8 +53,9 @@ lint: python ## ruff lint and format check
 typecheck: python ## mypy --strict on libs and services
 	$(BIN)/mypy libs/conveyor services
 
-bench: setup models ## run the benchmarks and record their figures under bench/results
-	$(BIN)/python -m bench.run
+bench: python jars models ## run the benchmarks; figures go to bench/results/*.json
+	$(BIN)/python bench/embed_batching.py
+	$(BIN)/python bench/pipeline.py
 
 clean: ## remove local state (broker data, databases); keeps the caches
 	rm -rf var

@@ -17,24 +17,45 @@ TRACEPARENT = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
 
 
 def inferred_data(task_id: str, *, text: str = "a harmless answer") -> dict[str, Any]:
-    task = {"task_id": task_id, "tenant": "acme", "kind": "generate", "priority": "normal",
-            "callback_url": "http://127.0.0.1:9/hook", "deadline": None,
-            "submitted_at": "2026-11-23T00:00:00Z", "model": None, "params": {}}
-    return {"task": task, "input": "say something", "model": "tiny", "text": text,
-            "embedding": None, "label": None, "label_scores": {}, "inference_ms": 1.0}
+    task = {
+        "task_id": task_id,
+        "tenant": "acme",
+        "kind": "generate",
+        "priority": "normal",
+        "callback_url": "http://127.0.0.1:9/hook",
+        "deadline": None,
+        "submitted_at": "2026-11-23T00:00:00Z",
+        "model": None,
+        "params": {},
+    }
+    return {
+        "task": task,
+        "input": "say something",
+        "model": "tiny",
+        "text": text,
+        "embedding": None,
+        "label": None,
+        "label_scores": {},
+        "inference_ms": 1.0,
+    }
 
 
 def inferred_event(task_id: str, **extensions: str) -> Event:
     return Event(
-        id=event_id(task_id, INFERRED), type=INFERRED, source="/conveyor/inference",
-        subject=task_id, data=inferred_data(task_id), dataschema=schema_urn("task-inferred", 1),
+        id=event_id(task_id, INFERRED),
+        type=INFERRED,
+        source="/conveyor/inference",
+        subject=task_id,
+        data=inferred_data(task_id),
+        dataschema=schema_urn("task-inferred", 1),
         time="2026-11-23T00:00:01.000Z",
         extensions={"tenant": "acme", "traceparent": TRACEPARENT, **extensions},
     )
 
 
-def inferred_record(task_id: str, **extensions: str) -> tuple[bytes, bytes,
-                                                             list[tuple[str, bytes]]]:
+def inferred_record(
+    task_id: str, **extensions: str
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """(key, value, headers) of a binary-mode task-inferred event, as inference emits it."""
     headers, value = encode_binary(inferred_event(task_id, **extensions), default_schemas())
     return task_id.encode(), value, headers

@@ -11,7 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Producer
 from opentelemetry.trace import SpanKind
@@ -30,13 +30,19 @@ SUBMITTED = "conveyor.task.submitted.v1"
 
 
 class TaskClient:
-    def __init__(self, settings: KafkaSettings, *, source: str = "/conveyor/client",
-                 max_record_bytes: int | None = None) -> None:
+    def __init__(
+        self,
+        settings: KafkaSettings,
+        *,
+        source: str = "/conveyor/client",
+        max_record_bytes: int | None = None,
+    ) -> None:
         self.settings = settings
         self.source = source
         # The stages dead-letter larger records; refuse them here, before anything is sent.
         self.max_record_bytes = max_record_bytes or getattr(
-            settings, "max_record_bytes", StageSettings.model_fields["max_record_bytes"].default)
+            settings, "max_record_bytes", StageSettings.model_fields["max_record_bytes"].default
+        )
         self.topic = settings.topic(INGRESS_TOPIC)
         spec = load_catalog().spec(SUBMITTED)
         assert spec is not None
@@ -54,36 +60,57 @@ class TaskClient:
         client's error list, so an asynchronous caller can await each record's acknowledgement.
         """
         data = normalise_request(task)
-        span = tracing.start_span(f"submit {self.topic}", parent=None, kind=SpanKind.PRODUCER,
-                                  attributes={"messaging.system": "kafka",
-                                              "messaging.operation.type": "send",
-                                              "messaging.destination.name": self.topic,
-                                              "conveyor.task_id": data["task_id"]})
+        span = tracing.start_span(
+            f"submit {self.topic}",
+            parent=None,
+            kind=SpanKind.PRODUCER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "send",
+                "messaging.destination.name": self.topic,
+                "conveyor.task_id": data["task_id"],
+            },
+        )
         ext = {"tenant": data["tenant"], "priority": data["priority"]}
         parent = tracing.traceparent_of(span)
         if parent:
             ext["traceparent"] = parent
         if data["deadline"]:
             ext["deadline"] = data["deadline"]
-        event = Event(id=str(uuid.uuid4()), type=SUBMITTED, source=self.source,
-                      subject=data["task_id"], data=data, datacontenttype=AVRO,
-                      dataschema=self.dataschema,
-                      time=datetime.now(UTC).isoformat(timespec="milliseconds"), extensions=ext)
+        event = Event(
+            id=str(uuid.uuid4()),
+            type=SUBMITTED,
+            source=self.source,
+            subject=data["task_id"],
+            data=data,
+            datacontenttype=AVRO,
+            dataschema=self.dataschema,
+            time=datetime.now(UTC).isoformat(timespec="milliseconds"),
+            extensions=ext,
+        )
         headers, value = encode_binary(event, self.schemas)
         headers += tracing.inject(span)
         self._check_size(data["task_id"], value, headers, span)
-        self.producer.produce(self.topic, value, data["task_id"].encode(), headers=headers,
-                              on_delivery=on_delivery or self._on_delivery)
+        self.producer.produce(
+            self.topic,
+            value,
+            data["task_id"].encode(),
+            headers=cast(Any, headers),  # stubs want str | bytes | None values
+            on_delivery=on_delivery or self._on_delivery,
+        )
         self.producer.poll(0)
         tracing.end_span(span)
         return data["task_id"], tracing.trace_id_hex(span)
 
-    def _check_size(self, task_id: str, value: bytes, headers: list[tuple[str, bytes]],
-                    span: Any) -> None:
+    def _check_size(
+        self, task_id: str, value: bytes, headers: list[tuple[str, bytes]], span: Any
+    ) -> None:
         size = len(task_id.encode()) + len(value) + sum(len(k) + len(v) for k, v in headers)
         if size > self.max_record_bytes:
-            error = PermanentError(f"task {task_id} encodes to {size} bytes, over the "
-                                   f"{self.max_record_bytes}-byte record limit")
+            error = PermanentError(
+                f"task {task_id} encodes to {size} bytes, over the "
+                f"{self.max_record_bytes}-byte record limit"
+            )
             tracing.end_span(span, error)
             raise error
 

@@ -16,16 +16,18 @@ class KafkaSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore")
 
-    kafka_bootstrap: str = Field("127.0.0.1:9092", description="bootstrap.servers")
-    kafka_security_protocol: str = Field("PLAINTEXT", description="PLAINTEXT|SSL|SASL_SSL|...")
-    kafka_sasl_mechanism: str | None = Field(None, description="e.g. SCRAM-SHA-512")
+    kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="bootstrap.servers")
+    kafka_security_protocol: str = Field(
+        default="PLAINTEXT", description="PLAINTEXT|SSL|SASL_SSL|..."
+    )
+    kafka_sasl_mechanism: str | None = Field(default=None, description="e.g. SCRAM-SHA-512")
     kafka_sasl_username: str | None = None
     kafka_sasl_password: str | None = None
     kafka_ssl_ca_location: str | None = None
     kafka_extra: dict[str, str] = Field(
         default_factory=dict, description="extra librdkafka properties, JSON object"
     )
-    topic_prefix: str = Field("", description="prepended to every topic name")
+    topic_prefix: str = Field(default="", description="prepended to every topic name")
 
     def topic(self, name: str) -> str:
         return self.topic_prefix + name
@@ -34,32 +36,43 @@ class KafkaSettings(BaseSettings):
 class StageSettings(KafkaSettings):
     """The stage runtime: batching, retries, dead letters, delivery, health and metrics."""
 
-    stage: str = Field("", description="stage name; set by each service")
-    group_id: str | None = Field(None, description="consumer group; default conveyor.<stage>")
-    batch_max: int = Field(500, ge=1, description="records taken per poll")
-    batch_wait_ms: int = Field(
-        0, ge=0, description="after the first record, wait this long for more (dynamic batching)"
+    stage: str = Field(default="", description="stage name; set by each service")
+    group_id: str | None = Field(
+        default=None, description="consumer group; default conveyor.<stage>"
     )
-    poll_timeout_ms: int = Field(100, ge=1, description="idle poll; bounds timer latency")
+    batch_max: int = Field(default=500, ge=1, description="records taken per poll")
+    batch_wait_ms: int = Field(
+        default=0,
+        ge=0,
+        description="after the first record, wait this long for more (dynamic batching)",
+    )
+    poll_timeout_ms: int = Field(default=100, ge=1, description="idle poll; bounds timer latency")
     retry_delays: list[float] = Field(
         default_factory=lambda: [1.0, 10.0, 60.0], description="seconds per retry rung"
     )
     max_record_bytes: int = Field(
-        1_000_000, ge=1024, description="larger input records are dead-lettered"
+        default=1_000_000, ge=1024, description="larger input records are dead-lettered"
     )
-    exactly_once: bool = Field(False, description="Kafka transactions: consume-produce-commit")
+    exactly_once: bool = Field(
+        default=False, description="Kafka transactions: consume-produce-commit"
+    )
     instance_slot: str | None = Field(
-        None,
+        default=None,
         description="stable name of this instance's slot (StatefulSet pod, supervisor label); "
         "exactly-once uses transactional.id <group>.<slot> so a restart fences its "
         "predecessor's open transaction; default: the per-start instance id",
     )
-    linger_ms: float = Field(1.0, ge=0, description="producer linger; low for latency per hop")
-    delivery_timeout_s: float = Field(30.0, gt=0, description="max wait for broker acks")
-    max_in_flight: int = Field(1000, ge=1, description="pause input above this many records")
-    metrics_host: str = Field("127.0.0.1", description="bind address of /metrics and /healthz")
-    metrics_port: int = Field(0, ge=0, description="0 picks a free port")
-    health_stall_s: float = Field(30.0, gt=0, description="/healthz fails if the loop stalls")
+    linger_ms: float = Field(
+        default=1.0, ge=0, description="producer linger; low for latency per hop"
+    )
+    delivery_timeout_s: float = Field(default=30.0, gt=0, description="max wait for broker acks")
+    metrics_host: str = Field(
+        default="127.0.0.1", description="bind address of /metrics and /healthz"
+    )
+    metrics_port: int = Field(default=0, ge=0, description="0 picks a free port")
+    health_stall_s: float = Field(
+        default=30.0, gt=0, description="/healthz fails if the loop stalls"
+    )
 
     @property
     def group(self) -> str:

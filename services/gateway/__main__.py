@@ -45,8 +45,9 @@ class _Server(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield  # signals reach only the main thread; whoever runs us there stops us
             return
-        previous = {sig: signal.signal(sig, self.handle_exit)
-                    for sig in (signal.SIGINT, signal.SIGTERM)}
+        previous = {
+            sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)
+        }
         try:
             yield
         finally:
@@ -57,22 +58,37 @@ class _Server(uvicorn.Server):
 def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
     """The app and its shared state, on real Kafka and the configured store."""
     store = open_store(settings.store_url)
-    publisher = AsyncTaskPublisher(TaskClient(settings, source="/conveyor/gateway"),
-                                   ack_timeout_s=settings.publish_timeout_s)
-    lag = GroupLag(settings, settings.lag_group, [settings.topic(INGRESS_TOPIC)],
-                   timeout_s=settings.lag_timeout_s)
-    gateway = Gateway(settings, publisher=publisher, store=store,
-                      queue_estimate=CachedLag(lag.total, ttl_s=settings.lag_cache_s).value,
-                      closers=(lag.close,))
+    publisher = AsyncTaskPublisher(
+        TaskClient(settings, source="/conveyor/gateway"), ack_timeout_s=settings.publish_timeout_s
+    )
+    lag = GroupLag(
+        settings,
+        settings.lag_group,
+        [settings.topic(INGRESS_TOPIC)],
+        timeout_s=settings.lag_timeout_s,
+    )
+    gateway = Gateway(
+        settings,
+        publisher=publisher,
+        store=store,
+        queue_estimate=CachedLag(lag.total, ttl_s=settings.lag_cache_s).value,
+        closers=(lag.close,),
+    )
     return build_app(gateway), gateway
 
 
 def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
     # log_config=None keeps Conveyor's log format; uvicorn's access log is off because it would
     # print WebSocket URLs with their `?token=`: the app logs each request without the query.
-    return uvicorn.Config(app, host=settings.gateway_host, port=settings.gateway_port,
-                          log_config=None, access_log=False, lifespan="on",
-                          timeout_graceful_shutdown=_GRACE_S)
+    return uvicorn.Config(
+        app,
+        host=settings.gateway_host,
+        port=settings.gateway_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=_GRACE_S,
+    )
 
 
 def serve() -> int:
@@ -82,8 +98,9 @@ def serve() -> int:
     app, gateway = build(settings)
     health = None
     if settings.metrics_port is not None:
-        health = HealthServer(settings.metrics_host, settings.metrics_port, gateway.healthy,
-                              gateway.ready)
+        health = HealthServer(
+            settings.metrics_host, settings.metrics_port, gateway.healthy, gateway.ready
+        )
         health.start()
     server = _Server(uvicorn_config(app, settings))
     try:

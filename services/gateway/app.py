@@ -52,16 +52,23 @@ log = logging.getLogger(__name__)
 class Gateway:
     """What the routes share: settings, tokens, publisher, store, queue estimate, liveness."""
 
-    def __init__(self, settings: GatewaySettings, *, publisher: TaskPublisher, store: ResultStore,
-                 queue_estimate: Callable[[], int | None],
-                 closers: tuple[Callable[[], None], ...] = ()) -> None:
+    def __init__(
+        self,
+        settings: GatewaySettings,
+        *,
+        publisher: TaskPublisher,
+        store: ResultStore,
+        queue_estimate: Callable[[], int | None],
+        closers: tuple[Callable[[], None], ...] = (),
+    ) -> None:
         self.settings = settings
         self.tokens = TokenTable(settings.gateway_tokens)
         self.publisher = publisher
         self.store = store
         self.queue_estimate = queue_estimate
         self.recent: ExpiringMap[str, Submitted] = ExpiringMap(
-            ttl_s=settings.recent_ttl_s, max_size=settings.recent_max)
+            ttl_s=settings.recent_ttl_s, max_size=settings.recent_max
+        )
         self.closers = closers
         self.started = False
         self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
@@ -125,8 +132,9 @@ def _gateway(conn: Request | WebSocket) -> Gateway:
 def _tenant(request: Request) -> str:
     tenant = _gateway(request).tokens.tenant_for(bearer_token(request.headers.get("authorization")))
     if tenant is None:
-        raise HTTPException(401, "missing or unknown bearer token",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(
+            401, "missing or unknown bearer token", headers={"WWW-Authenticate": "Bearer"}
+        )
     return tenant
 
 
@@ -171,7 +179,8 @@ async def submit_task(request: Request) -> Response:
     log.info("task accepted task_id=%s tenant=%s trace_id=%s", task_id, tenant, trace_id)
     return JSONResponse(
         {"task_id": task_id, "status": "pending", "status_url": url, "trace_id": trace_id},
-        status_code=202, headers={"Location": url},
+        status_code=202,
+        headers={"Location": url},
     )
 
 
@@ -276,8 +285,9 @@ async def _http_error(_request: Request, exc: Exception) -> Response:
 
 async def _unavailable(_request: Request, exc: Exception) -> Response:
     log.warning("dependency unavailable error=%s", exc)
-    return JSONResponse({"error": f"temporarily unavailable: {exc}"}, 503,
-                        headers={"Retry-After": "1"})
+    return JSONResponse(
+        {"error": f"temporarily unavailable: {exc}"}, 503, headers={"Retry-After": "1"}
+    )
 
 
 def build_app(gateway: Gateway) -> Starlette:
@@ -300,12 +310,17 @@ def build_app(gateway: Gateway) -> Starlette:
             Route("/v1/tasks", submit_task, methods=["POST"]),
             Route("/v1/tasks/{task_id}", task_status, methods=["GET"], name="task_status"),
             WebSocketRoute("/v1/tasks/{task_id}/events", task_events),
-            Route("/healthz", healthz), Route("/readyz", readyz), Route("/metrics", metrics),
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
             Route("/openapi.json", openapi),
         ],
         middleware=[Middleware(RequestMetricsMiddleware)],
-        exception_handlers={HTTPException: _http_error, BrokerError: _unavailable,
-                            RetryableError: _unavailable},
+        exception_handlers={
+            HTTPException: _http_error,
+            BrokerError: _unavailable,
+            RetryableError: _unavailable,
+        },
         lifespan=lifespan,
     )
     app.state.gateway = gateway

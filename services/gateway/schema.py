@@ -33,27 +33,51 @@ def _iso(value: datetime | None) -> str | None:
 
 def task_view(task: TaskRecord) -> dict[str, Any]:
     return {
-        "task_id": task.task_id, "tenant": task.tenant, "kind": task.kind,
-        "status": task.status, "stage": task.stage, "verdict": task.verdict,
-        "moderation": task.moderation, "result": task.result, "error": task.error,
-        "trace_id": task.trace_id, "created_at": _iso(task.created_at),
-        "updated_at": _iso(task.updated_at), "completed_at": _iso(task.completed_at),
+        "task_id": task.task_id,
+        "tenant": task.tenant,
+        "kind": task.kind,
+        "status": task.status,
+        "stage": task.stage,
+        "verdict": task.verdict,
+        "moderation": task.moderation,
+        "result": task.result,
+        "error": task.error,
+        "trace_id": task.trace_id,
+        "created_at": _iso(task.created_at),
+        "updated_at": _iso(task.updated_at),
+        "completed_at": _iso(task.completed_at),
     }
 
 
 def pending_view(task_id: str, submitted: Submitted) -> dict[str, Any]:
     at = _iso(datetime.fromtimestamp(submitted.at, UTC))
     return {
-        "task_id": task_id, "tenant": submitted.tenant, "kind": None, "status": "pending",
-        "stage": None, "verdict": None, "moderation": None, "result": None, "error": None,
-        "trace_id": submitted.trace_id, "created_at": at, "updated_at": at, "completed_at": None,
+        "task_id": task_id,
+        "tenant": submitted.tenant,
+        "kind": None,
+        "status": "pending",
+        "stage": None,
+        "verdict": None,
+        "moderation": None,
+        "result": None,
+        "error": None,
+        "trace_id": submitted.trace_id,
+        "created_at": at,
+        "updated_at": at,
+        "completed_at": None,
     }
 
 
 def timeline_view(events: Sequence[TaskEventRecord]) -> list[dict[str, Any]]:
     return [
-        {"event_id": e.event_id, "type": e.type, "status": e.status, "time": _iso(e.time),
-         "stage": e.stage, "detail": e.detail}
+        {
+            "event_id": e.event_id,
+            "type": e.type,
+            "status": e.status,
+            "time": _iso(e.time),
+            "stage": e.stage,
+            "detail": e.detail,
+        }
         for e in events
     ]
 
@@ -74,7 +98,8 @@ def _task_request_schema() -> dict[str, Any]:
 _TASK: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "task_id": {"type": "string"}, "tenant": _nullable("string"),
+        "task_id": {"type": "string"},
+        "tenant": _nullable("string"),
         "kind": _nullable("string"),
         "status": {"type": "string", "enum": sorted(STATUSES)},
         "stage": _nullable("string", "stage of the event that set the status"),
@@ -87,17 +112,24 @@ _TASK: dict[str, Any] = {
         "updated_at": _nullable("string", format="date-time"),
         "completed_at": _nullable("string", format="date-time"),
         "queue_position_estimate": _nullable(
-            "integer", "pending tasks only: records on the ingress topic not yet taken by "
+            "integer",
+            "pending tasks only: records on the ingress topic not yet taken by "
             "preprocess (its consumer group's lag, refreshed every few seconds), an upper bound "
-            "on the task's place in the queue; null otherwise or when the lag is unavailable"),
+            "on the task's place in the queue; null otherwise or when the lag is unavailable",
+        ),
     },
     "required": ["task_id", "status"],
 }
 _EVENT: dict[str, Any] = {
     "type": "object",
-    "properties": {"event_id": {"type": "string"}, "type": {"type": "string"},
-                   "status": {"type": "string"}, "time": {"type": "string", "format": "date-time"},
-                   "stage": _nullable("string"), "detail": _nullable("string")},
+    "properties": {
+        "event_id": {"type": "string"},
+        "type": {"type": "string"},
+        "status": {"type": "string"},
+        "time": {"type": "string", "format": "date-time"},
+        "stage": _nullable("string"),
+        "detail": _nullable("string"),
+    },
 }
 _ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
 
@@ -108,45 +140,82 @@ def _answer(description: str, schema: str = "Error") -> dict[str, Any]:
 
 
 def _probe(summary: str, failed: str) -> dict[str, Any]:
-    return {"get": {"summary": summary, "security": [], "responses": {
-        "200": {"description": "ok"}, "503": {"description": failed}}}}
+    return {
+        "get": {
+            "summary": summary,
+            "security": [],
+            "responses": {"200": {"description": "ok"}, "503": {"description": failed}},
+        }
+    }
 
 
 _AUTH_ERRORS = {"401": _answer("missing or unknown bearer token")}
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PATHS: dict[str, Any] = {
-    "/v1/tasks": {"post": {
-        "summary": "Submit a task", "operationId": "submitTask",
-        "requestBody": {"required": True, "content": {"application/json": {
-            "schema": {"$ref": "#/components/schemas/TaskRequest"}}}},
-        "responses": {
-            "202": _answer("accepted: the broker holds the task", "TaskAccepted"),
-            "400": _answer("body is not a JSON object"), **_AUTH_ERRORS,
-            "403": _answer("the body names another tenant"),
-            "409": _answer("the task id is already in use"),
-            "413": _answer("body too large"), "422": _answer("invalid task (reason in `error`)"),
-            "503": _answer("broker did not acknowledge in time; retry with the same task_id"),
-        }}},
-    "/v1/tasks/{task_id}": {"get": {
-        "summary": "Status, timeline, result, trace id and queue position estimate of a task",
-        "operationId": "getTask", "parameters": [_TASK_ID],
-        "responses": {"200": _answer("the task", "TaskWithTimeline"), **_AUTH_ERRORS,
-                      "404": _answer("no such task for this tenant")}}},
-    "/v1/tasks/{task_id}/events": {"get": {
-        "summary": "WebSocket: one message per status change, closed after the terminal one",
-        "description": "Upgrade to a WebSocket. Every message is a `TaskMessage`; after the "
-        "message with `final: true` the server closes the socket (1000). Token in the "
-        "`Authorization` header or the `token` query parameter.",
-        "operationId": "followTask", "security": [{"bearerAuth": []}, {"queryToken": []}],
-        "parameters": [_TASK_ID],
-        "responses": {"101": {"description": "switching protocols; messages: TaskMessage",
-                              "content": {"application/json": {"schema": {
-                                  "$ref": "#/components/schemas/TaskMessage"}}}},
-                      **_AUTH_ERRORS, "404": _answer("no such task for this tenant")}}},
+    "/v1/tasks": {
+        "post": {
+            "summary": "Submit a task",
+            "operationId": "submitTask",
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/TaskRequest"}}
+                },
+            },
+            "responses": {
+                "202": _answer("accepted: the broker holds the task", "TaskAccepted"),
+                "400": _answer("body is not a JSON object"),
+                **_AUTH_ERRORS,
+                "403": _answer("the body names another tenant"),
+                "409": _answer("the task id is already in use"),
+                "413": _answer("body too large"),
+                "422": _answer("invalid task (reason in `error`)"),
+                "503": _answer("broker did not acknowledge in time; retry with the same task_id"),
+            },
+        }
+    },
+    "/v1/tasks/{task_id}": {
+        "get": {
+            "summary": "Status, timeline, result, trace id and queue position estimate of a task",
+            "operationId": "getTask",
+            "parameters": [_TASK_ID],
+            "responses": {
+                "200": _answer("the task", "TaskWithTimeline"),
+                **_AUTH_ERRORS,
+                "404": _answer("no such task for this tenant"),
+            },
+        }
+    },
+    "/v1/tasks/{task_id}/events": {
+        "get": {
+            "summary": "WebSocket: one message per status change, closed after the terminal one",
+            "description": "Upgrade to a WebSocket. Every message is a `TaskMessage`; after the "
+            "message with `final: true` the server closes the socket (1000). Token in the "
+            "`Authorization` header or the `token` query parameter.",
+            "operationId": "followTask",
+            "security": [{"bearerAuth": []}, {"queryToken": []}],
+            "parameters": [_TASK_ID],
+            "responses": {
+                "101": {
+                    "description": "switching protocols; messages: TaskMessage",
+                    "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/TaskMessage"}}
+                    },
+                },
+                **_AUTH_ERRORS,
+                "404": _answer("no such task for this tenant"),
+            },
+        }
+    },
     "/healthz": _probe("liveness: the event loop runs", "stalled"),
     "/readyz": _probe("readiness: started and the result store answers", "not ready"),
-    "/metrics": {"get": {"summary": "Prometheus exposition", "security": [],
-                         "responses": {"200": {"description": "metrics"}}}},
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus exposition",
+            "security": [],
+            "responses": {"200": {"description": "metrics"}},
+        }
+    },
 }
 
 
@@ -154,31 +223,54 @@ _PATHS: dict[str, Any] = {
 def _document() -> dict[str, Any]:
     task_with_timeline = copy.deepcopy(_TASK)
     task_with_timeline["properties"]["timeline"] = {
-        "type": "array", "items": {"$ref": "#/components/schemas/TimelineEvent"}}
+        "type": "array",
+        "items": {"$ref": "#/components/schemas/TimelineEvent"},
+    }
     message = copy.deepcopy(_TASK)
     message["properties"]["final"] = {"type": "boolean", "description": "terminal status"}
-    accepted = {"type": "object", "required": ["task_id", "status", "status_url", "trace_id"],
-                "properties": {"task_id": {"type": "string"}, "status": {"const": "pending"},
-                               "status_url": {"type": "string", "format": "uri"},
-                               "trace_id": _nullable("string", "null when tracing is off")}}
+    accepted = {
+        "type": "object",
+        "required": ["task_id", "status", "status_url", "trace_id"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "status": {"const": "pending"},
+            "status_url": {"type": "string", "format": "uri"},
+            "trace_id": _nullable("string", "null when tracing is off"),
+        },
+    }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Conveyor gateway", "version": "1.0.0",
-                 "description": "Submit AI inference tasks and follow them. Each bearer token "
-                 "belongs to one tenant; a tenant never sees another tenant's tasks (404)."},
+        "info": {
+            "title": "Conveyor gateway",
+            "version": "1.0.0",
+            "description": "Submit AI inference tasks and follow them. Each bearer token "
+            "belongs to one tenant; a tenant never sees another tenant's tasks (404).",
+        },
         "security": [{"bearerAuth": []}],
         "paths": _PATHS,
         "components": {
             "securitySchemes": {
-                "bearerAuth": {"type": "http", "scheme": "bearer",
-                               "description": "per-tenant token (CONVEYOR_GATEWAY_TOKENS)"},
-                "queryToken": {"type": "apiKey", "in": "query", "name": "token",
-                               "description": "WebSocket only, for clients that cannot set "
-                               "headers"},
+                "bearerAuth": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "per-tenant token (CONVEYOR_GATEWAY_TOKENS)",
+                },
+                "queryToken": {
+                    "type": "apiKey",
+                    "in": "query",
+                    "name": "token",
+                    "description": "WebSocket only, for clients that cannot set headers",
+                },
             },
-            "schemas": {"TaskRequest": _task_request_schema(), "TaskAccepted": accepted,
-                        "Task": _TASK, "TaskWithTimeline": task_with_timeline,
-                        "TaskMessage": message, "TimelineEvent": _EVENT, "Error": _ERROR},
+            "schemas": {
+                "TaskRequest": _task_request_schema(),
+                "TaskAccepted": accepted,
+                "Task": _TASK,
+                "TaskWithTimeline": task_with_timeline,
+                "TaskMessage": message,
+                "TimelineEvent": _EVENT,
+                "Error": _ERROR,
+            },
         },
     }
 

@@ -13,12 +13,14 @@ class GatewaySettings(KafkaSettings):
         default=8080, ge=0, le=65535, description="HTTP port; 0 picks a free one"
     )
     gateway_tokens: dict[str, str] = Field(
-        default_factory=dict, repr=False,
+        default_factory=dict,
+        repr=False,
         description="bearer tokens, JSON object {token: tenant}; no tokens: every call is 401",
     )
     store_url: str = Field(default_factory=default_store_url, description="result store URL")
     preprocess_group: str | None = Field(
-        default=None, description="consumer group whose lag estimates the queue; default the "
+        default=None,
+        description="consumer group whose lag estimates the queue; default the "
         "preprocess stage's (<prefix>conveyor.preprocess)",
     )
     # A POST answers only once the broker holds the task; 5 s covers a leader election.
@@ -33,14 +35,17 @@ class GatewaySettings(KafkaSettings):
     ws_max_s: float = Field(default=3600.0, gt=0, description="WebSocket: longest a socket lives")
     ws_max_connections: int = Field(default=1000, ge=1, description="WebSockets per process")
     recent_ttl_s: float = Field(
-        default=600.0, gt=0, description="tasks submitted here answer `pending` this long "
-        "before the store knows them",
+        default=600.0,
+        gt=0,
+        description="tasks submitted here answer `pending` this long before the store knows them",
     )
     recent_max: int = Field(default=100_000, ge=1, description="tasks remembered as submitted")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger POSTs get 413")
     metrics_host: str = Field(default="127.0.0.1", description="bind address of metrics_port")
     metrics_port: int | None = Field(
-        default=None, ge=0, description="also serve /metrics /healthz /readyz on this port (as "
+        default=None,
+        ge=0,
+        description="also serve /metrics /healthz /readyz on this port (as "
         "the stages do); unset: only on the HTTP port",
     )
     health_stall_s: float = Field(default=10.0, gt=0, description="/healthz fails on a stall")

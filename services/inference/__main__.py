@@ -31,8 +31,9 @@ def teardown(resources: dict[str, Any]) -> None:
         resources["gpu_sampler"].stop()
 
 
-SERVICE = StageService("inference", InferenceSettings, handle_batch=handle_batch, setup=setup,
-                       teardown=teardown)
+SERVICE = StageService(
+    "inference", InferenceSettings, handle_batch=handle_batch, setup=setup, teardown=teardown
+)
 
 if __name__ == "__main__":
     main(SERVICE)

@@ -19,7 +19,9 @@ from services.inference.settings import InferenceSettings
 INFERRED = "conveyor.task.inferred.v1"
 
 
-def handle_batch(events: Sequence[Event], ctx: StageContext[InferenceSettings]) -> list[BatchOutcome]:
+def handle_batch(
+    events: Sequence[Event], ctx: StageContext[InferenceSettings]
+) -> list[BatchOutcome]:
     registry = ctx.resources["models"]
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(events)
@@ -51,9 +53,16 @@ def handle_batch(events: Sequence[Event], ctx: StageContext[InferenceSettings]) 
                 outcomes[i] = result
                 continue
             data = events[i].data
-            outcomes[i] = Emit(INFERRED, {"task": data["task"], "input": data["input"],
-                                          "model": name, "inference_ms": per_record_ms,
-                                          **result})
+            outcomes[i] = Emit(
+                INFERRED,
+                {
+                    "task": data["task"],
+                    "input": data["input"],
+                    "model": name,
+                    "inference_ms": per_record_ms,
+                    **result,
+                },
+            )
     return outcomes
 
 
@@ -100,9 +109,12 @@ def _classify(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]
         labels = data.get("labels") or _labels_param(data["task"]["params"])
         runnable.append((data["input"], labels))
     if any(not labels for _, labels in runnable):
-        return [PermanentError("classify needs candidate labels (labels or params.labels)")
-                if not labels else _one_classify(model, text, labels)
-                for text, labels in runnable]
+        return [
+            PermanentError("classify needs candidate labels (labels or params.labels)")
+            if not labels
+            else _one_classify(model, text, labels)
+            for text, labels in runnable
+        ]
     results = model.classify([t for t, _ in runnable], [labels for _, labels in runnable])
     for result in results:
         out.append({"label": result.label, "label_scores": result.scores})
@@ -131,9 +143,20 @@ def _expired(deadline: str | None, now: datetime) -> bool:
 
 
 def _expired_status(task: Mapping[str, Any], now: datetime) -> Emit:
-    return Emit(STATUS_TYPE, {
-        "task_id": task["task_id"], "tenant": task["tenant"], "status": "expired",
-        "stage": "inference", "reason": f"deadline {task['deadline']} passed before inference",
-        "error_class": None, "attempt": 0, "callback_url": task.get("callback_url"),
-        "kind": task.get("kind"), "time": now.isoformat(),
-    }, topic=STATUS_TOPIC, discriminator="expired")
+    return Emit(
+        STATUS_TYPE,
+        {
+            "task_id": task["task_id"],
+            "tenant": task["tenant"],
+            "status": "expired",
+            "stage": "inference",
+            "reason": f"deadline {task['deadline']} passed before inference",
+            "error_class": None,
+            "attempt": 0,
+            "callback_url": task.get("callback_url"),
+            "kind": task.get("kind"),
+            "time": now.isoformat(),
+        },
+        topic=STATUS_TOPIC,
+        discriminator="expired",
+    )

@@ -9,7 +9,9 @@ from conveyor.settings import StageSettings
 
 class InferenceSettings(StageSettings):
     # Dynamic batching: up to 32 records per poll, waiting at most 20 ms for the batch to fill.
-    batch_max: int = Field(32, ge=1, description="records per batch")
-    batch_wait_ms: int = Field(20, ge=0, description="max wait to fill a batch")
-    models: str | None = Field(None, description="model registry JSON; default: packaged models")
-    preload: bool = Field(True, description="load the configured models at start")
+    batch_max: int = Field(default=32, ge=1, description="records per batch")
+    batch_wait_ms: int = Field(default=20, ge=0, description="max wait to fill a batch")
+    models: str | None = Field(
+        default=None, description="model registry JSON; default: packaged models"
+    )
+    preload: bool = Field(default=True, description="load the configured models at start")

@@ -44,8 +44,10 @@ def handle_batch(
     out: list[BatchOutcome] = []
     pos = 0
     for event, group in zip(events, texts, strict=True):
-        worst = {name: max(rs[pos:pos + len(group)], key=lambda r: r.score)
-                 for name, rs in results.items()}
+        worst = {
+            name: max(rs[pos : pos + len(group)], key=lambda r: r.score)
+            for name, rs in results.items()
+        }
         pos += len(group)
         scores = {name: (r.score, r.reason) for name, r in worst.items()}
         out.append(_moderated(event, decide(scores, ctx.settings.thresholds)))
@@ -81,11 +83,17 @@ def _texts(event: Event) -> list[str]:
 def _moderated(event: Event, verdict: Verdict) -> Emit:
     data: dict[str, Any] = event.data
     blocked = verdict.verdict == "block"
-    return Emit(MODERATED, {
-        "task": data["task"], "model": data["model"],
-        "text": None if blocked else data.get("text"),
-        "embedding": None if blocked else data.get("embedding"),
-        "label": None if blocked else data.get("label"),
-        "label_scores": {} if blocked else data.get("label_scores", {}),
-        "verdict": verdict.verdict, "scores": verdict.scores, "reasons": verdict.reasons,
-    })
+    return Emit(
+        MODERATED,
+        {
+            "task": data["task"],
+            "model": data["model"],
+            "text": None if blocked else data.get("text"),
+            "embedding": None if blocked else data.get("embedding"),
+            "label": None if blocked else data.get("label"),
+            "label_scores": {} if blocked else data.get("label_scores", {}),
+            "verdict": verdict.verdict,
+            "scores": verdict.scores,
+            "reasons": verdict.reasons,
+        },
+    )

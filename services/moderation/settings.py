@@ -16,12 +16,24 @@ class Threshold(BaseModel):
 
 # A rule's score sets what it does under the blocklist thresholds below: 1.0 blocks, 0.6 flags.
 DEFAULT_RULES: list[dict[str, Any]] = [
-    {"pattern": r"\b(kill|murder|shoot|stab)\s+(you|him|her|them|everyone)\b", "regex": True,
-     "reason": "threat of violence", "score": 1.0},
-    {"pattern": r"\b\d{3}-\d{2}-\d{4}\b", "regex": True, "reason": "looks like a US SSN",
-     "score": 0.6},
-    {"pattern": r"\b(?:\d[ -]?){13,16}\b", "regex": True, "reason": "looks like a card number",
-     "score": 0.6},
+    {
+        "pattern": r"\b(kill|murder|shoot|stab)\s+(you|him|her|them|everyone)\b",
+        "regex": True,
+        "reason": "threat of violence",
+        "score": 1.0,
+    },
+    {
+        "pattern": r"\b\d{3}-\d{2}-\d{4}\b",
+        "regex": True,
+        "reason": "looks like a US SSN",
+        "score": 0.6,
+    },
+    {
+        "pattern": r"\b(?:\d[ -]?){13,16}\b",
+        "regex": True,
+        "reason": "looks like a card number",
+        "score": 0.6,
+    },
 ]
 
 
@@ -43,5 +55,5 @@ class ModerationSettings(StageSettings):
         default_factory=list,
         description='[{"text", "reason"}] for the embedding-similarity signal; empty = off',
     )
-    models: str | None = Field(None, description="model registry JSON (for the embedder)")
-    batch_max: int = Field(64, ge=1)
+    models: str | None = Field(default=None, description="model registry JSON (for the embedder)")
+    batch_max: int = Field(default=64, ge=1)

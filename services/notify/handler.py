@@ -28,10 +28,14 @@ def body_of(event: Event) -> bytes:
     data = event.data
     task = data["task"]
     summary = {
-        "task_id": task["task_id"], "tenant": task["tenant"], "kind": task["kind"],
-        "status": data["status"], "verdict": data["verdict"],
+        "task_id": task["task_id"],
+        "tenant": task["tenant"],
+        "kind": task["kind"],
+        "status": data["status"],
+        "verdict": data["verdict"],
         "result": json.loads(data["result"]) if data["result"] else None,
-        "error": data["error"], "event_id": event.id,
+        "error": data["error"],
+        "event_id": event.id,
     }
     return json.dumps(summary, separators=(",", ":"), sort_keys=True).encode()
 
@@ -51,8 +55,12 @@ def handle(event: Event, ctx: StageContext[NotifySettings]) -> Emit | None:
         store.release_notification(task["task_id"])
         raise PermanentError(f"no webhook secret configured for tenant {task['tenant']!r}")
     body = body_of(event)
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: sign(secret, body),
-               "X-Conveyor-Event-Id": event.id, "X-Conveyor-Task-Id": task["task_id"]}
+    headers = {
+        "Content-Type": "application/json",
+        SIGNATURE_HEADER: sign(secret, body),
+        "X-Conveyor-Event-Id": event.id,
+        "X-Conveyor-Task-Id": task["task_id"],
+    }
     client: httpx.Client = ctx.resources["http"]
     try:
         with span("webhook POST", {"http.request.method": "POST", "url.full": url}) as posting:
@@ -76,16 +84,24 @@ def handle(event: Event, ctx: StageContext[NotifySettings]) -> Emit | None:
 
 def _notified(event: Event, channel: str, http_status: int | None) -> Emit:
     task = event.data["task"]
-    return Emit(NOTIFIED, {
-        "task_id": task["task_id"], "tenant": task["tenant"], "status": event.data["status"],
-        "channel": channel, "http_status": http_status,
-        "delivered_at": datetime.now(UTC).isoformat(),
-    })
+    return Emit(
+        NOTIFIED,
+        {
+            "task_id": task["task_id"],
+            "tenant": task["tenant"],
+            "status": event.data["status"],
+            "channel": channel,
+            "http_status": http_status,
+            "delivered_at": datetime.now(UTC).isoformat(),
+        },
+    )
 
 
 def resources(settings: NotifySettings) -> dict[str, Any]:
     from conveyor.store import open_store
 
     # Redirects are not followed: a webhook answers where it was registered.
-    return {"store": open_store(settings.store_url),
-            "http": httpx.Client(follow_redirects=False, timeout=settings.webhook_timeout_s)}
+    return {
+        "store": open_store(settings.store_url),
+        "http": httpx.Client(follow_redirects=False, timeout=settings.webhook_timeout_s),
+    }

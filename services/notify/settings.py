@@ -12,9 +12,9 @@ class NotifySettings(StageSettings):
     webhook_secrets: dict[str, str] = Field(
         default_factory=dict, description="tenant -> HMAC secret (JSON)"
     )
-    webhook_default_secret: str | None = Field(None, description="for tenants not listed")
+    webhook_default_secret: str | None = Field(default=None, description="for tenants not listed")
     # A receiver that takes longer than 5 s is treated as down; the ladder tries again later.
-    webhook_timeout_s: float = Field(5.0, gt=0)
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
     # A claim older than this whose sender died is taken over (at-least-once, not lost).
-    claim_lease_s: float = Field(60.0, gt=0)
-    batch_max: int = Field(50, ge=1)
+    claim_lease_s: float = Field(default=60.0, gt=0)
+    batch_max: int = Field(default=50, ge=1)

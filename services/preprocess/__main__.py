@@ -6,7 +6,6 @@ from typing import Any
 
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
-
 from services.preprocess.handler import handle, word_count
 from services.preprocess.settings import PreprocessSettings
 

@@ -13,7 +13,6 @@ from conveyor.events.ingress import param_text, parse_task
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.telemetry.tracing import span
-
 from services.preprocess.settings import PreprocessSettings
 
 PREPROCESSED = "conveyor.task.preprocessed.v1"
@@ -69,8 +68,9 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
     ext = {"tenant": task.tenant, "priority": task.priority}
     if task.deadline is not None:
         ext["deadline"] = task.deadline.isoformat()
-    return Emit(PREPROCESSED, data, topic=f"conveyor.task.preprocessed.{task.priority}",
-                extensions=ext)
+    return Emit(
+        PREPROCESSED, data, topic=f"conveyor.task.preprocessed.{task.priority}", extensions=ext
+    )
 
 
 def word_count(_kind: str, text: str) -> int:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from conveyor.settings import StageSettings
 from pydantic import Field
+
+from conveyor.settings import StageSettings
 
 DEFAULT_TEMPLATES = {
     "plain": "{input}",
@@ -14,14 +15,17 @@ DEFAULT_TEMPLATES = {
 
 
 class PreprocessSettings(StageSettings):
-    max_input_chars: int = Field(20_000, ge=1, description="longer input is rejected")
-    max_input_tokens: int = Field(512, ge=1, description="token limit of the templated prompt")
+    max_input_chars: int = Field(default=20_000, ge=1, description="longer input is rejected")
+    max_input_tokens: int = Field(
+        default=512, ge=1, description="token limit of the templated prompt"
+    )
     templates: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_TEMPLATES),
         description="template id -> text with an {input} placeholder (JSON)",
     )
     default_template: str = "plain"
-    models: str | None = Field(None, description="model registry JSON (CONVEYOR_MODELS)")
+    models: str | None = Field(default=None, description="model registry JSON (CONVEYOR_MODELS)")
     tokenizers: bool = Field(
-        True, description="count tokens with the models' tokenizers (False: whitespace words)"
+        default=True,
+        description="count tokens with the models' tokenizers (False: whitespace words)",
     )

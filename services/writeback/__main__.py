@@ -19,8 +19,9 @@ def teardown(resources: dict[str, Any]) -> None:
     resources["store"].close()
 
 
-SERVICE = StageService("writeback", WritebackSettings, handle_batch=handle_batch, setup=setup,
-                       teardown=teardown)
+SERVICE = StageService(
+    "writeback", WritebackSettings, handle_batch=handle_batch, setup=setup, teardown=teardown
+)
 
 if __name__ == "__main__":
     main(SERVICE)

@@ -23,12 +23,15 @@ _STAGE_OF = {
 _TERMINAL = ("completed", "blocked", "failed", "expired")
 
 
-def handle_batch(events: Sequence[Event], ctx: StageContext[WritebackSettings]) -> list[BatchOutcome]:
+def handle_batch(
+    events: Sequence[Event], ctx: StageContext[WritebackSettings]
+) -> list[BatchOutcome]:
     updates = [update_for(event) for event in events]
     todo = [u for u in updates if u is not None]
     if todo:
-        with span("db upsert", {"db.operation.name": "upsert",
-                                "db.operation.batch.size": len(todo)}):
+        with span(
+            "db upsert", {"db.operation.name": "upsert", "db.operation.batch.size": len(todo)}
+        ):
             ctx.resources["store"].apply_many(todo)  # one transaction; RetryableError if DB is down
     return [_stored(event, update) for event, update in zip(events, updates, strict=True)]
 
@@ -42,23 +45,41 @@ def update_for(event: Event) -> TaskUpdate | None:
         if data["stage"] == "notify":
             return None  # a notification failure is not a task failure
         return TaskUpdate(
-            task_id=data["task_id"], event_id=event.id, event_type=event.type,
-            status=data["status"], time=time, stage=data["stage"], tenant=data["tenant"] or None,
-            kind=data.get("kind"), trace_id=trace_id, callback_url=data.get("callback_url"),
+            task_id=data["task_id"],
+            event_id=event.id,
+            event_type=event.type,
+            status=data["status"],
+            time=time,
+            stage=data["stage"],
+            tenant=data["tenant"] or None,
+            kind=data.get("kind"),
+            trace_id=trace_id,
+            callback_url=data.get("callback_url"),
             error=data.get("reason") if data["status"] in ("failed", "expired") else None,
             detail=f"attempt {data['attempt']}: {data.get('reason') or data['status']}"[:500],
         )
     task = data["task"]
-    common = {"task_id": task["task_id"], "event_id": event.id, "event_type": event.type,
-              "time": time, "stage": _STAGE_OF.get(event.type), "tenant": task["tenant"],
-              "kind": task["kind"], "trace_id": trace_id, "callback_url": task.get("callback_url")}
+    common = {
+        "task_id": task["task_id"],
+        "event_id": event.id,
+        "event_type": event.type,
+        "time": time,
+        "stage": _STAGE_OF.get(event.type),
+        "tenant": task["tenant"],
+        "kind": task["kind"],
+        "trace_id": trace_id,
+        "callback_url": task.get("callback_url"),
+    }
     if event.type != "conveyor.task.moderated.v1":
         return TaskUpdate(status="processing", **common)
     blocked = data["verdict"] == "block"
     return TaskUpdate(
-        status="blocked" if blocked else "completed", result=None if blocked else result_of(data),
-        verdict=data["verdict"], moderation={"scores": data["scores"], "reasons": data["reasons"]},
-        detail=f"verdict {data['verdict']}", **common,
+        status="blocked" if blocked else "completed",
+        result=None if blocked else result_of(data),
+        verdict=data["verdict"],
+        moderation={"scores": data["scores"], "reasons": data["reasons"]},
+        detail=f"verdict {data['verdict']}",
+        **common,
     )
 
 
@@ -80,16 +101,26 @@ def _stored(event: Event, update: TaskUpdate | None) -> Emit | None:
         return None
     data = event.data
     task = data.get("task") or {
-        "task_id": update.task_id, "tenant": update.tenant or "", "kind": update.kind or "unknown",
-        "priority": event.ext("priority") or "normal", "callback_url": update.callback_url,
-        "deadline": event.ext("deadline"), "submitted_at": data.get("time") or update.time.isoformat(),
-        "model": None, "params": {},
+        "task_id": update.task_id,
+        "tenant": update.tenant or "",
+        "kind": update.kind or "unknown",
+        "priority": event.ext("priority") or "normal",
+        "callback_url": update.callback_url,
+        "deadline": event.ext("deadline"),
+        "submitted_at": data.get("time") or update.time.isoformat(),
+        "model": None,
+        "params": {},
     }
-    return Emit(STORED, {
-        "task": task, "status": update.status, "verdict": update.verdict,
-        "result": json.dumps(update.result) if update.result is not None else None,
-        "error": update.error,
-    })
+    return Emit(
+        STORED,
+        {
+            "task": task,
+            "status": update.status,
+            "verdict": update.verdict,
+            "result": json.dumps(update.result) if update.result is not None else None,
+            "error": update.error,
+        },
+    )
 
 
 def _time(text: str | None) -> datetime:

@@ -32,12 +32,18 @@ TASKS = 2000
 MIN_KILLS = 10
 CHAOS_BUDGET_S = 90.0  # the kill loop stops after this, whatever happened
 FINISH_BUDGET_S = 300.0
-OUTPUT_TOPICS = ["conveyor.task.preprocessed.normal", "conveyor.task.inferred",
-                 "conveyor.task.moderated", "conveyor.task.stored", "conveyor.task.notified"]
+OUTPUT_TOPICS = [
+    "conveyor.task.preprocessed.normal",
+    "conveyor.task.inferred",
+    "conveyor.task.moderated",
+    "conveyor.task.stored",
+    "conveyor.task.notified",
+]
 
 
-def chaos(stack: LocalStack, broker: LocalBroker, rng: random.Random,
-          done: Callable[[], int]) -> tuple[int, int]:
+def chaos(
+    stack: LocalStack, broker: LocalBroker, rng: random.Random, done: Callable[[], int]
+) -> tuple[int, int]:
     """Kill a random service every 1-2.5 s (restarted at once) while tasks are in flight;
     restart the broker once. Returns (kills while tasks were in flight, broker restarts)."""
     kills = broker_restarts = 0
@@ -60,29 +66,45 @@ def terminal(counts: dict[str, int]) -> int:
 
 @pytest.mark.parametrize("exactly_once", [False, True], ids=["at-least-once", "exactly-once"])
 def test_kill_nine_and_broker_restart_lose_and_duplicate_nothing(
-    exactly_once: bool, kafka_broker: LocalBroker, topic_prefix: str, receiver: WebhookReceiver,
+    exactly_once: bool,
+    kafka_broker: LocalBroker,
+    topic_prefix: str,
+    receiver: WebhookReceiver,
     tmp_path: Path,
 ) -> None:
     store_url = f"sqlite:///{tmp_path / 'chaos.db'}"
-    env = {"CONVEYOR_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
-           "CONVEYOR_TOPIC_PREFIX": topic_prefix, "CONVEYOR_STORE_URL": store_url,
-           "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET, "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]",
-           "CONVEYOR_CLAIM_LEASE_S": "5", "CONVEYOR_EXACTLY_ONCE": str(exactly_once).lower(),
-           "CONVEYOR_LOG_LEVEL": "WARNING", "OTEL_SDK_DISABLED": "true",
-           "CONVEYOR_PRELOAD": "true"}
+    env = {
+        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
+        "CONVEYOR_TOPIC_PREFIX": topic_prefix,
+        "CONVEYOR_STORE_URL": store_url,
+        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+        "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]",
+        "CONVEYOR_CLAIM_LEASE_S": "5",
+        "CONVEYOR_EXACTLY_ONCE": str(exactly_once).lower(),
+        "CONVEYOR_LOG_LEVEL": "WARNING",
+        "OTEL_SDK_DISABLED": "true",
+        "CONVEYOR_PRELOAD": "true",
+    }
     stack = LocalStack(tmp_path, env)
     stack.apply_topics()
     stack.start()
     rng = random.Random(20261123)
     try:
-        tasks = [{"task_id": f"chaos-{i:05d}", "tenant": "acme", "kind": "embed",
-                  "input": f"chaos sentence number {i} about kafka and retries",
-                  "callback_url": receiver.url} for i in range(TASKS)]
-        TaskClient(KafkaSettings(kafka_bootstrap=kafka_broker.bootstrap,
-                                 topic_prefix=topic_prefix)).submit_many(tasks)
+        tasks = [
+            {
+                "task_id": f"chaos-{i:05d}",
+                "tenant": "acme",
+                "kind": "embed",
+                "input": f"chaos sentence number {i} about kafka and retries",
+                "callback_url": receiver.url,
+            }
+            for i in range(TASKS)
+        ]
+        TaskClient(
+            KafkaSettings(kafka_bootstrap=kafka_broker.bootstrap, topic_prefix=topic_prefix)
+        ).submit_many(tasks)
         store = open_store(store_url)
-        kills, restarts = chaos(stack, kafka_broker, rng,
-                                lambda: terminal(store.count_by_status()))
+        kills, restarts = chaos(stack, kafka_broker, rng, lambda: terminal(store.count_by_status()))
         deadline = time.monotonic() + FINISH_BUDGET_S
         while time.monotonic() < deadline:
             stack.supervise()
@@ -108,8 +130,13 @@ def test_kill_nine_and_broker_restart_lose_and_duplicate_nothing(
     duplicated = {t: n for t, n in per_task.items() if n > 1}
     assert not duplicated, duplicated
     if exactly_once:
-        out = read_topics(kafka_broker.bootstrap, [topic_prefix + t for t in OUTPUT_TOPICS],
-                          expect=TASKS * len(OUTPUT_TOPICS), timeout_s=120, settle_s=2.0)
+        out = read_topics(
+            kafka_broker.bootstrap,
+            [topic_prefix + t for t in OUTPUT_TOPICS],
+            expect=TASKS * len(OUTPUT_TOPICS),
+            timeout_s=120,
+            settle_s=2.0,
+        )
         seen = collections.Counter((m.topic(), headers_of(m)["ce_id"]) for m in out)
         dup = [k for k, n in seen.items() if n > 1]
         assert not dup, dup[:5]

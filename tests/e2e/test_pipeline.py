@@ -36,19 +36,39 @@ def mixed_tasks(run: str, callback: str) -> tuple[list[dict[str, object]], dict[
 
     def add(kind: str, text: str, status: str, **extra: object) -> None:
         task_id = f"{run}-{len(tasks):03d}"
-        tasks.append({"task_id": task_id, "tenant": ["acme", "globex"][len(tasks) % 2],
-                      "kind": kind, "input": text, "callback_url": callback, **extra})
+        tasks.append(
+            {
+                "task_id": task_id,
+                "tenant": ["acme", "globex"][len(tasks) % 2],
+                "kind": kind,
+                "input": text,
+                "callback_url": callback,
+                **extra,
+            }
+        )
         expect[task_id] = status
 
     for i in range(140):
-        add("embed", f"{SENTENCES[i % len(SENTENCES)]} (item {i})", "completed",
-            priority=["high", "normal", "low"][i % 3])
+        add(
+            "embed",
+            f"{SENTENCES[i % len(SENTENCES)]} (item {i})",
+            "completed",
+            priority=["high", "normal", "low"][i % 3],
+        )
     for i in range(20):
-        add("classify", SENTENCES[i % len(SENTENCES)], "completed",
-            labels=["business", "weather", "culture", "infrastructure"])
+        add(
+            "classify",
+            SENTENCES[i % len(SENTENCES)],
+            "completed",
+            labels=["business", "weather", "culture", "infrastructure"],
+        )
     for i in range(16):
-        add("generate", f"Name a colour of the rainbow. ({i})", "completed",
-            params={"max_new_tokens": 6})
+        add(
+            "generate",
+            f"Name a colour of the rainbow. ({i})",
+            "completed",
+            params={"max_new_tokens": 6},
+        )
     for i in range(12):
         add("embed", PROFANE[i % len(PROFANE)], "blocked")
     for _ in range(12):
@@ -57,19 +77,29 @@ def mixed_tasks(run: str, callback: str) -> tuple[list[dict[str, object]], dict[
 
 
 def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
-    kafka_bootstrap: str, topic_prefix: str, store_url: str, receiver: WebhookReceiver,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    store_url: str,
+    receiver: WebhookReceiver,
     tmp_path: Path,
 ) -> None:
-    env = {"CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap, "CONVEYOR_TOPIC_PREFIX": topic_prefix,
-           "CONVEYOR_STORE_URL": store_url, "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
-           "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]", "OTEL_SDK_DISABLED": "true"}
+    env = {
+        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "CONVEYOR_TOPIC_PREFIX": topic_prefix,
+        "CONVEYOR_STORE_URL": store_url,
+        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+        "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]",
+        "OTEL_SDK_DISABLED": "true",
+    }
     stack = LocalStack(tmp_path, env)
     stack.apply_topics()
     stack.start()
     try:
         tasks, expect = mixed_tasks(topic_prefix.strip("."), receiver.url)
-        TaskClient(KafkaSettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix),
-                   source="/tests/e2e").submit_many(tasks)
+        TaskClient(
+            KafkaSettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix),
+            source="/tests/e2e",
+        ).submit_many(tasks)
         store = open_store(store_url)
         deadline = time.monotonic() + 420
         while time.monotonic() < deadline:
@@ -78,7 +108,8 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
             if done >= 200 and len(receiver.snapshot()) >= 200:
                 break
             assert not stack.supervise(), "a service died:\n" + "\n".join(
-                p.tail() for p in stack.procs.values())
+                p.tail() for p in stack.procs.values()
+            )
             time.sleep(0.5)
         time.sleep(2.0)  # let any duplicate delivery arrive before counting
         records = {task_id: store.get(task_id) for task_id in expect}
@@ -88,8 +119,11 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
         stack.stop()
     logs = "\n".join(f"--- {p.label}\n{p.tail(15)}" for p in stack.procs.values())
     assert sum(counts.values()) == 200, (counts, logs)
-    wrong = {t: (r.status if r else None, s) for t, s in expect.items()
-             if (r := records[t]) is None or r.status != s}
+    wrong = {
+        t: (r.status if r else None, s)
+        for t, s in expect.items()
+        if (r := records[t]) is None or r.status != s
+    }
     assert not wrong, (wrong, logs)
     for task_id, status in expect.items():
         record = records[task_id]
@@ -106,6 +140,9 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
     assert all(d.signature_ok for d in deliveries)
     for d in deliveries:
         assert d.body["status"] == expect[d.task_id]
-    embeds = [records[t].result["embedding"] for t, s in expect.items()
-              if s == "completed" and "embedding" in (records[t].result or {})]
+    embeds = [
+        records[t].result["embedding"]
+        for t, s in expect.items()
+        if s == "completed" and "embedding" in (records[t].result or {})
+    ]
     assert embeds and all(len(v) == 384 for v in embeds)

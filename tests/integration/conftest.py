@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import pytest
+
 from conveyor.store.pgserver import PgServer, PostgresUnavailableError, find_bindir
 
 _SKIP_HINT = "set CONVEYOR_SKIP_POSTGRES=1 to skip the PostgreSQL tests deliberately"

@@ -58,11 +58,18 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 20.0) -> An
 def gateway(kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> Iterator[Running]:
     apply(kafka_bootstrap, topic_prefix, partitions=2)
     store_url = f"sqlite:///{tmp_path / 'conveyor.db'}"
-    settings = GatewaySettings(kafka_bootstrap=kafka_bootstrap, topic_prefix=topic_prefix,
-                               gateway_tokens=TOKENS, store_url=store_url, gateway_port=0,
-                               ws_poll_s=0.05, lag_cache_s=0.2,
-                               # The broker is shared with other test runs on two cores.
-                               publish_timeout_s=30, lag_timeout_s=10)
+    settings = GatewaySettings(
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        gateway_tokens=TOKENS,
+        store_url=store_url,
+        gateway_port=0,
+        ws_poll_s=0.05,
+        lag_cache_s=0.2,
+        # The broker is shared with other test runs on two cores.
+        publish_timeout_s=30,
+        lag_timeout_s=10,
+    )
     app, _state = build(settings)
     server = uvicorn.Server(uvicorn_config(app, settings))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -84,11 +91,13 @@ def ingress(settings: GatewaySettings) -> str:
 
 
 def test_posted_task_is_a_cloudevent_on_the_ingress_topic_keyed_by_task_id(
-        gateway: Running, kafka_bootstrap: str) -> None:
+    gateway: Running, kafka_bootstrap: str
+) -> None:
     with httpx.Client(base_url=gateway.url, timeout=30) as http:
         assert http.post("/v1/tasks", json={"kind": "embed", "input": "hi"}).status_code == 401
-        answer = http.post("/v1/tasks", headers=ACME,
-                           json={"task_id": "gw-1", "kind": "embed", "input": "hello"})
+        answer = http.post(
+            "/v1/tasks", headers=ACME, json={"task_id": "gw-1", "kind": "embed", "input": "hello"}
+        )
     assert answer.status_code == 202, answer.text
     assert answer.json()["status_url"] == f"{gateway.url}/v1/tasks/gw-1"
     [msg] = read_topics(kafka_bootstrap, [ingress(gateway.settings)], expect=1, settle_s=0.5)
@@ -97,24 +106,32 @@ def test_posted_task_is_a_cloudevent_on_the_ingress_topic_keyed_by_task_id(
     event = decode(headers, msg.value(), default_schemas())
     assert msg.key() == b"gw-1"
     assert (event.type, event.subject, event.source) == (
-        "conveyor.task.submitted.v1", "gw-1", "/conveyor/gateway")
+        "conveyor.task.submitted.v1",
+        "gw-1",
+        "/conveyor/gateway",
+    )
     assert event.extensions["tenant"] == "acme" and event.data["tenant"] == "acme"
     assert (event.data["kind"], event.data["input"]) == ("embed", "hello")
 
 
 def test_queue_estimate_is_the_preprocess_groups_lag_on_the_ingress_topic(
-        gateway: Running, kafka_bootstrap: str) -> None:
+    gateway: Running, kafka_bootstrap: str
+) -> None:
     with httpx.Client(base_url=gateway.url, headers=ACME, timeout=30) as http:
         for n in range(3):
             task = {"task_id": f"q-{n}", "kind": "embed", "input": "hi"}
             assert http.post("/v1/tasks", json=task).status_code == 202
         first = http.get("/v1/tasks/q-0").json()
         assert first["status"] == "pending"
-        wait_for(lambda: http.get("/v1/tasks/q-0").json()["queue_position_estimate"] == 3,
-                 "the estimate to count the three uncommitted records")
+        wait_for(
+            lambda: http.get("/v1/tasks/q-0").json()["queue_position_estimate"] == 3,
+            "the estimate to count the three uncommitted records",
+        )
         commit_everything(kafka_bootstrap, gateway.settings.lag_group, ingress(gateway.settings))
-        wait_for(lambda: http.get("/v1/tasks/q-0").json()["queue_position_estimate"] == 0,
-                 "the estimate to follow the committed offsets")
+        wait_for(
+            lambda: http.get("/v1/tasks/q-0").json()["queue_position_estimate"] == 0,
+            "the estimate to follow the committed offsets",
+        )
 
 
 def commit_everything(bootstrap: str, group: str, topic: str) -> None:
@@ -122,21 +139,33 @@ def commit_everything(bootstrap: str, group: str, topic: str) -> None:
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        offsets = [TopicPartition(topic, p, consumer.get_watermark_offsets(
-            TopicPartition(topic, p), timeout=10)[1]) for p in partitions]
+        offsets = [
+            TopicPartition(
+                topic, p, consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            )
+            for p in partitions
+        ]
         consumer.commit(offsets=offsets, asynchronous=False)
     finally:
         consumer.close()
 
 
 def task_update(task_id: str, status: str, minute: int, **fields: Any) -> TaskUpdate:
-    return TaskUpdate(task_id=task_id, event_id=f"{task_id}-{minute}", status=status,
-                      event_type="conveyor.task.test.v1", time=T0 + timedelta(minutes=minute),
-                      tenant="acme", kind="embed", **fields)
+    return TaskUpdate(
+        task_id=task_id,
+        event_id=f"{task_id}-{minute}",
+        status=status,
+        event_type="conveyor.task.test.v1",
+        time=T0 + timedelta(minutes=minute),
+        tenant="acme",
+        kind="embed",
+        **fields,
+    )
 
 
 def test_websocket_pushes_store_changes_and_closes_after_the_terminal_status(
-        gateway: Running) -> None:
+    gateway: Running,
+) -> None:
     store = gateway.store
     store.apply(task_update("ws-1", "processing", 0, stage="preprocess"))
     ws_url = gateway.url.replace("http://", "ws://") + "/v1/tasks/ws-1/events"
@@ -144,11 +173,22 @@ def test_websocket_pushes_store_changes_and_closes_after_the_terminal_status(
         assert decoded(ws.recv(timeout=10))["stage"] == "preprocess"
         store.apply(task_update("ws-1", "retrying", 1, stage="inference", detail="attempt 1"))
         assert decoded(ws.recv(timeout=10))["status"] == "retrying"
-        store.apply(task_update("ws-1", "completed", 2, stage="moderation", verdict="allow",
-                                result={"model": "m", "embedding": [0.5]}))
+        store.apply(
+            task_update(
+                "ws-1",
+                "completed",
+                2,
+                stage="moderation",
+                verdict="allow",
+                result={"model": "m", "embedding": [0.5]},
+            )
+        )
         final = decoded(ws.recv(timeout=10))
         assert (final["status"], final["final"], final["result"]["embedding"]) == (
-            "completed", True, [0.5])
+            "completed",
+            True,
+            [0.5],
+        )
         with pytest.raises(ConnectionClosedOK):
             ws.recv(timeout=10)
     assert ws.close_code == 1000
@@ -177,20 +217,28 @@ def free_port() -> int:
 
 
 def test_gateway_process_serves_and_exits_cleanly_on_sigterm(
-        kafka_bootstrap: str, topic_prefix: str, tmp_path: Path) -> None:
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+) -> None:
     apply(kafka_bootstrap, topic_prefix)
     port = free_port()
-    env = {"CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap, "CONVEYOR_TOPIC_PREFIX": topic_prefix,
-           "CONVEYOR_GATEWAY_PORT": str(port), "CONVEYOR_GATEWAY_TOKENS": '{"tok-acme": "acme"}',
-           "CONVEYOR_STORE_URL": f"sqlite:///{tmp_path / 'conveyor.db'}"}
+    env = {
+        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "CONVEYOR_TOPIC_PREFIX": topic_prefix,
+        "CONVEYOR_GATEWAY_PORT": str(port),
+        "CONVEYOR_GATEWAY_TOKENS": '{"tok-acme": "acme"}',
+        "CONVEYOR_STORE_URL": f"sqlite:///{tmp_path / 'conveyor.db'}",
+    }
     process = ServiceProcess("gateway", env, tmp_path)
     process.start()
     try:
         process.wait_ready(60)  # /readyz on the metrics port, as for every stage
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
             wait_for(lambda: http.get("/readyz").status_code == 200, "the HTTP port")
-            answer = http.post("/v1/tasks", headers=ACME,
-                               json={"task_id": "proc-1", "kind": "embed", "input": "hi"})
+            answer = http.post(
+                "/v1/tasks",
+                headers=ACME,
+                json={"task_id": "proc-1", "kind": "embed", "input": "hi"},
+            )
             assert answer.status_code == 202, answer.text
             assert http.get("/v1/tasks/proc-1", headers=ACME).json()["status"] == "pending"
             assert 'route="/v1/tasks"' in http.get("/metrics").text

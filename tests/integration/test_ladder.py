@@ -64,8 +64,13 @@ class Harness:
             return Emit(MODERATED, moderated(event))
 
         service = StageService("moderation", StageSettings, handle=handle, accepts=(INFERRED,))
-        settings = StageSettings(stage="moderation", kafka_bootstrap=self.bootstrap,
-                                 topic_prefix=self.prefix, retry_delays=delays, batch_max=50)
+        settings = StageSettings(
+            stage="moderation",
+            kafka_bootstrap=self.bootstrap,
+            topic_prefix=self.prefix,
+            retry_delays=delays,
+            batch_max=50,
+        )
         runner = StageRunner(service, settings)
         thread = threading.Thread(target=self._run, args=(runner,), name=name, daemon=True)
         thread.start()
@@ -91,8 +96,11 @@ class Harness:
             self.stop(runner)
 
     def produce(self, task_ids: list[str]) -> None:
-        produce_raw(self.bootstrap, self.prefix + "conveyor.task.inferred",
-                    [inferred_record(t) for t in task_ids])
+        produce_raw(
+            self.bootstrap,
+            self.prefix + "conveyor.task.inferred",
+            [inferred_record(t) for t in task_ids],
+        )
 
     def wait_for(self, what: str, check: Callable[[], bool], timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -102,19 +110,27 @@ class Harness:
             time.sleep(0.02)
 
     def called(self, task_id: str, attempt: int) -> Call | None:
-        return next((c for c in self.calls if c.task_id == task_id and c.attempt == attempt),
-                    None)
+        return next((c for c in self.calls if c.task_id == task_id and c.attempt == attempt), None)
 
     def read(self, topic: str, expect: int, *, settle_s: float = 0.5) -> list[Message]:
-        return read_topics(self.bootstrap, [self.prefix + topic], expect=expect, timeout_s=30,
-                           settle_s=settle_s)
+        return read_topics(
+            self.bootstrap, [self.prefix + topic], expect=expect, timeout_s=30, settle_s=settle_s
+        )
 
 
 def moderated(event: Event) -> dict[str, object]:
     data = dict(event.data)
-    return {"task": data["task"], "model": data["model"], "text": data["text"],
-            "embedding": None, "label": None, "label_scores": {}, "verdict": "allow",
-            "scores": {}, "reasons": []}
+    return {
+        "task": data["task"],
+        "model": data["model"],
+        "text": data["text"],
+        "embedding": None,
+        "label": None,
+        "label_scores": {},
+        "verdict": "allow",
+        "scores": {},
+        "reasons": [],
+    }
 
 
 @pytest.fixture
@@ -188,9 +204,13 @@ def test_retries_are_due_on_time_while_fresh_input_keeps_flowing(harness: Harnes
     harness.wait_for("second failure", lambda: harness.called("slow", 1) is not None)
     harness.produce([f"fresh-b{i}" for i in range(5)])  # while rung 2 waits
     harness.read(MODERATED_TOPIC, expect=11)
-    written = {rung: by_task(harness.read(f"conveyor.moderation.retry.{rung}", expect=1,
-                                          settle_s=0))["slow"][0].timestamp()[1] / 1000
-               for rung in (1, 2)}
+    written = {
+        rung: by_task(harness.read(f"conveyor.moderation.retry.{rung}", expect=1, settle_s=0))[
+            "slow"
+        ][0].timestamp()[1]
+        / 1000
+        for rung in (1, 2)
+    }
     for rung, delay in enumerate(delays, start=1):
         retried = harness.called("slow", rung)
         assert retried is not None
@@ -218,14 +238,16 @@ def test_rebalance_during_retries_ends_every_task_exactly_once_within_budget(
 
     harness.start("a", fails, delays)
     first = wave("w1", 12)
-    harness.wait_for("rung 2 entered", lambda: all(
-        harness.called(t, 1) for t in first if need[t] >= 2))
+    harness.wait_for(
+        "rung 2 entered", lambda: all(harness.called(t, 1) for t in first if need[t] >= 2)
+    )
     second = wave("w2", 12)
     harness.wait_for("w2 first tries", lambda: all(harness.called(t, 0) for t in second))
     # Both rungs now wait in `a` (most of its 9 partitions paused): `b` takes some over.
     b = harness.start("b", fails, delays)
-    harness.wait_for("b retries some", lambda: any(
-        c.runner == "b" and c.attempt > 0 for c in harness.calls))
+    harness.wait_for(
+        "b retries some", lambda: any(c.runner == "b" and c.attempt > 0 for c in harness.calls)
+    )
     harness.stop(b)  # leaves: its partitions, paused or not, go back to `a`
     # Fresh tasks on every rung partition after the partitions came back to `a`.
     third = wave("w3", 12, budgets=(99, 2))
@@ -243,8 +265,9 @@ def test_rebalance_during_retries_ends_every_task_exactly_once_within_budget(
         assert {headers_of(m)["conveyor_error_attempts"] for m in records} == {"3"}
     for rung in (1, 2):
         climbed = sorted(t for t in tasks if need[t] >= rung)
-        records = by_task(harness.read(f"conveyor.moderation.retry.{rung}",
-                                       expect=len(climbed), settle_s=1.0))
+        records = by_task(
+            harness.read(f"conveyor.moderation.retry.{rung}", expect=len(climbed), settle_s=1.0)
+        )
         assert sorted(records) == climbed
         for msgs in records.values():  # never beyond its budget, one attempt per rung
             assert {headers_of(m)["ce_attempt"] for m in msgs} == {str(rung)}
@@ -253,15 +276,23 @@ def test_rebalance_during_retries_ends_every_task_exactly_once_within_budget(
 
 
 def lanes_of(env: dict[str, str]) -> list[str]:
-    return [env["CONVEYOR_TOPIC_PREFIX"] + "conveyor.task.preprocessed." + lane
-            for lane in ("high", "normal", "low")]
+    return [
+        env["CONVEYOR_TOPIC_PREFIX"] + "conveyor.task.preprocessed." + lane
+        for lane in ("high", "normal", "low")
+    ]
 
 
 def count_uncommitted(bootstrap: str, topics: list[str], *, at_least: int) -> int:
     """Records a read_uncommitted reader sees (aborted transactions included)."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"dirty-{uuid.uuid4()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "isolation.level": "read_uncommitted"})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"dirty-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+        }
+    )
     consumer.subscribe(topics)
     seen, deadline = 0, time.monotonic() + 20
     try:
@@ -275,8 +306,9 @@ def count_uncommitted(bootstrap: str, topics: list[str], *, at_least: int) -> in
 def run_until_crash(env: dict[str, str], workdir: Path, n: int) -> tuple[list[Message], float]:
     """Crash preprocess mid-way, restart the same slot; outputs read_committed, and the time."""
     lanes = lanes_of(env)
-    crashing = ServiceProcess("preprocess", {**env, "CONVEYOR_FAILPOINT": "exit-before-commit:2"},
-                              workdir)
+    crashing = ServiceProcess(
+        "preprocess", {**env, "CONVEYOR_FAILPOINT": "exit-before-commit:2"}, workdir
+    )
     crashing.start()
     assert crashing.proc is not None
     assert crashing.proc.wait(60) == 86, crashing.tail()
@@ -284,8 +316,9 @@ def run_until_crash(env: dict[str, str], workdir: Path, n: int) -> tuple[list[Me
     crashing.env.pop("CONVEYOR_FAILPOINT")
     crashing.start()  # the same slot, as a supervisor restarts it
     try:
-        out = read_topics(env["CONVEYOR_KAFKA_BOOTSTRAP"], lanes, expect=n, timeout_s=50,
-                          settle_s=1.0)
+        out = read_topics(
+            env["CONVEYOR_KAFKA_BOOTSTRAP"], lanes, expect=n, timeout_s=50, settle_s=1.0
+        )
     finally:
         crashing.stop()
     return out, time.monotonic() - started
@@ -297,12 +330,18 @@ def test_crash_before_commit_yields_each_output_once_only_with_transactions(
 ) -> None:
     apply(kafka_bootstrap, topic_prefix)
     tasks = [f"eos-{i:03d}" for i in range(120)]
-    produce_structured(kafka_bootstrap, topic_prefix + "conveyor.task.submitted",
-                       [task_doc(t) for t in tasks])
-    env = {"CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap, "CONVEYOR_TOPIC_PREFIX": topic_prefix,
-           "CONVEYOR_TOKENIZERS": "false", "CONVEYOR_LOG_LEVEL": "WARNING",
-           "OTEL_SDK_DISABLED": "true", "CONVEYOR_BATCH_MAX": "30",
-           "CONVEYOR_EXACTLY_ONCE": str(exactly_once).lower()}
+    produce_structured(
+        kafka_bootstrap, topic_prefix + "conveyor.task.submitted", [task_doc(t) for t in tasks]
+    )
+    env = {
+        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "CONVEYOR_TOPIC_PREFIX": topic_prefix,
+        "CONVEYOR_TOKENIZERS": "false",
+        "CONVEYOR_LOG_LEVEL": "WARNING",
+        "OTEL_SDK_DISABLED": "true",
+        "CONVEYOR_BATCH_MAX": "30",
+        "CONVEYOR_EXACTLY_ONCE": str(exactly_once).lower(),
+    }
     out, elapsed = run_until_crash(env, tmp_path, len(tasks))
     counts = collections.Counter((m.key() or b"").decode() for m in out)
     assert set(counts) == set(tasks)  # none missing

@@ -8,16 +8,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from conveyor.events.avro import default_schemas
 from conveyor.events.codec import decode
 from conveyor.events.model import event_id
 from conveyor.local.process import ServiceProcess
-
 from tests.support import apply, headers_of, produce_raw, produce_structured, read_topics, task_doc
 
 pytestmark = pytest.mark.broker
-LANES = ["conveyor.task.preprocessed.high", "conveyor.task.preprocessed.normal",
-         "conveyor.task.preprocessed.low"]
+LANES = [
+    "conveyor.task.preprocessed.high",
+    "conveyor.task.preprocessed.normal",
+    "conveyor.task.preprocessed.low",
+]
 TRACEPARENT = re.compile(r"^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$")
 PREPROCESSED = "conveyor.task.preprocessed.v1"
 
@@ -25,9 +28,13 @@ PREPROCESSED = "conveyor.task.preprocessed.v1"
 @pytest.fixture
 def stage_env(kafka_bootstrap: str, topic_prefix: str) -> dict[str, str]:
     apply(kafka_bootstrap, topic_prefix)
-    return {"CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap, "CONVEYOR_TOPIC_PREFIX": topic_prefix,
-            "CONVEYOR_TOKENIZERS": "false", "CONVEYOR_LOG_LEVEL": "WARNING",
-            "OTEL_SDK_DISABLED": "true"}
+    return {
+        "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
+        "CONVEYOR_TOPIC_PREFIX": topic_prefix,
+        "CONVEYOR_TOKENIZERS": "false",
+        "CONVEYOR_LOG_LEVEL": "WARNING",
+        "OTEL_SDK_DISABLED": "true",
+    }
 
 
 @pytest.fixture
@@ -50,8 +57,9 @@ def test_thousand_events_in_thousand_valid_cloudevents_out(
     produce_structured(kafka_bootstrap, topic_prefix + "conveyor.task.submitted", docs)
     preprocess.start()
     preprocess.wait_ready()
-    out = read_topics(kafka_bootstrap, [topic_prefix + t for t in LANES], expect=1000,
-                      timeout_s=90, settle_s=1.0)
+    out = read_topics(
+        kafka_bootstrap, [topic_prefix + t for t in LANES], expect=1000, timeout_s=90, settle_s=1.0
+    )
     assert len(out) == 1000, preprocess.tail()
     schemas = default_schemas()
     seen = set()
@@ -87,18 +95,25 @@ def test_crash_between_produce_and_commit_redelivers_instead_of_losing(
     crashing.start()
     assert crashing.proc is not None
     assert crashing.proc.wait(90) == 86, crashing.tail()  # died after the acks, before commit
-    first = read_topics(kafka_bootstrap, [topic_prefix + t for t in LANES], expect=1,
-                        timeout_s=30, settle_s=1.0)
+    first = read_topics(
+        kafka_bootstrap, [topic_prefix + t for t in LANES], expect=1, timeout_s=30, settle_s=1.0
+    )
     assert 0 < len(first) <= 40  # that batch's outputs were acknowledged
 
-    healthy = ServiceProcess("preprocess", {**stage_env, "CONVEYOR_BATCH_MAX": "40"}, tmp_path,
-                             index=1)
+    healthy = ServiceProcess(
+        "preprocess", {**stage_env, "CONVEYOR_BATCH_MAX": "40"}, tmp_path, index=1
+    )
     healthy.start()
     try:
         healthy.wait_ready()
         expected = 300 + len(first)
-        out = read_topics(kafka_bootstrap, [topic_prefix + t for t in LANES], expect=expected,
-                          timeout_s=90, settle_s=1.0)
+        out = read_topics(
+            kafka_bootstrap,
+            [topic_prefix + t for t in LANES],
+            expect=expected,
+            timeout_s=90,
+            settle_s=1.0,
+        )
     finally:
         healthy.stop()
     counts = collections.Counter(m.key().decode() for m in out)
@@ -136,11 +151,17 @@ def test_bad_records_are_dead_lettered_with_reason_and_status_without_stalling(
     preprocess.start()
     preprocess.wait_ready()
 
-    out = read_topics(kafka_bootstrap, [topic_prefix + t for t in LANES], expect=20, timeout_s=60,
-                      settle_s=0.5)
+    out = read_topics(
+        kafka_bootstrap, [topic_prefix + t for t in LANES], expect=20, timeout_s=60, settle_s=0.5
+    )
     assert sorted(m.key().decode() for m in out) == sorted(d["subject"] for d in good)
-    dlq = read_topics(kafka_bootstrap, [topic_prefix + "conveyor.preprocess.dlq"], expect=6,
-                      timeout_s=30, settle_s=0.5)
+    dlq = read_topics(
+        kafka_bootstrap,
+        [topic_prefix + "conveyor.preprocess.dlq"],
+        expect=6,
+        timeout_s=30,
+        settle_s=0.5,
+    )
     assert len(dlq) == 6
     by_key = {(m.key() or b"").decode(): m for m in dlq}
     for key, value, _ in poison:
@@ -154,8 +175,13 @@ def test_bad_records_are_dead_lettered_with_reason_and_status_without_stalling(
         assert h["conveyor_error_attempts"] == "1"
     assert "input" in headers_of(by_key["bad-schema"])["conveyor_error_message"]
     assert "empty" in headers_of(by_key["bad-empty"])["conveyor_error_message"]
-    status = read_topics(kafka_bootstrap, [topic_prefix + "conveyor.task.status"], expect=5,
-                         timeout_s=30, settle_s=0.5)
+    status = read_topics(
+        kafka_bootstrap,
+        [topic_prefix + "conveyor.task.status"],
+        expect=5,
+        timeout_s=30,
+        settle_s=0.5,
+    )
     schemas = default_schemas()
     failed = {decode(m.headers(), m.value(), schemas).data["task_id"]: m for m in status}
     assert set(failed) == {"bad-plain", "bad-json", "bad-type", "bad-schema", "bad-empty"}

@@ -11,9 +11,9 @@ from datetime import UTC, datetime
 
 import psycopg
 import pytest
+
 from conveyor.errors import RetryableError
 from conveyor.store import ResultStore, TaskUpdate, open_store
-
 from tests.unit.test_store import SharedStoreContract  # the contract is written once, there
 
 pytestmark = pytest.mark.postgres

@@ -41,8 +41,9 @@ def test_oversize_task_raises_permanent_error_and_sends_nothing() -> None:
 
 def test_task_under_the_limit_is_sent() -> None:
     tc, recorder = client(max_record_bytes=4096)
-    task_id, _ = tc.submit({"task_id": "small-1", "tenant": "acme", "kind": "embed",
-                            "input": "x" * 1000})
+    task_id, _ = tc.submit(
+        {"task_id": "small-1", "tenant": "acme", "kind": "embed", "input": "x" * 1000}
+    )
     assert task_id == "small-1"
     assert [key for _, _, key in recorder.sent] == [b"small-1"]
 

@@ -10,6 +10,7 @@ import pytest
 from cloudevents.core.bindings import kafka as ce_kafka
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
+
 from conveyor.events.avro import SchemaError, default_schemas
 from conveyor.events.codec import DecodeError, decode, encode_binary
 from conveyor.events.model import AVRO, Event, event_id
@@ -19,13 +20,28 @@ STATUS_URN = "urn:conveyor:schema:task-status:1"
 
 
 def status_event(**ext: str) -> Event:
-    data = {"task_id": "t-1", "tenant": "acme", "status": "failed", "stage": "inference",
-            "reason": "boom", "error_class": "PermanentError", "attempt": 1,
-            "callback_url": None, "kind": "generate", "time": "2026-11-23T00:00:00Z"}
-    return Event(id=event_id("t-1", "conveyor.task.status.v1"), type="conveyor.task.status.v1",
-                 source="/conveyor/inference", subject="t-1", data=data, dataschema=STATUS_URN,
-                 time="2026-11-23T00:00:00.000Z",
-                 extensions={"tenant": "acme", "priority": "high", **ext})
+    data = {
+        "task_id": "t-1",
+        "tenant": "acme",
+        "status": "failed",
+        "stage": "inference",
+        "reason": "boom",
+        "error_class": "PermanentError",
+        "attempt": 1,
+        "callback_url": None,
+        "kind": "generate",
+        "time": "2026-11-23T00:00:00Z",
+    }
+    return Event(
+        id=event_id("t-1", "conveyor.task.status.v1"),
+        type="conveyor.task.status.v1",
+        source="/conveyor/inference",
+        subject="t-1",
+        data=data,
+        dataschema=STATUS_URN,
+        time="2026-11-23T00:00:00.000Z",
+        extensions={"tenant": "acme", "priority": "high", **ext},
+    )
 
 
 def test_binary_roundtrip_keeps_attributes_extensions_and_data() -> None:
@@ -39,10 +55,17 @@ def test_binary_headers_match_the_cloudevents_sdk() -> None:
     event = status_event()
     headers, value = encode_binary(event, SCHEMAS)
     sdk_event = SdkEvent(
-        attributes={"id": event.id, "source": event.source, "type": event.type,
-                    "specversion": "1.0", "subject": event.subject,
-                    "time": datetime.fromisoformat(event.time or ""),
-                    "datacontenttype": AVRO, "dataschema": STATUS_URN, **event.extensions},
+        attributes={
+            "id": event.id,
+            "source": event.source,
+            "type": event.type,
+            "specversion": "1.0",
+            "subject": event.subject,
+            "time": datetime.fromisoformat(event.time or ""),
+            "datacontenttype": AVRO,
+            "dataschema": STATUS_URN,
+            **event.extensions,
+        },
         data=value,
     )
     sdk = ce_kafka.to_binary(sdk_event, JSONFormat())
@@ -50,7 +73,9 @@ def test_binary_headers_match_the_cloudevents_sdk() -> None:
     assert set(ours) == set(sdk.headers)
     for key, raw in sdk.headers.items():
         if key == "ce_time":  # the SDK renders times with its own precision and offset
-            assert datetime.fromisoformat(ours[key].decode()) == datetime.fromisoformat(raw.decode())
+            assert datetime.fromisoformat(ours[key].decode()) == datetime.fromisoformat(
+                raw.decode()
+            )
             continue
         assert ours[key] == raw, key
     assert sdk.value == value
@@ -65,22 +90,37 @@ def test_sdk_reads_what_conveyor_writes() -> None:
 
 
 def test_structured_json_event_from_an_ordinary_client_is_read() -> None:
-    doc = {"specversion": "1.0", "id": "e1", "source": "/upstream", "type": "conveyor.task.submitted.v1",
-           "subject": "t-9", "datacontenttype": "application/json", "tenant": "acme",
-           "data": {"task_id": "t-9", "tenant": "acme", "kind": "embed", "input": "hi"}}
-    event = decode([("content-type", b"application/cloudevents+json")], json.dumps(doc).encode(),
-                   SCHEMAS)
+    doc = {
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "/upstream",
+        "type": "conveyor.task.submitted.v1",
+        "subject": "t-9",
+        "datacontenttype": "application/json",
+        "tenant": "acme",
+        "data": {"task_id": "t-9", "tenant": "acme", "kind": "embed", "input": "hi"},
+    }
+    event = decode(
+        [("content-type", b"application/cloudevents+json")], json.dumps(doc).encode(), SCHEMAS
+    )
     assert event.subject == "t-9" and event.ext("tenant") == "acme"
     assert event.data["input"] == "hi"
 
 
 def test_structured_avro_data_base64_is_decoded() -> None:
     _, value = encode_binary(status_event(), SCHEMAS)
-    doc = {"specversion": "1.0", "id": "e1", "source": "/x", "type": "conveyor.task.status.v1",
-           "datacontenttype": AVRO, "dataschema": STATUS_URN,
-           "data_base64": base64.b64encode(value).decode()}
-    event = decode([("content-type", b"application/cloudevents+json")], json.dumps(doc).encode(),
-                   SCHEMAS)
+    doc = {
+        "specversion": "1.0",
+        "id": "e1",
+        "source": "/x",
+        "type": "conveyor.task.status.v1",
+        "datacontenttype": AVRO,
+        "dataschema": STATUS_URN,
+        "data_base64": base64.b64encode(value).decode(),
+    }
+    event = decode(
+        [("content-type", b"application/cloudevents+json")], json.dumps(doc).encode(), SCHEMAS
+    )
     assert event.data["status"] == "failed"
 
 
@@ -91,16 +131,47 @@ def test_structured_avro_data_base64_is_decoded() -> None:
         ([("content-type", b"application/cloudevents+json")], b"{not json", DecodeError),
         ([("content-type", b"application/cloudevents+json")], b"[1,2]", DecodeError),
         ([("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s")], b"{}", DecodeError),
-        ([("ce_specversion", b"0.3"), ("ce_id", b"x"), ("ce_source", b"/s"), ("ce_type", b"t")],
-         b"{}", DecodeError),
-        ([("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"), ("ce_type", b"t"),
-          ("content-type", b"application/avro"), ("ce_dataschema", STATUS_URN.encode())],
-         b"\xff\xfe\x00garbage", SchemaError),
-        ([("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"), ("ce_type", b"t"),
-          ("content-type", b"application/avro"), ("ce_dataschema", b"urn:other:1")], b"", SchemaError),
+        (
+            [("ce_specversion", b"0.3"), ("ce_id", b"x"), ("ce_source", b"/s"), ("ce_type", b"t")],
+            b"{}",
+            DecodeError,
+        ),
+        (
+            [
+                ("ce_specversion", b"1.0"),
+                ("ce_id", b"x"),
+                ("ce_source", b"/s"),
+                ("ce_type", b"t"),
+                ("content-type", b"application/avro"),
+                ("ce_dataschema", STATUS_URN.encode()),
+            ],
+            b"\xff\xfe\x00garbage",
+            SchemaError,
+        ),
+        (
+            [
+                ("ce_specversion", b"1.0"),
+                ("ce_id", b"x"),
+                ("ce_source", b"/s"),
+                ("ce_type", b"t"),
+                ("content-type", b"application/avro"),
+                ("ce_dataschema", b"urn:other:1"),
+            ],
+            b"",
+            SchemaError,
+        ),
         ([("ce_specversion", b"\xff")], b"", DecodeError),
-        ([("ce_specversion", b"1.0"), ("ce_id", b"x"), ("ce_source", b"/s"), ("ce_type", b"t"),
-          ("content-type", b"text/plain")], b"hello", DecodeError),
+        (
+            [
+                ("ce_specversion", b"1.0"),
+                ("ce_id", b"x"),
+                ("ce_source", b"/s"),
+                ("ce_type", b"t"),
+                ("content-type", b"text/plain"),
+            ],
+            b"hello",
+            DecodeError,
+        ),
     ],
 )
 def test_unreadable_records_raise_permanent_errors(

@@ -449,8 +449,11 @@ def test_every_service_has_probes_metrics_port_and_config_checksum(
         container = _container(deployment)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["metrics"] == 9100, name
-        expected = {"startupProbe": "/readyz", "livenessProbe": "/healthz",
-                    "readinessProbe": "/readyz"}
+        expected = {
+            "startupProbe": "/readyz",
+            "livenessProbe": "/healthz",
+            "readinessProbe": "/readyz",
+        }
         for probe, path in expected.items():
             assert container[probe]["httpGet"]["path"] == path, (name, probe)
         assert container["envFrom"][0]["configMapRef"]["name"] == "conveyor"

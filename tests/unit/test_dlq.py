@@ -28,16 +28,37 @@ TRACE_A = "0af7651916cd43dd8448eb211c80319c"
 PARENT_A = f"00-{TRACE_A}-b7ad6b7169203331-01"
 
 
-def letter(*, stage: str = "preprocess", error: str = "PermanentError", task: str = "t-1",
-           at: datetime = NOW, offset: int = 0, extra: list[tuple[str, bytes]] | None = None,
-           key: bytes | None = None, value: bytes = b"v") -> DeadLetter:
-    headers = [("ce_specversion", b"1.0"), ("ce_id", b"e-1"), ("ce_subject", task.encode()),
-               ("conveyor_error_stage", stage.encode()), ("conveyor_error_class", error.encode()),
-               ("conveyor_error_message", b"boom"),
-               ("conveyor_original_topic", b"p.conveyor.task.submitted"),
-               ("conveyor_original_partition", b"2"), ("conveyor_original_offset", b"41")]
-    return DeadLetter(f"p.conveyor.{stage}.dlq", 0, offset, to_ms(at),
-                      key if key is not None else task.encode(), value, headers + (extra or []))
+def letter(
+    *,
+    stage: str = "preprocess",
+    error: str = "PermanentError",
+    task: str = "t-1",
+    at: datetime = NOW,
+    offset: int = 0,
+    extra: list[tuple[str, bytes]] | None = None,
+    key: bytes | None = None,
+    value: bytes = b"v",
+) -> DeadLetter:
+    headers = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"e-1"),
+        ("ce_subject", task.encode()),
+        ("conveyor_error_stage", stage.encode()),
+        ("conveyor_error_class", error.encode()),
+        ("conveyor_error_message", b"boom"),
+        ("conveyor_original_topic", b"p.conveyor.task.submitted"),
+        ("conveyor_original_partition", b"2"),
+        ("conveyor_original_offset", b"41"),
+    ]
+    return DeadLetter(
+        f"p.conveyor.{stage}.dlq",
+        0,
+        offset,
+        to_ms(at),
+        key if key is not None else task.encode(),
+        value,
+        headers + (extra or []),
+    )
 
 
 def test_filter_by_stage_error_class_and_task_id() -> None:
@@ -71,18 +92,30 @@ def test_trace_id_filter_reads_header_ce_attribute_and_structured_body() -> None
     in_header = letter(extra=[("traceparent", PARENT_A.encode())])
     in_ce = letter(extra=[("ce_traceparent", PARENT_A.encode())])
     body = json.dumps({"specversion": "1.0", "traceparent": PARENT_A}).encode()
-    structured = DeadLetter("p.conveyor.preprocess.dlq", 0, 0, 0, b"k", body,
-                            [("content-type", b"application/cloudevents+json")])
+    structured = DeadLetter(
+        "p.conveyor.preprocess.dlq",
+        0,
+        0,
+        0,
+        b"k",
+        body,
+        [("content-type", b"application/cloudevents+json")],
+    )
     other = letter(extra=[("traceparent", f"00-{'1' * 32}-{'2' * 16}-01".encode())])
     flt = DeadLetterFilter.build(trace_id=TRACE_A.upper())
     assert [flt.matches(x) for x in (in_header, in_ce, structured, other)] == [
-        True, True, True, False]
+        True,
+        True,
+        True,
+        False,
+    ]
 
 
 def test_parse_time_accepts_rfc3339_naive_utc_and_relative() -> None:
     assert parse_time("2026-11-23T10:00:00Z", now=NOW) == datetime(2026, 11, 23, 10, tzinfo=UTC)
-    assert parse_time("2026-11-23T11:00:00+01:00", now=NOW) == datetime(2026, 11, 23, 10,
-                                                                       tzinfo=UTC)
+    assert parse_time("2026-11-23T11:00:00+01:00", now=NOW) == datetime(
+        2026, 11, 23, 10, tzinfo=UTC
+    )
     assert parse_time("2026-11-23 10:00:00.250", now=NOW).tzinfo == UTC
     assert parse_time("90s", now=NOW) == NOW - timedelta(seconds=90)
     assert parse_time("1.5h", now=NOW) == NOW - timedelta(minutes=90)
@@ -103,33 +136,59 @@ def test_parse_position_tells_offsets_from_times() -> None:
 
 
 def test_redrive_headers_strip_error_origin_retry_and_old_trace_state() -> None:
-    original = [("ce_specversion", b"1.0"), ("ce_id", b"e-1"), ("ce_subject", b"t-1"),
-                ("ce_type", b"conveyor.task.submitted.v1"), ("content-type", b"application/avro"),
-                ("ce_tenant", b"acme"), ("ce_traceparent", PARENT_A.encode()),
-                ("traceparent", PARENT_A.encode()), ("tracestate", b"k=v"),
-                ("ce_attempt", b"4"), ("ce_firstfailedat", b"2026-11-23T00:00:00Z"),
-                ("ce_lasterror", b"RetryableError: x"), ("conveyor_error_class", b"X"),
-                ("conveyor_error_traceback", b"..."), ("conveyor_original_topic", b"in"),
-                ("conveyor_original_offset", b"7"), ("conveyor_redriven_from", b"old:0:1"),
-                ("x-custom", b"kept")]
+    original = [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"e-1"),
+        ("ce_subject", b"t-1"),
+        ("ce_type", b"conveyor.task.submitted.v1"),
+        ("content-type", b"application/avro"),
+        ("ce_tenant", b"acme"),
+        ("ce_traceparent", PARENT_A.encode()),
+        ("traceparent", PARENT_A.encode()),
+        ("tracestate", b"k=v"),
+        ("ce_attempt", b"4"),
+        ("ce_firstfailedat", b"2026-11-23T00:00:00Z"),
+        ("ce_lasterror", b"RetryableError: x"),
+        ("conveyor_error_class", b"X"),
+        ("conveyor_error_traceback", b"..."),
+        ("conveyor_original_topic", b"in"),
+        ("conveyor_original_offset", b"7"),
+        ("conveyor_redriven_from", b"old:0:1"),
+        ("x-custom", b"kept"),
+    ]
     new = "00-" + "c" * 32 + "-" + "d" * 16 + "-01"
-    out = redrive_headers(original, ref="p.conveyor.preprocess.dlq:1:9",
-                          trace=[("traceparent", new.encode())], linked=PARENT_A)
-    assert out == [("ce_specversion", b"1.0"), ("ce_id", b"e-1"), ("ce_subject", b"t-1"),
-                   ("ce_type", b"conveyor.task.submitted.v1"),
-                   ("content-type", b"application/avro"), ("ce_tenant", b"acme"),
-                   ("x-custom", b"kept"), ("traceparent", new.encode()),
-                   ("ce_traceparent", new.encode()),
-                   ("conveyor_redriven_from", b"p.conveyor.preprocess.dlq:1:9"),
-                   ("conveyor_linked_traceparent", PARENT_A.encode())]
+    out = redrive_headers(
+        original,
+        ref="p.conveyor.preprocess.dlq:1:9",
+        trace=[("traceparent", new.encode())],
+        linked=PARENT_A,
+    )
+    assert out == [
+        ("ce_specversion", b"1.0"),
+        ("ce_id", b"e-1"),
+        ("ce_subject", b"t-1"),
+        ("ce_type", b"conveyor.task.submitted.v1"),
+        ("content-type", b"application/avro"),
+        ("ce_tenant", b"acme"),
+        ("x-custom", b"kept"),
+        ("traceparent", new.encode()),
+        ("ce_traceparent", new.encode()),
+        ("conveyor_redriven_from", b"p.conveyor.preprocess.dlq:1:9"),
+        ("conveyor_linked_traceparent", PARENT_A.encode()),
+    ]
 
 
 def test_redrive_headers_of_a_structured_record_add_no_ce_attributes() -> None:
-    original = [("content-type", b"application/cloudevents+json"),
-                ("conveyor_error_class", b"DecodeError")]
+    original = [
+        ("content-type", b"application/cloudevents+json"),
+        ("conveyor_error_class", b"DecodeError"),
+    ]
     out = redrive_headers(original, ref="d:0:1", trace=[("traceparent", b"tp")], linked=None)
-    assert out == [("content-type", b"application/cloudevents+json"), ("traceparent", b"tp"),
-                   ("conveyor_redriven_from", b"d:0:1")]
+    assert out == [
+        ("content-type", b"application/cloudevents+json"),
+        ("traceparent", b"tp"),
+        ("conveyor_redriven_from", b"d:0:1"),
+    ]
 
 
 def test_redriven_record_starts_a_new_trace_linked_to_the_original() -> None:

@@ -63,37 +63,59 @@ def publisher() -> FakePublisher:
 
 @pytest.fixture
 def client(store: ResultStore, publisher: FakePublisher) -> Iterator[TestClient]:
-    settings = GatewaySettings(gateway_tokens={"tok-acme": "acme", "tok-beta": "beta"},
-                               store_url="sqlite:///:memory:", ws_poll_s=0.02,
-                               max_body_bytes=4096)
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme", "tok-beta": "beta"},
+        store_url="sqlite:///:memory:",
+        ws_poll_s=0.02,
+        max_body_bytes=4096,
+    )
     gateway = Gateway(settings, publisher=publisher, store=store, queue_estimate=lambda: 7)
     with TestClient(build_app(gateway)) as test_client:
         yield test_client
 
 
-def update(task_id: str, status: str, minute: int, *, tenant: str = "acme", **fields: Any
-           ) -> TaskUpdate:
-    return TaskUpdate(task_id=task_id, event_id=f"{task_id}-{status}-{minute}",
-                      event_type="conveyor.task.test.v1", status=status,
-                      time=T0 + timedelta(minutes=minute), tenant=tenant, kind="embed",
-                      trace_id=TRACE, **fields)
+def update(
+    task_id: str, status: str, minute: int, *, tenant: str = "acme", **fields: Any
+) -> TaskUpdate:
+    return TaskUpdate(
+        task_id=task_id,
+        event_id=f"{task_id}-{status}-{minute}",
+        event_type="conveyor.task.test.v1",
+        status=status,
+        time=T0 + timedelta(minutes=minute),
+        tenant=tenant,
+        kind="embed",
+        trace_id=TRACE,
+        **fields,
+    )
 
 
 def completed(store: ResultStore, task_id: str, *, tenant: str = "acme") -> None:
     store.apply(update(task_id, "processing", 0, tenant=tenant, stage="preprocess"))
-    store.apply(update(task_id, "completed", 1, tenant=tenant, stage="moderation",
-                       result={"model": "m", "label": "x"}, verdict="allow",
-                       detail="verdict allow"))
+    store.apply(
+        update(
+            task_id,
+            "completed",
+            1,
+            tenant=tenant,
+            stage="moderation",
+            result={"model": "m", "label": "x"},
+            verdict="allow",
+            detail="verdict allow",
+        )
+    )
 
 
 def requests_counted(route: str, code: str) -> float:
-    value = REGISTRY.get_sample_value("conveyor_gateway_requests_total",
-                                      {"route": route, "code": code})
+    value = REGISTRY.get_sample_value(
+        "conveyor_gateway_requests_total", {"route": route, "code": code}
+    )
     return value or 0.0
 
 
-def test_submit_without_or_with_unknown_token_is_401(client: TestClient,
-                                                     publisher: FakePublisher) -> None:
+def test_submit_without_or_with_unknown_token_is_401(
+    client: TestClient, publisher: FakePublisher
+) -> None:
     task = {"kind": "embed", "input": "hi"}
     for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic tok-acme"}):
         answer = client.post("/v1/tasks", json=task, headers=headers)
@@ -102,21 +124,29 @@ def test_submit_without_or_with_unknown_token_is_401(client: TestClient,
     assert publisher.sent == []
 
 
-def test_submit_publishes_with_token_tenant_and_answers_202(client: TestClient,
-                                                            publisher: FakePublisher) -> None:
-    answer = client.post("/v1/tasks", json={"kind": "embed", "input": "hi", "task_id": "t-1"},
-                         headers=ACME)
+def test_submit_publishes_with_token_tenant_and_answers_202(
+    client: TestClient, publisher: FakePublisher
+) -> None:
+    answer = client.post(
+        "/v1/tasks", json={"kind": "embed", "input": "hi", "task_id": "t-1"}, headers=ACME
+    )
     assert answer.status_code == 202
-    assert answer.json() == {"task_id": "t-1", "status": "pending", "trace_id": TRACE,
-                             "status_url": "http://testserver/v1/tasks/t-1"}
+    assert answer.json() == {
+        "task_id": "t-1",
+        "status": "pending",
+        "trace_id": TRACE,
+        "status_url": "http://testserver/v1/tasks/t-1",
+    }
     assert answer.headers["location"] == "http://testserver/v1/tasks/t-1"
     assert [(t["task_id"], t["tenant"]) for t in publisher.sent] == [("t-1", "acme")]
 
 
-def test_submit_without_task_id_or_tenant_gets_a_new_id_and_the_token_tenant(client: TestClient,
-                                                     publisher: FakePublisher) -> None:
-    answer = client.post("/v1/tasks", json={"kind": "embed", "input": "hi", "tenant": None},
-                         headers=ACME)
+def test_submit_without_task_id_or_tenant_gets_a_new_id_and_the_token_tenant(
+    client: TestClient, publisher: FakePublisher
+) -> None:
+    answer = client.post(
+        "/v1/tasks", json={"kind": "embed", "input": "hi", "tenant": None}, headers=ACME
+    )
     assert answer.status_code == 202
     assert answer.json()["task_id"] == publisher.sent[0]["task_id"]
     assert len(answer.json()["task_id"]) == 36
@@ -124,17 +154,20 @@ def test_submit_without_task_id_or_tenant_gets_a_new_id_and_the_token_tenant(cli
 
 
 def test_submit_naming_another_tenant_is_403_and_nothing_is_published(
-        client: TestClient, publisher: FakePublisher) -> None:
+    client: TestClient, publisher: FakePublisher
+) -> None:
     task = {"kind": "embed", "input": "hi", "tenant": "beta"}
     assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 403
     assert client.post("/v1/tasks", json=task, headers=BETA).status_code == 202
     assert [t["tenant"] for t in publisher.sent] == ["beta"]
 
 
-def test_invalid_task_is_422_with_the_validation_text(client: TestClient,
-                                                      publisher: FakePublisher) -> None:
-    answer = client.post("/v1/tasks", json={"kind": "dance", "input": "hi", "colour": "red"},
-                         headers=ACME)
+def test_invalid_task_is_422_with_the_validation_text(
+    client: TestClient, publisher: FakePublisher
+) -> None:
+    answer = client.post(
+        "/v1/tasks", json={"kind": "dance", "input": "hi", "colour": "red"}, headers=ACME
+    )
     assert answer.status_code == 422
     error = answer.json()["error"]
     assert error.startswith("invalid task: ") and "kind" in error and "colour" in error
@@ -154,15 +187,18 @@ def test_oversize_body_is_413(client: TestClient, publisher: FakePublisher) -> N
     assert publisher.sent == []
 
 
-def test_task_id_already_known_is_409_for_any_tenant(client: TestClient, store: ResultStore,
-                                                     publisher: FakePublisher) -> None:
+def test_task_id_already_known_is_409_for_any_tenant(
+    client: TestClient, store: ResultStore, publisher: FakePublisher
+) -> None:
     completed(store, "stored-1")
     task = {"kind": "embed", "input": "hi", "task_id": "stored-1"}
     assert client.post("/v1/tasks", json=task, headers=BETA).status_code == 409
-    assert client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=ACME).status_code \
-        == 202
-    assert client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=BETA).status_code \
-        == 409
+    assert (
+        client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=ACME).status_code == 202
+    )
+    assert (
+        client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=BETA).status_code == 409
+    )
     assert [t["task_id"] for t in publisher.sent] == ["t-2"]
 
 
@@ -173,33 +209,54 @@ def test_unacknowledged_publish_is_503(client: TestClient, publisher: FakePublis
     assert "acknowledgement" in answer.json()["error"]
 
 
-def test_task_the_client_refuses_to_send_is_422(client: TestClient,
-                                               publisher: FakePublisher) -> None:
+def test_task_the_client_refuses_to_send_is_422(
+    client: TestClient, publisher: FakePublisher
+) -> None:
     publisher.failure = PermanentError("task t encodes to 2000000 bytes, over the limit")
     answer = client.post("/v1/tasks", json={"kind": "embed", "input": "hi"}, headers=ACME)
     assert answer.status_code == 422
     assert "over the limit" in answer.json()["error"]
 
 
-def test_status_has_timeline_result_verdict_and_trace_id(client: TestClient,
-                                                         store: ResultStore) -> None:
+def test_status_has_timeline_result_verdict_and_trace_id(
+    client: TestClient, store: ResultStore
+) -> None:
     completed(store, "done-1")
     answer = client.get("/v1/tasks/done-1", headers=ACME)
     assert answer.status_code == 200
     task = answer.json()
-    assert {k: task[k] for k in ("task_id", "tenant", "status", "stage", "verdict", "result",
-                                 "trace_id", "queue_position_estimate")} == {
-        "task_id": "done-1", "tenant": "acme", "status": "completed", "stage": "moderation",
-        "verdict": "allow", "result": {"model": "m", "label": "x"}, "trace_id": TRACE,
-        "queue_position_estimate": None}
+    assert {
+        k: task[k]
+        for k in (
+            "task_id",
+            "tenant",
+            "status",
+            "stage",
+            "verdict",
+            "result",
+            "trace_id",
+            "queue_position_estimate",
+        )
+    } == {
+        "task_id": "done-1",
+        "tenant": "acme",
+        "status": "completed",
+        "stage": "moderation",
+        "verdict": "allow",
+        "result": {"model": "m", "label": "x"},
+        "trace_id": TRACE,
+        "queue_position_estimate": None,
+    }
     assert task["completed_at"] == "2026-11-23T12:01:00+00:00"
     assert [(e["status"], e["stage"], e["time"]) for e in task["timeline"]] == [
         ("processing", "preprocess", "2026-11-23T12:00:00+00:00"),
-        ("completed", "moderation", "2026-11-23T12:01:00+00:00")]
+        ("completed", "moderation", "2026-11-23T12:01:00+00:00"),
+    ]
 
 
-def test_another_tenants_task_is_404_exactly_like_an_unknown_one(client: TestClient,
-                                                                 store: ResultStore) -> None:
+def test_another_tenants_task_is_404_exactly_like_an_unknown_one(
+    client: TestClient, store: ResultStore
+) -> None:
     completed(store, "acme-only")
     foreign = client.get("/v1/tasks/acme-only", headers=BETA)
     unknown = client.get("/v1/tasks/no-such-task", headers=BETA)
@@ -209,9 +266,11 @@ def test_another_tenants_task_is_404_exactly_like_an_unknown_one(client: TestCli
 
 
 def test_task_submitted_here_answers_pending_with_queue_estimate_before_the_store_knows(
-        client: TestClient) -> None:
-    client.post("/v1/tasks", json={"kind": "embed", "input": "hi", "task_id": "new-1"},
-                headers=ACME)
+    client: TestClient,
+) -> None:
+    client.post(
+        "/v1/tasks", json={"kind": "embed", "input": "hi", "task_id": "new-1"}, headers=ACME
+    )
     task = client.get("/v1/tasks/new-1", headers=ACME).json()
     assert (task["status"], task["trace_id"], task["timeline"]) == ("pending", TRACE, [])
     assert task["queue_position_estimate"] == 7
@@ -219,12 +278,16 @@ def test_task_submitted_here_answers_pending_with_queue_estimate_before_the_stor
 
 
 def test_websocket_pushes_each_status_change_and_closes_after_the_terminal_one(
-        client: TestClient, store: ResultStore) -> None:
+    client: TestClient, store: ResultStore
+) -> None:
     store.apply(update("ws-1", "processing", 0, stage="preprocess"))
     with client.websocket_connect("/v1/tasks/ws-1/events", headers=ACME) as ws:
         first = ws.receive_json()
-        assert (first["status"], first["stage"], first["final"]) == ("processing", "preprocess",
-                                                                      False)
+        assert (first["status"], first["stage"], first["final"]) == (
+            "processing",
+            "preprocess",
+            False,
+        )
         store.apply(update("ws-1", "processing", 1, stage="inference"))
         second = ws.receive_json()
         assert (second["status"], second["stage"]) == ("processing", "inference")
@@ -236,17 +299,22 @@ def test_websocket_pushes_each_status_change_and_closes_after_the_terminal_one(
 
 
 def test_websocket_accepts_token_in_query_and_ends_at_once_for_a_finished_task(
-        client: TestClient, store: ResultStore) -> None:
+    client: TestClient, store: ResultStore
+) -> None:
     completed(store, "ws-done")
     with client.websocket_connect("/v1/tasks/ws-done/events?token=tok-acme") as ws:
         message = ws.receive_json()
         assert (message["status"], message["final"], message["result"]["label"]) == (
-            "completed", True, "x")
+            "completed",
+            True,
+            "x",
+        )
         assert ws.receive()["type"] == "websocket.close"
 
 
-def test_websocket_left_by_the_client_stops_being_followed(client: TestClient,
-                                                           store: ResultStore) -> None:
+def test_websocket_left_by_the_client_stops_being_followed(
+    client: TestClient, store: ResultStore
+) -> None:
     gateway: Gateway = client.app.state.gateway  # type: ignore[attr-defined]
     store.apply(update("ws-gone", "processing", 0, stage="preprocess"))
     with client.websocket_connect("/v1/tasks/ws-gone/events", headers=ACME) as ws:
@@ -259,28 +327,33 @@ def test_websocket_left_by_the_client_stops_being_followed(client: TestClient,
 
 
 def test_websockets_beyond_the_limit_are_refused_with_503(store: ResultStore) -> None:
-    settings = GatewaySettings(gateway_tokens={"tok-acme": "acme"}, ws_max_connections=1,
-                               ws_poll_s=0.02)
-    gateway = Gateway(settings, publisher=FakePublisher(), store=store,
-                      queue_estimate=lambda: None)
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme"}, ws_max_connections=1, ws_poll_s=0.02
+    )
+    gateway = Gateway(settings, publisher=FakePublisher(), store=store, queue_estimate=lambda: None)
     store.apply(update("ws-many", "processing", 0, stage="preprocess"))
-    with TestClient(build_app(gateway)) as client, \
-            client.websocket_connect("/v1/tasks/ws-many/events", headers=ACME) as first:
+    with (
+        TestClient(build_app(gateway)) as client,
+        client.websocket_connect("/v1/tasks/ws-many/events", headers=ACME) as first,
+    ):
         first.receive_json()
         with pytest.raises(WebSocketDenialResponse) as denied:
             client.websocket_connect("/v1/tasks/ws-many/events", headers=ACME).__enter__()
         assert denied.value.status_code == 503
 
 
-@pytest.mark.parametrize(("path", "headers", "code"), [
-    ("/v1/tasks/ws-x/events", {}, 401),
-    ("/v1/tasks/ws-x/events?token=wrong", {}, 401),
-    ("/v1/tasks/ws-x/events", BETA, 404),
-    ("/v1/tasks/unknown/events", ACME, 404),
-])
+@pytest.mark.parametrize(
+    ("path", "headers", "code"),
+    [
+        ("/v1/tasks/ws-x/events", {}, 401),
+        ("/v1/tasks/ws-x/events?token=wrong", {}, 401),
+        ("/v1/tasks/ws-x/events", BETA, 404),
+        ("/v1/tasks/unknown/events", ACME, 404),
+    ],
+)
 def test_websocket_handshake_is_denied_without_token_or_for_another_tenant(
-        client: TestClient, store: ResultStore, path: str, headers: dict[str, str],
-        code: int) -> None:
+    client: TestClient, store: ResultStore, path: str, headers: dict[str, str], code: int
+) -> None:
     completed(store, "ws-x")
     with pytest.raises(WebSocketDenialResponse) as denied:
         client.websocket_connect(path, headers=headers).__enter__()
@@ -297,8 +370,7 @@ def test_requests_are_counted_by_route_template_and_code(client: TestClient) -> 
     assert "/v1/tasks/a" not in metrics
 
 
-def test_health_and_readiness_answer_while_running(client: TestClient, store: ResultStore
-                                                   ) -> None:
+def test_health_and_readiness_answer_while_running(client: TestClient, store: ResultStore) -> None:
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 200
     store.close()  # an unreachable store makes the gateway unready
@@ -307,8 +379,9 @@ def test_health_and_readiness_answer_while_running(client: TestClient, store: Re
 
 def test_lifespan_starts_and_closes_the_publisher(store: ResultStore) -> None:
     publisher = FakePublisher()
-    gateway = Gateway(GatewaySettings(), publisher=publisher, store=store,
-                      queue_estimate=lambda: None)
+    gateway = Gateway(
+        GatewaySettings(), publisher=publisher, store=store, queue_estimate=lambda: None
+    )
     with TestClient(build_app(gateway)):
         assert publisher.started and gateway.ready()
     assert publisher.closed and not gateway.ready()

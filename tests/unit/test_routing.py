@@ -24,13 +24,23 @@ STATUS = "p.conveyor.task.status"
 
 
 def router(delays: list[float] | None = None, **extra: object) -> Router:
-    settings = StageSettings(stage="moderation", topic_prefix=PREFIX,
-                             retry_delays=[1, 2] if delays is None else delays, **extra)  # type: ignore[arg-type]
+    settings = StageSettings(
+        stage="moderation",
+        topic_prefix=PREFIX,
+        retry_delays=[1, 2] if delays is None else delays,
+        **extra,
+    )  # type: ignore[arg-type]
     return Router("moderation", settings, load_catalog(), SCHEMAS)
 
 
-def item(task_id: str = "t-1", *, topic: str = PREFIX + INFERRED_TOPIC, offset: int = 7,
-         extra: list[tuple[str, bytes]] | None = None, decoded: bool = True) -> Item:
+def item(
+    task_id: str = "t-1",
+    *,
+    topic: str = PREFIX + INFERRED_TOPIC,
+    offset: int = 7,
+    extra: list[tuple[str, bytes]] | None = None,
+    decoded: bool = True,
+) -> Item:
     key, value, headers = inferred_record(task_id)
     headers = headers + (extra or [])
     hmap = header_map(headers)
@@ -42,8 +52,9 @@ def retried(previous: OutRecord, *, topic: str, offset: int = 0) -> Item:
     """The item a stage reads back from a rung: the retry record as it was produced."""
     hmap = header_map(previous.headers)
     event = decode(previous.headers, previous.value, SCHEMAS)
-    return Item(topic, 0, offset, previous.key, previous.value, previous.headers, hmap,
-                INVALID_SPAN, event)
+    return Item(
+        topic, 0, offset, previous.key, previous.value, previous.headers, hmap, INVALID_SPAN, event
+    )
 
 
 def fail(exc: Exception) -> Failure:
@@ -120,8 +131,9 @@ def test_failure_on_the_last_rung_dead_letters_with_attempts_rungs_plus_one() ->
     r = router([1, 2])
     records, _ = r.failure(item(), fail(RetryableError("x")), NOW)
     for rung_topic in ("p.conveyor.moderation.retry.1", "p.conveyor.moderation.retry.2"):
-        records, rung = r.failure(retried(records[0], topic=rung_topic, offset=5),
-                                  fail(RetryableError("x")), NOW)
+        records, rung = r.failure(
+            retried(records[0], topic=rung_topic, offset=5), fail(RetryableError("x")), NOW
+        )
     assert rung == 0
     dead, status = records
     assert dead.topic == "p.conveyor.moderation.dlq"
@@ -137,7 +149,8 @@ def test_failure_on_the_last_rung_dead_letters_with_attempts_rungs_plus_one() ->
     assert body["status"] == "failed" and body["attempt"] == 3
     decoded = decode(status.headers, status.value, SCHEMAS)
     assert decoded.id == event_id(
-        "t-1", "conveyor.task.status.v1", "moderation.failed.p.conveyor.moderation.retry.2.0.5")
+        "t-1", "conveyor.task.status.v1", "moderation.failed.p.conveyor.moderation.retry.2.0.5"
+    )
 
 
 def test_permanent_error_dead_letters_at_once_with_one_attempt() -> None:
@@ -205,21 +218,27 @@ def test_unknown_or_oversize_output_is_a_permanent_error() -> None:
 
 
 def test_retry_headers_truncate_lasterror_and_keep_other_headers() -> None:
-    out = retry_headers([("a", b"1"), ("ce_attempt", b"4"), ("b", b"2")], attempt=5,
-                        first_failed_at=NOW, error="e" * 1000)
+    out = retry_headers(
+        [("a", b"1"), ("ce_attempt", b"4"), ("b", b"2")],
+        attempt=5,
+        first_failed_at=NOW,
+        error="e" * 1000,
+    )
     assert out[:2] == [("a", b"1"), ("b", b"2")]
     assert dict(out)["ce_attempt"] == b"5"
     assert len(dict(out)["ce_lasterror"]) == LASTERROR_MAX
 
 
 def test_dead_letter_headers_replace_earlier_error_headers() -> None:
-    first = dead_letter_headers([("k", b"v")], fail(PermanentError("one")), stage="s",
-                                attempts=1, now=NOW)
-    second = dead_letter_headers(first, fail(PermanentError("two")), stage="s", attempts=2,
-                                 now=NOW)
+    first = dead_letter_headers(
+        [("k", b"v")], fail(PermanentError("one")), stage="s", attempts=1, now=NOW
+    )
+    second = dead_letter_headers(first, fail(PermanentError("two")), stage="s", attempts=2, now=NOW)
     names = [k for k, _ in second]
     assert names.count("conveyor_error_message") == 1
     assert dict(second)["conveyor_error_message"] == b"two" and second[0] == ("k", b"v")
     assert origin_headers(second, "t", 0, 1) == second + [
-        ("conveyor_original_topic", b"t"), ("conveyor_original_partition", b"0"),
-        ("conveyor_original_offset", b"1")]
+        ("conveyor_original_topic", b"t"),
+        ("conveyor_original_partition", b"0"),
+        ("conveyor_original_offset", b"1"),
+    ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from conveyor.events.avro import SchemaError, default_schemas
 from conveyor.events.catalog import load_catalog
 
@@ -16,8 +17,18 @@ def test_every_catalog_event_names_a_known_schema_version() -> None:
 
 
 def test_data_written_with_v1_is_read_by_v2_with_defaults() -> None:
-    v1 = {"task_id": "t1", "tenant": "a", "kind": "classify", "input": "x", "template": None,
-          "params": {}, "priority": "normal", "callback_url": None, "deadline": None, "model": None}
+    v1 = {
+        "task_id": "t1",
+        "tenant": "a",
+        "kind": "classify",
+        "input": "x",
+        "template": None,
+        "params": {},
+        "priority": "normal",
+        "callback_url": None,
+        "deadline": None,
+        "model": None,
+    }
     payload = SCHEMAS.encode("task-submitted", 1, v1)
     name, record = SCHEMAS.decode_urn("urn:conveyor:schema:task-submitted:1", payload)
     assert name == "task-submitted"
@@ -26,9 +37,19 @@ def test_data_written_with_v1_is_read_by_v2_with_defaults() -> None:
 
 
 def test_v2_data_roundtrips() -> None:
-    v2 = {"task_id": "t1", "tenant": "a", "kind": "classify", "input": "x", "template": None,
-          "params": {"k": "v"}, "priority": "low", "callback_url": "http://127.0.0.1/cb",
-          "deadline": None, "model": None, "labels": ["a", "b"]}
+    v2 = {
+        "task_id": "t1",
+        "tenant": "a",
+        "kind": "classify",
+        "input": "x",
+        "template": None,
+        "params": {"k": "v"},
+        "priority": "low",
+        "callback_url": "http://127.0.0.1/cb",
+        "deadline": None,
+        "model": None,
+        "labels": ["a", "b"],
+    }
     payload = SCHEMAS.encode("task-submitted", 2, v2)
     assert SCHEMAS.decode_urn("urn:conveyor:schema:task-submitted:2", payload)[1] == v2
 
@@ -41,9 +62,17 @@ def test_data_not_matching_the_schema_is_a_schema_error() -> None:
 
 
 def test_internal_schemas_share_the_task_record() -> None:
-    task = {"task_id": "t", "tenant": "a", "kind": "embed", "priority": "normal",
-            "callback_url": None, "deadline": None, "submitted_at": "2026-01-01T00:00:00Z",
-            "model": None, "params": {}}
+    task = {
+        "task_id": "t",
+        "tenant": "a",
+        "kind": "embed",
+        "priority": "normal",
+        "callback_url": None,
+        "deadline": None,
+        "submitted_at": "2026-01-01T00:00:00Z",
+        "model": None,
+        "params": {},
+    }
     data = {"task": task, "input": "i", "prompt": "p", "token_count": 3, "labels": []}
     payload = SCHEMAS.encode("task-preprocessed", 1, data)
     assert SCHEMAS.decode_urn("urn:conveyor:schema:task-preprocessed:1", payload)[1] == data

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from conveyor.errors import RetryableError
 from conveyor.store import ResultStore, TaskUpdate, merge_task, open_store, status_wins
 from conveyor.store import sqlite as sqlite_backend

@@ -29,10 +29,17 @@ def test_token_table_maps_each_token_to_its_tenant_and_nothing_else() -> None:
     assert len(table) == 2  # an empty token never authenticates
 
 
-@pytest.mark.parametrize(("header", "token"), [
-    ("Bearer abc", "abc"), ("bearer  abc ", "abc"), ("Basic abc", None), ("Bearer ", None),
-    ("Bearerabc", None), (None, None),
-])
+@pytest.mark.parametrize(
+    ("header", "token"),
+    [
+        ("Bearer abc", "abc"),
+        ("bearer  abc ", "abc"),
+        ("Basic abc", None),
+        ("Bearer ", None),
+        ("Bearerabc", None),
+        (None, None),
+    ],
+)
 def test_bearer_token_reads_only_the_bearer_scheme(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
 

@@ -18,11 +18,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from conveyor.broker import state
 
-    if args.action == "start":
-        status = state.start_detached()
-    elif args.action == "stop":
-        status = state.stop_detached()
-    else:
-        status = state.status_detached()
-    print(status.describe() if hasattr(status, "describe") else status)
-    return 0 if args.action == "stop" or status.running else 1
+    if args.action == "stop":
+        print(state.stop_detached().describe())
+        return 0
+    status = state.start_detached() if args.action == "start" else state.status_detached()
+    print(status.describe())
+    return 0 if status.running else 1

@@ -37,8 +37,13 @@ def configure(_name: str, parser: argparse.ArgumentParser) -> None:
 
 def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stage", help="one stage (default: every stage)")
-    parser.add_argument("--error-class", action="append", default=[], dest="error_classes",
-                        help="e.g. PermanentError, DecodeError (repeatable)")
+    parser.add_argument(
+        "--error-class",
+        action="append",
+        default=[],
+        dest="error_classes",
+        help="e.g. PermanentError, DecodeError (repeatable)",
+    )
     parser.add_argument("--since", help="dead-lettered at or after (RFC 3339, or 1h = 1 h ago)")
     parser.add_argument("--until", help="dead-lettered before (RFC 3339 or relative)")
     parser.add_argument("--task-id")
@@ -48,8 +53,13 @@ def _filters(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         flt = DeadLetterFilter.build(
-            stage=args.stage, error_classes=args.error_classes, since=args.since,
-            until=args.until, task_id=args.task_id, trace_id=args.trace_id)
+            stage=args.stage,
+            error_classes=args.error_classes,
+            since=args.since,
+            until=args.until,
+            task_id=args.task_id,
+            trace_id=args.trace_id,
+        )
         action = {"list": list_letters, "show": show_letters, "redrive": redrive_letters}
         return action[args.action](args, flt)
     except (TimeSpecError, ValueError) as exc:
@@ -76,19 +86,28 @@ def list_letters(args: argparse.Namespace, flt: DeadLetterFilter) -> int:
 
 
 def summary(dl: DeadLetter, redriven: bool) -> dict[str, Any]:
-    return {"time": _iso(dl), "stage": dl.stage, "task_id": dl.task_id,
-            "error_class": dl.error_class, "message": dl.message, "original": dl.original,
-            "dlq": dl.ref, "redriven": redriven}
+    return {
+        "time": _iso(dl),
+        "stage": dl.stage,
+        "task_id": dl.task_id,
+        "error_class": dl.error_class,
+        "message": dl.message,
+        "original": dl.original,
+        "dlq": dl.ref,
+        "redriven": redriven,
+    }
 
 
 def line(dl: DeadLetter, redriven: bool) -> str:
     message = " ".join(dl.message.split())
     if len(message) > MESSAGE_WIDTH:
-        message = message[:MESSAGE_WIDTH - 1] + "…"
+        message = message[: MESSAGE_WIDTH - 1] + "…"
     mark = "  redriven" if redriven else ""
-    return (f"{_iso(dl)}  {dl.stage:<10} {dl.task_id or '-':<24} {dl.error_class or '-':<18} "
-            f"{message:<{MESSAGE_WIDTH}}  original={dl.original}  "
-            f"dlq={dl.partition}:{dl.offset}{mark}")
+    return (
+        f"{_iso(dl)}  {dl.stage:<10} {dl.task_id or '-':<24} {dl.error_class or '-':<18} "
+        f"{message:<{MESSAGE_WIDTH}}  original={dl.original}  "
+        f"dlq={dl.partition}:{dl.offset}{mark}"
+    )
 
 
 def _iso(dl: DeadLetter) -> str:
@@ -118,8 +137,12 @@ def show_letters(args: argparse.Namespace, flt: DeadLetterFilter) -> int:
 
 
 def full(dl: DeadLetter, redriven: bool) -> str:
-    lines = [f"dead letter {dl.ref}" + ("  (redriven)" if redriven else ""),
-             f"  time: {_iso(dl)}", f"  key: {dl.key!r}", "  headers:"]
+    lines = [
+        f"dead letter {dl.ref}" + ("  (redriven)" if redriven else ""),
+        f"  time: {_iso(dl)}",
+        f"  key: {dl.key!r}",
+        "  headers:",
+    ]
     for key, value in dl.headers:
         text = (value or b"").decode("utf-8", "replace")
         if "\n" in text:
@@ -140,16 +163,27 @@ def _value_lines(dl: DeadLetter) -> list[str]:
         event = decode(dl.headers, dl.value, default_schemas())
     except PermanentError as exc:
         text = _preview(dl.value[:VALUE_PREVIEW])
-        return [f"  value: not a CloudEvent ({type(exc).__name__}: {exc}), "
-                f"{len(dl.value)} bytes:", f"    {text}"]
-    attrs = {"id": event.id, "type": event.type, "source": event.source,
-             "subject": event.subject, "time": event.time,
-             "datacontenttype": event.datacontenttype, "dataschema": event.dataschema,
-             **dict(event.extensions)}
+        return [
+            f"  value: not a CloudEvent ({type(exc).__name__}: {exc}), {len(dl.value)} bytes:",
+            f"    {text}",
+        ]
+    attrs = {
+        "id": event.id,
+        "type": event.type,
+        "source": event.source,
+        "subject": event.subject,
+        "time": event.time,
+        "datacontenttype": event.datacontenttype,
+        "dataschema": event.dataschema,
+        **dict(event.extensions),
+    }
     body = json.dumps(event.data, indent=2, default=repr, ensure_ascii=False)
-    return ([f"  value: CloudEvent, {len(dl.value)} bytes"]
-            + [f"    {k}: {v}" for k, v in attrs.items() if v is not None]
-            + ["    data:"] + [f"      {row}" for row in body.splitlines()])
+    return (
+        [f"  value: CloudEvent, {len(dl.value)} bytes"]
+        + [f"    {k}: {v}" for k, v in attrs.items() if v is not None]
+        + ["    data:"]
+        + [f"      {row}" for row in body.splitlines()]
+    )
 
 
 def _preview(raw: bytes) -> str:
@@ -170,16 +204,21 @@ def redrive_letters(args: argparse.Namespace, flt: DeadLetterFilter) -> int:
     verb = "would redrive" if args.dry_run else "redriven"
 
     def on_record(r: Redriven) -> None:
-        print(f"{verb} {r.letter.ref} -> {r.topic} task={r.letter.task_id or '-'} "
-              f"error={r.letter.error_class or '-'}"
-              + (f" traceparent={r.traceparent}" if r.traceparent else ""))
+        print(
+            f"{verb} {r.letter.ref} -> {r.topic} task={r.letter.task_id or '-'} "
+            f"error={r.letter.error_class or '-'}"
+            + (f" traceparent={r.traceparent}" if r.traceparent else "")
+        )
 
     init_tracing("dlq-redrive")
     try:
-        report = redrive(kafka_settings(), flt, dry_run=args.dry_run, rate=args.rate,
-                         on_record=on_record)
+        report = redrive(
+            kafka_settings(), flt, dry_run=args.dry_run, rate=args.rate, on_record=on_record
+        )
     finally:
         shutdown_tracing()
-    print(f"redrive: matched={report.matched} {verb.replace(' ', '_')}={len(report.redriven)} "
-          f"already_redriven={report.already_redriven} unroutable={report.unroutable}")
+    print(
+        f"redrive: matched={report.matched} {verb.replace(' ', '_')}={len(report.redriven)} "
+        f"already_redriven={report.already_redriven} unroutable={report.unroutable}"
+    )
     return 0

@@ -53,8 +53,10 @@ def _run(args: argparse.Namespace) -> int:
         before = reset(settings, replay, dry_run=args.dry_run)
         for (topic, partition), (start, _) in sorted(replay.ranges.items()):
             committed = before.get((topic, partition), -1)
-            print(f"{topic}[{partition}] committed={committed if committed >= 0 else 'none'} "
-                  f"-> {start}")
+            print(
+                f"{topic}[{partition}] committed={committed if committed >= 0 else 'none'} "
+                f"-> {start}"
+            )
         verb = "would reset" if args.dry_run else "reset"
         print(f"replay: {verb} group {replay.group} on {len(replay.ranges)} partitions")
         return 0

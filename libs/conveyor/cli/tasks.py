@@ -35,8 +35,12 @@ def _tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
         return [json.loads(line) for line in args.file.read_text().splitlines() if line.strip()]
     if not (args.kind and args.input):
         raise SystemExit("give a JSONL file, or --kind and --input")
-    task: dict[str, Any] = {"tenant": args.tenant, "kind": args.kind, "input": args.input,
-                            "priority": args.priority}
+    task: dict[str, Any] = {
+        "tenant": args.tenant,
+        "kind": args.kind,
+        "input": args.input,
+        "priority": args.priority,
+    }
     for key in ("template", "callback_url"):
         if getattr(args, key):
             task[key] = getattr(args, key)
@@ -75,19 +79,29 @@ def status(args: argparse.Namespace) -> int:
     try:
         record = store.get(args.task_id, tenant=args.tenant)
         if record is None:
-            print(f"task {args.task_id} not found (not yet stored, or another tenant's)",
-                  file=sys.stderr)
+            print(
+                f"task {args.task_id} not found (not yet stored, or another tenant's)",
+                file=sys.stderr,
+            )
             return 1
         timeline = store.timeline(args.task_id, tenant=args.tenant)
     finally:
         store.close()
     doc = {
-        "task_id": record.task_id, "tenant": record.tenant, "kind": record.kind,
-        "status": record.status, "stage": record.stage, "verdict": record.verdict,
-        "trace_id": record.trace_id, "error": record.error, "result": record.result,
+        "task_id": record.task_id,
+        "tenant": record.tenant,
+        "kind": record.kind,
+        "status": record.status,
+        "stage": record.stage,
+        "verdict": record.verdict,
+        "trace_id": record.trace_id,
+        "error": record.error,
+        "result": record.result,
         "moderation": record.moderation,
-        "timeline": [{"time": e.time.isoformat(), "status": e.status, "stage": e.stage,
-                      "detail": e.detail} for e in timeline],
+        "timeline": [
+            {"time": e.time.isoformat(), "status": e.status, "stage": e.stage, "detail": e.detail}
+            for e in timeline
+        ],
     }
     if args.json:
         print(json.dumps(doc, indent=2, default=str))
@@ -99,5 +113,7 @@ def status(args: argparse.Namespace) -> int:
         print(f"result    {json.dumps(record.result)[:300]}")
     print("timeline")
     for row in doc["timeline"]:
-        print(f"  {row['time']}  {row['status']:<10} {row['stage'] or '-':<11} {row['detail'] or ''}")
+        print(
+            f"  {row['time']}  {row['status']:<10} {row['stage'] or '-':<11} {row['detail'] or ''}"
+        )
     return 0

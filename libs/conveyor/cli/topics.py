@@ -21,11 +21,16 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "plan":
         from conveyor.events.catalog import load_catalog
 
-        for plan in planned_topics(load_catalog(), prefix=settings.topic_prefix,
-                                   rungs=args.rungs, partitions=args.partitions):
+        for plan in planned_topics(
+            load_catalog(),
+            prefix=settings.topic_prefix,
+            rungs=args.rungs,
+            partitions=args.partitions,
+        ):
             print(f"{plan.name}\tpartitions={plan.partitions}")
         return 0
-    created = apply_topics(settings, rungs=args.rungs, partitions=args.partitions,
-                           replication=args.replication)
+    created = apply_topics(
+        settings, rungs=args.rungs, partitions=args.partitions, replication=args.replication
+    )
     print(f"created {len(created)} topics" + (": " + ", ".join(created) if created else ""))
     return 0

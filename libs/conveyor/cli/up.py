@@ -14,10 +14,8 @@ import logging
 import os
 import secrets
 import signal
-
 import time
 from pathlib import Path
-
 
 from conveyor.cli.common import up_state_path
 from conveyor.local.stack import LocalStack
@@ -30,11 +28,17 @@ DEMO_TIMEOUT_S = 600.0
 
 def configure(_name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true", help="submit the example tasks")
-    parser.add_argument("--exit-when-done", action="store_true",
-                        help="with --demo: stop everything once every task is done")
+    parser.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="with --demo: stop everything once every task is done",
+    )
     parser.add_argument("--tasks", type=Path, default=repo_root() / "examples" / "tasks.jsonl")
-    parser.add_argument("--store", default=os.environ.get("CONVEYOR_STORE_URL"),
-                        help="result store URL (default: SQLite under var/)")
+    parser.add_argument(
+        "--store",
+        default=os.environ.get("CONVEYOR_STORE_URL"),
+        help="result store URL (default: SQLite under var/)",
+    )
     parser.set_defaults(func=run)
 
 
@@ -60,24 +64,36 @@ def run(args: argparse.Namespace) -> int:
         print(f"broker ready at {bootstrap} in {getattr(broker, 'ready_seconds', 0):.1f}s")
     store_url = args.store or default_store_url()
     secret = os.environ.get("CONVEYOR_WEBHOOK_DEFAULT_SECRET") or secrets.token_hex(16)
-    env = {"CONVEYOR_KAFKA_BOOTSTRAP": bootstrap, "CONVEYOR_STORE_URL": store_url,
-           "CONVEYOR_WEBHOOK_DEFAULT_SECRET": secret}
+    env = {
+        "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
+        "CONVEYOR_STORE_URL": store_url,
+        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": secret,
+    }
     stack = LocalStack(workdir, env)
     try:
         created = stack.apply_topics()
         print(f"topics applied ({len(created)} created)")
         print("starting services (inference loads its models) ...", flush=True)
         stack.start()
-        up_state_path().write_text(json.dumps({"bootstrap": bootstrap, "store_url": store_url,
-                                               "pid": os.getpid()}))
+        up_state_path().write_text(
+            json.dumps({"bootstrap": bootstrap, "store_url": store_url, "pid": os.getpid()})
+        )
         for name, proc in stack.procs.items():
-            print(f"  {name:<11} pid={proc.proc.pid if proc.proc else '-'} "
-                  f"metrics=http://{proc.address}/metrics log={proc.log_path}")
+            print(
+                f"  {name:<11} pid={proc.proc.pid if proc.proc else '-'} "
+                f"metrics=http://{proc.address}/metrics log={proc.log_path}"
+            )
         if args.demo:
             from conveyor.local.demo import run_demo
 
-            ok = run_demo(stack, args.tasks, store_url, secret, lambda: stopping["flag"],
-                          timeout_s=DEMO_TIMEOUT_S)
+            ok = run_demo(
+                stack,
+                args.tasks,
+                store_url,
+                secret,
+                lambda: stopping["flag"],
+                timeout_s=DEMO_TIMEOUT_S,
+            )
             if args.exit_when_done:
                 return 0 if ok else 1
         print("pipeline running; Ctrl-C stops it", flush=True)
@@ -93,5 +109,3 @@ def run(args: argparse.Namespace) -> int:
         if broker is not None:
             broker.stop()
         print("stopped", flush=True)
-
-

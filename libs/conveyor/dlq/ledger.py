@@ -45,8 +45,9 @@ def ensure_ledger(settings: KafkaSettings) -> None:
     topic = ledger_topic(settings)
     if topic in client.list_topics(timeout=META_TIMEOUT_S).topics:
         return
-    futures = client.create_topics([NewTopic(topic, 1, -1, config=LEDGER_CONFIG)],
-                                   operation_timeout=META_TIMEOUT_S)
+    futures = client.create_topics(
+        [NewTopic(topic, 1, -1, config=LEDGER_CONFIG)], operation_timeout=META_TIMEOUT_S
+    )
     try:
         futures[topic].result(timeout=META_TIMEOUT_S)
     except KafkaException as exc:
@@ -55,6 +56,10 @@ def ensure_ledger(settings: KafkaSettings) -> None:
 
 
 def ledger_entry(ref: str, *, target: str, task_id: str, traceparent: str | None) -> bytes:
-    note = {"target": target, "task_id": task_id, "traceparent": traceparent,
-            "time": datetime.now(UTC).isoformat(timespec="milliseconds")}
+    note = {
+        "target": target,
+        "task_id": task_id,
+        "traceparent": traceparent,
+        "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+    }
     return json.dumps(note, separators=(",", ":")).encode()

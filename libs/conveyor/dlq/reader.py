@@ -27,8 +27,13 @@ Ranges = dict[TP, tuple[int, int]]  # partition -> [start, end)
 META_TIMEOUT_S = 10.0
 # A bounded read of a DLQ or a replay range; raise rather than return a partial answer.
 READ_TIMEOUT_S = 120.0
-_TRANSIENT = frozenset((KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
-                        KafkaError.UNKNOWN_TOPIC_OR_PART))
+_TRANSIENT = frozenset(
+    (
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+    )
+)
 
 
 @contextmanager
@@ -91,16 +96,18 @@ def offsets_at(consumer: Consumer, tps: list[TP], ms: int, marks: Ranges) -> dic
     out = {}
     for tp in found:
         if tp.error is not None:
-            raise BrokerError(f"offsets_for_times failed for {tp.topic}[{tp.partition}]: "
-                              f"{tp.error}")
+            raise BrokerError(
+                f"offsets_for_times failed for {tp.topic}[{tp.partition}]: {tp.error}"
+            )
         key = (tp.topic, tp.partition)
         offset = tp.offset if tp.offset is not None else -1
         out[key] = offset if offset >= 0 else marks[key][1]
     return out
 
 
-def read_range(consumer: Consumer, ranges: Ranges, *, timeout_s: float = READ_TIMEOUT_S
-               ) -> Iterator[Message]:
+def read_range(
+    consumer: Consumer, ranges: Ranges, *, timeout_s: float = READ_TIMEOUT_S
+) -> Iterator[Message]:
     """Yield every record with start <= offset < end, per partition, then stop."""
     pending = {tp: r for tp, r in ranges.items() if r[0] < r[1]}
     if not pending:
@@ -110,8 +117,9 @@ def read_range(consumer: Consumer, ranges: Ranges, *, timeout_s: float = READ_TI
     try:
         while pending:
             if time.monotonic() > deadline:
-                raise BrokerError(f"read did not reach the end of {sorted(pending)} "
-                                  f"in {timeout_s}s")
+                raise BrokerError(
+                    f"read did not reach the end of {sorted(pending)} in {timeout_s}s"
+                )
             for msg in consumer.consume(500, 0.5):
                 tp = (msg.topic(), msg.partition())
                 if tp not in pending:

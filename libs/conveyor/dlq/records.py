@@ -51,8 +51,15 @@ class DeadLetter:
     @classmethod
     def of(cls, msg: Any) -> DeadLetter:
         """From a confluent-kafka Message."""
-        return cls(msg.topic(), msg.partition(), msg.offset(), msg.timestamp()[1], msg.key(),
-                   msg.value() or b"", list(msg.headers() or ()))
+        return cls(
+            msg.topic(),
+            msg.partition(),
+            msg.offset(),
+            msg.timestamp()[1],
+            msg.key(),
+            msg.value() or b"",
+            list(msg.headers() or ()),
+        )
 
     @property
     def ref(self) -> str:
@@ -90,8 +97,10 @@ class DeadLetter:
     @property
     def original(self) -> str:
         h = self.hmap
-        return (f"{h.get(ORIGINAL_TOPIC_HEADER, '?')}:{h.get(ORIGINAL_PARTITION, '?')}:"
-                f"{h.get(ORIGINAL_OFFSET, '?')}")
+        return (
+            f"{h.get(ORIGINAL_TOPIC_HEADER, '?')}:{h.get(ORIGINAL_PARTITION, '?')}:"
+            f"{h.get(ORIGINAL_OFFSET, '?')}"
+        )
 
     @property
     def time(self) -> datetime:
@@ -152,9 +161,17 @@ class DeadLetterFilter:
         return not self.trace_id or self.trace_id.lower() in dl.trace_ids()
 
     @classmethod
-    def build(cls, *, stage: str | None = None, error_classes: Iterable[str] = (),
-              since: str | None = None, until: str | None = None, task_id: str | None = None,
-              trace_id: str | None = None, now: datetime | None = None) -> DeadLetterFilter:
+    def build(
+        cls,
+        *,
+        stage: str | None = None,
+        error_classes: Iterable[str] = (),
+        since: str | None = None,
+        until: str | None = None,
+        task_id: str | None = None,
+        trace_id: str | None = None,
+        now: datetime | None = None,
+    ) -> DeadLetterFilter:
         """From command-line values; times are RFC 3339 or relative to `now` (`90s`, `1h`)."""
         now = now or datetime.now(UTC)
         return cls(
@@ -190,8 +207,9 @@ def to_ms(moment: datetime) -> int:
     return (moment - _EPOCH) // timedelta(milliseconds=1)
 
 
-def redrive_headers(headers: Sequence[tuple[str, bytes | None]], *, ref: str,
-                    trace: Headers, linked: str | None) -> Headers:
+def redrive_headers(
+    headers: Sequence[tuple[str, bytes | None]], *, ref: str, trace: Headers, linked: str | None
+) -> Headers:
     """The original CloudEvent headers for a fresh start, naming where the record came from.
 
     Dropped: `conveyor_error_*` and `conveyor_original_*` (the stage adds new ones if it fails
@@ -213,6 +231,10 @@ def redrive_headers(headers: Sequence[tuple[str, bytes | None]], *, ref: str,
 
 
 def _dropped(key: str) -> bool:
-    return (key.startswith(ERROR_PREFIX) or key.startswith(ORIGINAL_PREFIX)
-            or key in RETRY_STATE_HEADERS or key in TRACE_HEADERS
-            or key in (REDRIVEN_FROM, LINKED_TRACEPARENT))
+    return (
+        key.startswith(ERROR_PREFIX)
+        or key.startswith(ORIGINAL_PREFIX)
+        or key in RETRY_STATE_HEADERS
+        or key in TRACE_HEADERS
+        or key in (REDRIVEN_FROM, LINKED_TRACEPARENT)
+    )

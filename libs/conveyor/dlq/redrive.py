@@ -75,8 +75,13 @@ OnRecord = Callable[[Redriven], None]
 class Pacer:
     """At most `rate` records per second: the i-th record waits until start + i / rate."""
 
-    def __init__(self, rate: float | None, *, clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(
+        self,
+        rate: float | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.rate = rate
         self.clock = clock
         self.sleep = sleep
@@ -94,9 +99,15 @@ class Pacer:
         self.count += 1
 
 
-def redrive(settings: KafkaSettings, flt: DeadLetterFilter, *, dry_run: bool = False,
-            rate: float | None = None, tracer: trace.Tracer | None = None,
-            on_record: OnRecord | None = None) -> RedriveReport:
+def redrive(
+    settings: KafkaSettings,
+    flt: DeadLetterFilter,
+    *,
+    dry_run: bool = False,
+    rate: float | None = None,
+    tracer: trace.Tracer | None = None,
+    on_record: OnRecord | None = None,
+) -> RedriveReport:
     """Redrive every matching dead letter not redriven before; see the module docstring."""
     producer = None if dry_run else _producer(settings)
     with open_reader(settings) as consumer:
@@ -127,28 +138,36 @@ def redrive(settings: KafkaSettings, flt: DeadLetterFilter, *, dry_run: bool = F
 
 
 def _producer(settings: KafkaSettings) -> Producer:
-    producer = Producer({
-        **common(settings),
-        "client.id": "conveyor-dlq-redrive",
-        # One id per deployment: a concurrent redrive fences this one (see module docstring).
-        "transactional.id": f"{settings.topic_prefix}conveyor.dlq-redrive",
-        "enable.idempotence": True,
-        "acks": "all",
-        "linger.ms": 5,
-        # A dead letter was accepted by the broker once; let the broker judge its size again.
-        "message.max.bytes": 2_097_152,
-    })
+    producer = Producer(
+        {
+            **common(settings),
+            "client.id": "conveyor-dlq-redrive",
+            # One id per deployment: a concurrent redrive fences this one (see module docstring).
+            "transactional.id": f"{settings.topic_prefix}conveyor.dlq-redrive",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            # A dead letter was accepted by the broker once; let the broker judge its size again.
+            "message.max.bytes": 2_097_152,
+        }
+    )
     producer.init_transactions(TXN_TIMEOUT_S)
     return producer
 
 
 def _chunks(items: list[DeadLetter], size: int) -> Iterator[list[DeadLetter]]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
-def _send(producer: Producer, settings: KafkaSettings, part: list[DeadLetter], pacer: Pacer,
-          tracer: trace.Tracer, on_record: OnRecord | None) -> None:
+def _send(
+    producer: Producer,
+    settings: KafkaSettings,
+    part: list[DeadLetter],
+    pacer: Pacer,
+    tracer: trace.Tracer,
+    on_record: OnRecord | None,
+) -> None:
     ledger = ledger_topic(settings)
     done: list[Redriven] = []
     try:
@@ -156,10 +175,10 @@ def _send(producer: Producer, settings: KafkaSettings, part: list[DeadLetter], p
         for dl in part:
             pacer.wait()
             record = _prepare(dl, tracer)
-            producer.produce(record.topic, dl.value, dl.key,
-                             headers=record.headers)  # type: ignore[arg-type]
-            entry = ledger_entry(dl.ref, target=record.topic, task_id=dl.task_id,
-                                 traceparent=record.traceparent)
+            producer.produce(record.topic, dl.value, dl.key, headers=record.headers)  # type: ignore[arg-type]
+            entry = ledger_entry(
+                dl.ref, target=record.topic, task_id=dl.task_id, traceparent=record.traceparent
+            )
             producer.produce(ledger, entry, dl.ref.encode())
             producer.poll(0)
             done.append(record)
@@ -168,8 +187,13 @@ def _send(producer: Producer, settings: KafkaSettings, part: list[DeadLetter], p
         _abort(producer)
         raise BrokerError(f"redrive transaction failed: {exc}") from exc
     for record in done:
-        log.info("dead letter redriven ref=%s topic=%s task_id=%s traceparent=%s",
-                 record.letter.ref, record.topic, record.letter.task_id, record.traceparent)
+        log.info(
+            "dead letter redriven ref=%s topic=%s task_id=%s traceparent=%s",
+            record.letter.ref,
+            record.topic,
+            record.letter.task_id,
+            record.traceparent,
+        )
         if on_record:
             on_record(record)
 
@@ -211,8 +235,13 @@ def _start_span(tracer: trace.Tracer, dl: DeadLetter, linked: str | None) -> Spa
     }
     try:
         # An empty Context: a new root (new trace), linked to, not a child of, the original.
-        return tracer.start_span(f"redrive {dl.original_topic}", context=Context(),
-                                 kind=SpanKind.PRODUCER, attributes=attributes, links=links)
+        return tracer.start_span(
+            f"redrive {dl.original_topic}",
+            context=Context(),
+            kind=SpanKind.PRODUCER,
+            attributes=attributes,
+            links=links,
+        )
     except Exception:  # telemetry never fails the operation
         log.exception("redrive span failed ref=%s", dl.ref)
         return trace.INVALID_SPAN

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import cast
 
 from confluent_kafka import (
     Consumer,
@@ -82,8 +83,14 @@ def input_topics(settings: KafkaSettings, stage: str) -> list[str]:
     return [settings.topic(t) for spec in catalog.consumed_by(stage) for t in spec.topics]
 
 
-def plan(settings: KafkaSettings, stage: str, start: Position, end: Position | None = None,
-         *, group: str | None = None) -> ReplayPlan:
+def plan(
+    settings: KafkaSettings,
+    stage: str,
+    start: Position,
+    end: Position | None = None,
+    *,
+    group: str | None = None,
+) -> ReplayPlan:
     """Resolve --from/--to into offsets per input partition, against what the topics hold now."""
     topics = input_topics(settings, stage)
     with open_reader(settings) as consumer:
@@ -91,8 +98,11 @@ def plan(settings: KafkaSettings, stage: str, start: Position, end: Position | N
         if not marks:
             raise ReplayError(f"none of {topics} exists")
         first = _resolve(consumer, marks, start)
-        last = _resolve(consumer, marks, end) if end is not None else {
-            tp: high for tp, (_, high) in marks.items()}
+        last = (
+            _resolve(consumer, marks, end)
+            if end is not None
+            else {tp: high for tp, (_, high) in marks.items()}
+        )
     ranges = {tp: (first[tp], max(first[tp], last[tp])) for tp in marks}
     return ReplayPlan(stage, group or f"{settings.topic_prefix}conveyor.{stage}", ranges)
 
@@ -103,8 +113,9 @@ def _resolve(consumer: Consumer, marks: Ranges, position: Position) -> dict[tupl
     return offsets_at(consumer, list(marks), to_ms(position), marks)
 
 
-def reset(settings: KafkaSettings, replay: ReplayPlan, *, dry_run: bool = False
-          ) -> dict[tuple[str, int], int]:
+def reset(
+    settings: KafkaSettings, replay: ReplayPlan, *, dry_run: bool = False
+) -> dict[tuple[str, int], int]:
     """Set the (inactive) group's offsets to each range's start; return the committed offsets
     before the reset (-1: none). A dry run checks and reports without changing anything."""
     admin = AdminClient(admin_conf(settings))
@@ -114,15 +125,17 @@ def reset(settings: KafkaSettings, replay: ReplayPlan, *, dry_run: bool = False
         return before
     tps = [TopicPartition(t, p, start) for (t, p), (start, _) in sorted(replay.ranges.items())]
     futures = admin.alter_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(replay.group, tps)], request_timeout=META_TIMEOUT_S)
+        [ConsumerGroupTopicPartitions(replay.group, tps)], request_timeout=META_TIMEOUT_S
+    )
     try:
         result = futures[replay.group].result(timeout=META_TIMEOUT_S)
     except KafkaException as exc:  # the group became active in between, among others
         raise ReplayError(f"offset reset of group {replay.group} refused: {exc}") from exc
     failed = [tp for tp in result.topic_partitions if tp.error is not None]
     if failed:
-        raise ReplayError(f"offset reset failed for {[(t.topic, t.partition) for t in failed]}: "
-                          f"{failed[0].error}")
+        raise ReplayError(
+            f"offset reset failed for {[(t.topic, t.partition) for t in failed]}: {failed[0].error}"
+        )
     log.info("group offsets reset group=%s partitions=%d", replay.group, len(tps))
     return before
 
@@ -138,23 +151,37 @@ def _require_inactive(admin: AdminClient, group: str) -> None:
         raise ReplayError(
             f"group {group} is active ({len(description.members)} members on "
             f"{', '.join(hosts)}, state {description.state.name}): stop the stage before a "
-            f"reset, or use --mode republish")
+            f"reset, or use --mode republish"
+        )
 
 
 def _committed(admin: AdminClient, replay: ReplayPlan) -> dict[tuple[str, int], int]:
     tps = [TopicPartition(t, p) for t, p in sorted(replay.ranges)]
     futures = admin.list_consumer_group_offsets(
-        [ConsumerGroupTopicPartitions(replay.group, tps)], request_timeout=META_TIMEOUT_S)
+        [ConsumerGroupTopicPartitions(replay.group, tps)], request_timeout=META_TIMEOUT_S
+    )
     result = futures[replay.group].result(timeout=META_TIMEOUT_S)
     return {(tp.topic, tp.partition): tp.offset for tp in result.topic_partitions}
 
 
-def republish(settings: KafkaSettings, replay: ReplayPlan, *, rate: float | None = None,
-              on_record: Callable[[str, int, int], None] | None = None) -> int:
+def republish(
+    settings: KafkaSettings,
+    replay: ReplayPlan,
+    *,
+    rate: float | None = None,
+    on_record: Callable[[str, int, int], None] | None = None,
+) -> int:
     """Produce the plan's records again into their own topic and partition; return how many."""
-    producer = Producer({**common(settings), "client.id": "conveyor-replay",
-                         "enable.idempotence": True, "acks": "all", "linger.ms": 5,
-                         "message.max.bytes": 2_097_152})  # as the stages' producers allow
+    producer = Producer(
+        {
+            **common(settings),
+            "client.id": "conveyor-replay",
+            "enable.idempotence": True,
+            "acks": "all",
+            "linger.ms": 5,
+            "message.max.bytes": 2_097_152,
+        }
+    )  # as the stages' producers allow
     errors: list[str] = []
     pacer = Pacer(rate)
     count = 0
@@ -174,8 +201,8 @@ def republish(settings: KafkaSettings, replay: ReplayPlan, *, rate: float | None
 def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
     topic, partition = str(msg.topic()), int(msg.partition() or 0)
     origin = f"{topic}:{partition}:{msg.offset()}"
-    headers: list[tuple[str, str | bytes | None]] = [
-        h for h in msg.headers() or () if h[0] != REPLAYED_FROM]  # type: ignore[misc]
+    raw = cast(list[tuple[str, bytes]], msg.headers() or [])
+    headers: list[tuple[str, str | bytes | None]] = [h for h in raw if h[0] != REPLAYED_FROM]
     headers.append((REPLAYED_FROM, origin.encode()))
 
     def on_delivery(err: object, _msg: object) -> None:
@@ -184,8 +211,14 @@ def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
 
     while True:
         try:
-            producer.produce(topic, msg.value(), msg.key(), partition=partition,
-                             headers=headers, on_delivery=on_delivery)
+            producer.produce(
+                topic,
+                msg.value(),
+                msg.key(),
+                partition=partition,
+                headers=headers,
+                on_delivery=on_delivery,
+            )
             break
         except BufferError:
             # The local queue is full: serve delivery reports until it drains (bounded by

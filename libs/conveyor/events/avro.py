@@ -73,7 +73,6 @@ class SchemaSet:
             raise SchemaError(f"{name}:{version} data is not a record")
         return name, record
 
-
     def _plan(self, urn: str) -> tuple[str, int, Schema, Schema | None]:
         """Writer and reader schema for `urn`; reader None when no evolution is needed."""
         match = _URN.match(urn or "")

@@ -42,12 +42,17 @@ class TaskRequest(BaseModel):
     def avro(self) -> dict[str, Any]:
         """The task as task-submitted Avro data (params as strings, deadline as RFC 3339)."""
         return {
-            "task_id": self.task_id, "tenant": self.tenant, "kind": self.kind,
-            "input": self.input, "template": self.template,
+            "task_id": self.task_id,
+            "tenant": self.tenant,
+            "kind": self.kind,
+            "input": self.input,
+            "template": self.template,
             "params": {k: param_text(v) for k, v in self.params.items()},
-            "priority": self.priority, "callback_url": self.callback_url,
+            "priority": self.priority,
+            "callback_url": self.callback_url,
             "deadline": self.deadline.isoformat() if self.deadline else None,
-            "model": self.model, "labels": list(self.labels),
+            "model": self.model,
+            "labels": list(self.labels),
         }
 
 

@@ -10,7 +10,7 @@ import logging
 from dataclasses import dataclass
 
 from confluent_kafka import KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from conveyor.dlq.ledger import LEDGER_CONFIG, LEDGER_TOPIC
 from conveyor.errors import BrokerError

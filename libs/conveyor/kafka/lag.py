@@ -33,13 +33,15 @@ class GroupLag:
         self.group = group
         self.topics = list(topics)
         self.timeout_s = timeout_s
-        self._consumer = Consumer({
-            **common(settings),
-            "group.id": group,
-            # Read-only observer: it must never commit on the group's behalf.
-            "enable.auto.commit": False,
-            "client.id": "conveyor-lag-probe",
-        })
+        self._consumer = Consumer(
+            {
+                **common(settings),
+                "group.id": group,
+                # Read-only observer: it must never commit on the group's behalf.
+                "enable.auto.commit": False,
+                "client.id": "conveyor-lag-probe",
+            }
+        )
 
     def partitions(self) -> dict[tuple[str, int], int]:
         """{(topic, partition): records not yet committed by the group}; raises `BrokerError`."""
@@ -65,7 +67,8 @@ class GroupLag:
 
     def _lag_of(self, committed: TopicPartition) -> int:
         low, high = self._consumer.get_watermark_offsets(
-            TopicPartition(committed.topic, committed.partition), timeout=self.timeout_s,
+            TopicPartition(committed.topic, committed.partition),
+            timeout=self.timeout_s,
             cached=False,
         )
         start = committed.offset if committed.offset >= 0 else low  # negative: nothing committed
@@ -81,7 +84,10 @@ class CachedLag:
     """
 
     def __init__(
-        self, probe: Callable[[], int], *, ttl_s: float = 5.0,
+        self,
+        probe: Callable[[], int],
+        *,
+        ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._probe = probe

@@ -29,13 +29,22 @@ def load_tasks(path: Path, callback_url: str) -> list[dict[str, Any]]:
     return tasks
 
 
-def run_demo(stack: LocalStack, tasks_file: Path, store_url: str, secret: str,
-             stopping: Callable[[], bool], *, timeout_s: float) -> bool:
+def run_demo(
+    stack: LocalStack,
+    tasks_file: Path,
+    store_url: str,
+    secret: str,
+    stopping: Callable[[], bool],
+    *,
+    timeout_s: float,
+) -> bool:
     receiver = WebhookReceiver({"*": secret}).start()
     try:
         tasks = load_tasks(tasks_file, receiver.url)
-        client = TaskClient(KafkaSettings(kafka_bootstrap=stack.env["CONVEYOR_KAFKA_BOOTSTRAP"]),
-                            source="/conveyor/demo")
+        client = TaskClient(
+            KafkaSettings(kafka_bootstrap=stack.env["CONVEYOR_KAFKA_BOOTSTRAP"]),
+            source="/conveyor/demo",
+        )
         ids = client.submit_many(tasks)
         print(f"submitted {len(ids)} tasks from {tasks_file.name}", flush=True)
         records = _follow(stack, store_url, ids, receiver, stopping, timeout_s)
@@ -47,8 +56,14 @@ def run_demo(stack: LocalStack, tasks_file: Path, store_url: str, secret: str,
         receiver.stop()
 
 
-def _follow(stack: LocalStack, store_url: str, ids: list[str], receiver: WebhookReceiver,
-            stopping: Callable[[], bool], timeout_s: float) -> dict[str, TaskRecord]:
+def _follow(
+    stack: LocalStack,
+    store_url: str,
+    ids: list[str],
+    receiver: WebhookReceiver,
+    stopping: Callable[[], bool],
+    timeout_s: float,
+) -> dict[str, TaskRecord]:
     store = open_store(store_url)
     records: dict[str, TaskRecord] = {}
     deadline = time.monotonic() + timeout_s
@@ -98,6 +113,8 @@ def print_table(ids: list[str], records: dict[str, TaskRecord], receiver: Webhoo
         r = records.get(task_id)
         hook = hooks.get(task_id)
         hook_text = ("signed" if hook.signature_ok else "BAD SIG") if hook else "-"
-        print(f"{task_id:<18} {(r.kind if r else '-') or '-':<9} {(r.status if r else '-'):<10} "
-              f"{(r.verdict if r and r.verdict else '-'):<8} {hook_text:<9} {summary(r)}")
+        print(
+            f"{task_id:<18} {(r.kind if r else '-') or '-':<9} {(r.status if r else '-'):<10} "
+            f"{(r.verdict if r and r.verdict else '-'):<8} {hook_text:<9} {summary(r)}"
+        )
     print()

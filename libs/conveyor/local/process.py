@@ -35,14 +35,21 @@ class ServiceProcess:
     def start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port_file.unlink(missing_ok=True)
-        env = {**os.environ, **self.env, "CONVEYOR_PORT_FILE": str(self.port_file),
-               "CONVEYOR_INSTANCE_ID": f"{self.label}-{self.starts}",
-               "CONVEYOR_INSTANCE_SLOT": self.label}  # stable across restarts (transactions)
+        env = {
+            **os.environ,
+            **self.env,
+            "CONVEYOR_PORT_FILE": str(self.port_file),
+            "CONVEYOR_INSTANCE_ID": f"{self.label}-{self.starts}",
+            "CONVEYOR_INSTANCE_SLOT": self.label,
+        }  # stable across restarts (transactions)
         env.setdefault("CONVEYOR_METRICS_PORT", "0")
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"], env=env, stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            [sys.executable, "-m", f"services.{self.name}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self.starts += 1

@@ -51,7 +51,7 @@ class WebhookReceiver:
     @property
     def url(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"http://{host}:{port}/hooks"
+        return f"http://{host!s}:{port}/hooks"
 
     def start(self) -> WebhookReceiver:
         self._thread.start()
@@ -73,8 +73,14 @@ class WebhookReceiver:
             script = self.scripted.get(task_id)
             if script:
                 return script.pop(0)  # a scripted failure is not a delivery
-            self.deliveries.append(Delivery(task_id, str(body.get("event_id", "")), body,
-                                            hmac.compare_digest(expected, signature)))
+            self.deliveries.append(
+                Delivery(
+                    task_id,
+                    str(body.get("event_id", "")),
+                    body,
+                    hmac.compare_digest(expected, signature),
+                )
+            )
         return 200
 
     def snapshot(self) -> list[Delivery]:

@@ -23,9 +23,14 @@ READY_TIMEOUT_S = 300.0
 
 
 class LocalStack:
-    def __init__(self, workdir: Path, env: Mapping[str, str], *,
-                 services: tuple[str, ...] = SERVICES,
-                 per_service: Mapping[str, Mapping[str, str]] | None = None) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        env: Mapping[str, str],
+        *,
+        services: tuple[str, ...] = SERVICES,
+        per_service: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         self.workdir = workdir
         self.env = dict(env)
         self.procs = {
@@ -35,8 +40,10 @@ class LocalStack:
         self.restarts = 0
 
     def apply_topics(self, **kwargs: Any) -> list[str]:
-        settings = KafkaSettings(kafka_bootstrap=self.env["CONVEYOR_KAFKA_BOOTSTRAP"],
-                                 topic_prefix=self.env.get("CONVEYOR_TOPIC_PREFIX", ""))
+        settings = KafkaSettings(
+            kafka_bootstrap=self.env["CONVEYOR_KAFKA_BOOTSTRAP"],
+            topic_prefix=self.env.get("CONVEYOR_TOPIC_PREFIX", ""),
+        )
         return apply_topics(settings, **kwargs)
 
     def start(self, *, timeout_s: float = READY_TIMEOUT_S) -> None:
@@ -51,8 +58,9 @@ class LocalStack:
         restarted = []
         for name, proc in self.procs.items():
             if proc.proc is not None and not proc.running():
-                log.warning("service exited name=%s code=%s; restarting", name,
-                            proc.proc.returncode)
+                log.warning(
+                    "service exited name=%s code=%s; restarting", name, proc.proc.returncode
+                )
                 proc.start()
                 restarted.append(name)
                 self.restarts += 1

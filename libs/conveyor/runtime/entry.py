@@ -27,8 +27,9 @@ def run_service(service: StageService[Any]) -> int:
     settings = service.settings_type(stage=service.name)
     init_tracing(service.name)
     runner = StageRunner(service, settings)
-    health = HealthServer(settings.metrics_host, settings.metrics_port, runner.healthy,
-                          runner.ready)
+    health = HealthServer(
+        settings.metrics_host, settings.metrics_port, runner.healthy, runner.ready
+    )
     health.start()
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -54,7 +54,7 @@ class HealthServer:
     @property
     def address(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"{host}:{port}"
+        return f"{host!s}:{port}"
 
     def start(self) -> None:
         self.thread.start()

@@ -25,7 +25,6 @@ from conveyor.runtime.ladder import RetryPolicy, retry_headers
 from conveyor.settings import StageSettings
 from conveyor.telemetry import tracing
 
-
 # An upper bound of the CloudEvents and tracing headers of one record (a dozen short strings).
 _HEADER_ALLOWANCE = 16_384
 
@@ -135,7 +134,9 @@ class Router:
         if rung is not None:
             first = item.hmap.get("ce_" + FIRSTFAILEDAT) or now
             retried = retry_headers(
-                headers, attempt=attempt, first_failed_at=first,
+                headers,
+                attempt=attempt,
+                first_failed_at=first,
                 error=f"{failure.error_class}: {failure.message}",
             )
             topic = self.settings.topic(self.catalog.retry_topic(self.stage, rung))
@@ -157,7 +158,11 @@ class Router:
         data = _task_fields(item.event.data if item.event is not None else None)
         # An undecodable record still names its tenant (and trace) in its ce_* headers.
         source = item.event or Event(
-            id="", type="", source="", subject=task_id, data=None,
+            id="",
+            type="",
+            source="",
+            subject=task_id,
+            data=None,
             extensions={k[3:]: v for k, v in item.hmap.items() if k in _CARRIED},
         )
         ext = source.extensions

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from opentelemetry.trace import INVALID_SPAN, Link, SpanKind
@@ -56,10 +56,15 @@ class StageRunner:
         self.schemas = default_schemas()
         self.router = Router(self.stage, settings, self.catalog, self.schemas)
         # A stage that accepts only some of the types routed to it subscribes only to theirs.
-        specs = tuple(s for s in self.catalog.consumed_by(self.stage)
-                      if not service.accepts or s.type in service.accepts)
+        specs = tuple(
+            s
+            for s in self.catalog.consumed_by(self.stage)
+            if not service.accepts or s.type in service.accepts
+        )
         self.accepts = frozenset(service.accepts or [s.type for s in specs])
-        self.ingress_topics = frozenset(settings.topic(t) for s in specs if s.ingress for t in s.topics)
+        self.ingress_topics = frozenset(
+            settings.topic(t) for s in specs if s.ingress for t in s.topics
+        )
         self.input_topics = [settings.topic(t) for s in specs for t in s.topics]
         # Each input topic carries one event type (the catalog's); anything else is misrouted.
         self.topic_types = {settings.topic(t): s.type for s in specs for t in s.topics}
@@ -68,9 +73,12 @@ class StageRunner:
             for n in range(1, self.router.policy.rungs + 1)
         ]
         self.metrics = StageMetrics(self.stage)
-        self.ctx: StageContext[Any] = StageContext(self.stage, settings, logging.getLogger(
-            f"conveyor.stage.{self.stage}"))
-        self.instance = os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+        self.ctx: StageContext[Any] = StageContext(
+            self.stage, settings, logging.getLogger(f"conveyor.stage.{self.stage}")
+        )
+        self.instance = (
+            os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+        )
         self.stopping = threading.Event()
         self.heartbeat = time.monotonic()
         self.failed: str | None = None
@@ -94,18 +102,26 @@ class StageRunner:
         # stall on it until transaction.timeout.ms).
         slot = self.settings.instance_slot or self.instance
         txn_id = f"{self.settings.group}.{slot}" if self.settings.exactly_once else None
-        self.producer = Producer(config.producer(self.settings, client_id=client_id,
-                                                 transactional_id=txn_id))
+        self.producer = Producer(
+            config.producer(self.settings, client_id=client_id, transactional_id=txn_id)
+        )
         if txn_id:
             self.producer.init_transactions(self.settings.delivery_timeout_s)
         self.consumer = Consumer(config.consumer(self.settings, client_id=client_id))
-        self.consumer.subscribe(self.input_topics + self.retry_topics, on_revoke=self._on_revoke,
-                                on_lost=self._on_revoke)
+        self.consumer.subscribe(
+            self.input_topics + self.retry_topics,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_revoke,
+        )
         self.heartbeat = time.monotonic()
         self.started = True
-        log.info("stage started stage=%s group=%s topics=%s exactly_once=%s", self.stage,
-                 self.settings.group, len(self.input_topics + self.retry_topics),
-                 self.settings.exactly_once)
+        log.info(
+            "stage started stage=%s group=%s topics=%s exactly_once=%s",
+            self.stage,
+            self.settings.group,
+            len(self.input_topics + self.retry_topics),
+            self.settings.exactly_once,
+        )
 
     def run(self) -> None:
         """Run until `stop()`; raise BrokerError if Kafka fails (the process must restart)."""
@@ -199,10 +215,11 @@ class StageRunner:
 
     def _pause(self, msg: Message, due_ms: int) -> None:
         assert self.consumer is not None
-        tp = TopicPartition(msg.topic(), msg.partition(), msg.offset())
+        topic, partition, offset = _where(msg)
+        tp = TopicPartition(topic, partition, offset)
         self.consumer.pause([tp])
         self.consumer.seek(tp)  # fetch this record again once resumed
-        self._paused[(msg.topic(), msg.partition())] = due_ms
+        self._paused[(topic, partition)] = due_ms
         self.metrics.paused.set(len(self._paused))
 
     # -- one batch -------------------------------------------------------------------------
@@ -220,7 +237,8 @@ class StageRunner:
             if err is not None:
                 self._on_consume_error(err)
                 continue
-            tp = (msg.topic(), msg.partition())
+            topic, partition, offset = _where(msg)
+            tp = (topic, partition)
             if tp in self._paused or tp in self._revoked:
                 continue  # fetched before the pause / revoke took effect; it will come again
             rung = rung_of(tp[0]) if tp[0] in self.retry_topics else 0
@@ -229,8 +247,8 @@ class StageRunner:
                 if due > now_ms:
                     self._pause(msg, due)
                     continue
-            starts.setdefault(tp, msg.offset())
-            commits[tp] = msg.offset() + 1
+            starts.setdefault(tp, offset)
+            commits[tp] = offset + 1
             consumed[tp[0]] = consumed.get(tp[0], 0) + 1
             item = self._admit(msg, out, now)
             if item is not None:
@@ -246,23 +264,26 @@ class StageRunner:
 
     def _admit(self, msg: Message, out: list[OutRecord], now: str) -> Item | None:
         """Decode and check a record; a bad one is dead-lettered here and None returned."""
+        topic, partition, offset = _where(msg)
         value = msg.value() or b""
-        headers = list(msg.headers() or ())
+        headers = cast(list[tuple[str, bytes]], list(msg.headers() or ()))
         hmap: dict[str, str] = {}
         event = None
         error: PermanentError | None = None
         try:
             hmap = header_map(headers)
             if len(value) > self.settings.max_record_bytes:
-                raise PermanentError(f"record is {len(value)} bytes, over the "
-                                     f"{self.settings.max_record_bytes}-byte limit")
+                raise PermanentError(
+                    f"record is {len(value)} bytes, over the "
+                    f"{self.settings.max_record_bytes}-byte limit"
+                )
             event = decode_mapped(hmap, value, self.schemas)
             if event.type not in self.accepts:
                 raise PermanentError(f"stage {self.stage} does not accept {event.type}")
-            expected = self.topic_types.get(msg.topic())
+            expected = self.topic_types.get(topic)
             if expected is not None and event.type != expected:
-                raise PermanentError(f"{event.type} does not belong on {msg.topic()}")
-            if event.datacontenttype != AVRO and msg.topic() not in self.ingress_topics:
+                raise PermanentError(f"{event.type} does not belong on {topic}")
+            if event.datacontenttype != AVRO and topic not in self.ingress_topics:
                 raise DecodeError(f"internal events must be Avro, got {event.datacontenttype}")
             self._check_schema(event)
         except PermanentError as exc:
@@ -270,12 +291,17 @@ class StageRunner:
         # The span starts after decoding: a structured-mode event carries its trace context in
         # the JSON body, not in headers. Without the SDK there is no span to make: the router
         # carries the incoming context to the next hop as it is (tracing.carried).
-        span = tracing.start_span(
-            f"process {msg.topic()}", parent=self._parent(hmap, event), kind=SpanKind.CONSUMER,
-            attributes=self._span_attributes(msg, hmap, event),
-        ) if tracing.enabled() else INVALID_SPAN
-        item = Item(msg.topic(), msg.partition(), msg.offset(), msg.key(), value, headers, hmap,
-                    span, event)
+        span = (
+            tracing.start_span(
+                f"process {msg.topic()}",
+                parent=self._parent(hmap, event),
+                kind=SpanKind.CONSUMER,
+                attributes=self._span_attributes(msg, hmap, event),
+            )
+            if tracing.enabled()
+            else INVALID_SPAN
+        )
+        item = Item(topic, partition, offset, msg.key(), value, headers, hmap, span, event)
         if error is not None:
             self._fail(item, error, out, now, permanent=True)
             return None
@@ -288,8 +314,7 @@ class StageRunner:
         spec = self.catalog.spec(event.type)
         parts = (event.dataschema or "").split(":")
         if spec is not None and (len(parts) != 5 or parts[3] != spec.schema):
-            raise SchemaError(f"{event.type} must carry {spec.schema} data, "
-                              f"not {event.dataschema}")
+            raise SchemaError(f"{event.type} must carry {spec.schema} data, not {event.dataschema}")
 
     @staticmethod
     def _parent(hmap: dict[str, str], event: Any) -> Any:
@@ -340,8 +365,12 @@ class StageRunner:
             return results
         assert svc.handle_batch is not None
         links = [Link(i.span.get_span_context()) for i in items[1:]] if tracing.enabled() else []
-        batch_span = tracing.start_span(f"{self.stage} batch", parent=_ctx_of(items[0].span),
-                                        links=links, attributes=self._batch_attributes(items))
+        batch_span = tracing.start_span(
+            f"{self.stage} batch",
+            parent=_ctx_of(items[0].span),
+            links=links,
+            attributes=self._batch_attributes(items),
+        )
         token = tracing.activate(batch_span)
         try:
             outcomes = list(svc.handle_batch(events, self.ctx))
@@ -354,8 +383,9 @@ class StageRunner:
             tracing.deactivate(token)
             tracing.end_span(batch_span)
 
-    def _fail(self, item: Item, exc: BaseException, out: list[OutRecord], now: str,
-              *, permanent: bool) -> None:
+    def _fail(
+        self, item: Item, exc: BaseException, out: list[OutRecord], now: str, *, permanent: bool
+    ) -> None:
         failure = Failure.of(exc, permanent=permanent)
         records, rung = self.router.failure(item, failure, now)
         out.extend(records)
@@ -388,8 +418,9 @@ class StageRunner:
         if offsets:
             self.consumer.commit(offsets=offsets, asynchronous=True)
 
-    def _deliver_transaction(self, out: list[OutRecord], offsets: list[TopicPartition],
-                             starts: dict[TP, int]) -> None:
+    def _deliver_transaction(
+        self, out: list[OutRecord], offsets: list[TopicPartition], starts: dict[TP, int]
+    ) -> None:
         assert self.producer is not None and self.consumer is not None
         timeout = self.settings.delivery_timeout_s
         try:
@@ -398,7 +429,8 @@ class StageRunner:
                 self._produce(record)
             if offsets:
                 self.producer.send_offsets_to_transaction(
-                    offsets, self.consumer.consumer_group_metadata(), timeout)
+                    offsets, self.consumer.consumer_group_metadata(), timeout
+                )
             self._failpoint()  # leaves the transaction open: the broker must abort it
             self._commit_transaction(timeout)
         except KafkaException as exc:
@@ -443,8 +475,13 @@ class StageRunner:
         deadline = time.monotonic() + self.settings.delivery_timeout_s
         while True:
             try:
-                self.producer.produce(record.topic, record.value, record.key,
-                                      headers=record.headers, on_delivery=self._on_delivery)
+                self.producer.produce(
+                    record.topic,
+                    record.value,
+                    record.key,
+                    headers=cast(Any, record.headers),  # stubs want str | bytes | None values
+                    on_delivery=self._on_delivery,
+                )
                 return
             except BufferError:
                 # The local queue is full: serve delivery reports until it drains.
@@ -519,18 +556,31 @@ class StageRunner:
                 start = start.replace(tzinfo=UTC)
             self.metrics.e2e.observe(now_s - start.timestamp())
 
-    def _log_outcome(self, item: Item, outcome: str, emitted: int,
-                     failure: Failure | None = None) -> None:
+    def _log_outcome(
+        self, item: Item, outcome: str, emitted: int, failure: Failure | None = None
+    ) -> None:
         if not log.isEnabledFor(logging.INFO):
             return
         trace_id = tracing.trace_id_hex(item.span) or _trace_of(item.hmap)
         if failure is None:
-            log.info("event handled stage=%s task_id=%s trace_id=%s outcome=%s emitted=%d",
-                     self.stage, item.task_id, trace_id, outcome, emitted)
+            log.info(
+                "event handled stage=%s task_id=%s trace_id=%s outcome=%s emitted=%d",
+                self.stage,
+                item.task_id,
+                trace_id,
+                outcome,
+                emitted,
+            )
         else:
-            log.info("event failed stage=%s task_id=%s trace_id=%s outcome=%s error_class=%s "
-                     "error=%s", self.stage, item.task_id, trace_id, outcome,
-                     failure.error_class, failure.message[:200])
+            log.info(
+                "event failed stage=%s task_id=%s trace_id=%s outcome=%s error_class=%s error=%s",
+                self.stage,
+                item.task_id,
+                trace_id,
+                outcome,
+                failure.error_class,
+                failure.message[:200],
+            )
 
     def _refresh_lag(self) -> None:
         now = time.monotonic()
@@ -547,6 +597,11 @@ class StageRunner:
                 self.metrics.lag(tp.topic, tp.partition, max(high - committed, 0))
         except KafkaException as exc:
             log.debug("lag refresh failed stage=%s error=%s", self.stage, exc)
+
+
+def _where(msg: Message) -> tuple[str, int, int]:
+    """Topic, partition and offset of a consumed record (never None once it has no error)."""
+    return cast(str, msg.topic()), cast(int, msg.partition()), cast(int, msg.offset())
 
 
 def _failpoint_count(spec: str) -> int | None:

@@ -12,22 +12,28 @@ EVENTS_CONSUMED = Counter(
     "conveyor_events_consumed", "Records taken from Kafka by a stage", ["stage", "topic"]
 )
 EVENTS_EMITTED = Counter(
-    "conveyor_events_emitted", "Records a stage produced and the broker acknowledged",
+    "conveyor_events_emitted",
+    "Records a stage produced and the broker acknowledged",
     ["stage", "topic"],
 )
 HANDLER_DURATION = Histogram(
-    "conveyor_handler_duration_seconds", "Time in the stage's handler per batch", ["stage"],
+    "conveyor_handler_duration_seconds",
+    "Time in the stage's handler per batch",
+    ["stage"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 E2E_LATENCY = Histogram(
-    "conveyor_e2e_latency_seconds", "Time since the task was submitted, when a stage finishes it",
+    "conveyor_e2e_latency_seconds",
+    "Time since the task was submitted, when a stage finishes it",
     ["stage"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 RETRIES = Counter("conveyor_retries", "Records sent up the retry ladder", ["stage", "rung"])
 DEAD_LETTERS = Counter("conveyor_dead_letters", "Records dead-lettered", ["stage", "reason"])
 BATCH_SIZE = Histogram(
-    "conveyor_batch_size", "Records per handled batch", ["stage"],
+    "conveyor_batch_size",
+    "Records per handled batch",
+    ["stage"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 IN_FLIGHT = Gauge("conveyor_in_flight", "Records taken but not yet committed", ["stage"])
@@ -35,13 +41,12 @@ PAUSED_PARTITIONS = Gauge(
     "conveyor_paused_partitions", "Partitions paused (retry rungs waiting)", ["stage"]
 )
 CONSUMER_LAG = Gauge(
-    "conveyor_consumer_lag", "High watermark minus committed offset",
+    "conveyor_consumer_lag",
+    "High watermark minus committed offset",
     ["stage", "topic", "partition"],
 )
 # Set by conveyor.telemetry.gpu (inference, only where CUDA is present).
-GPU_MEMORY = Gauge(
-    "conveyor_gpu_memory_bytes", "CUDA device memory in use", ["stage", "device"]
-)
+GPU_MEMORY = Gauge("conveyor_gpu_memory_bytes", "CUDA device memory in use", ["stage", "device"])
 GPU_UTILISATION = Gauge(
     "conveyor_gpu_utilization_ratio", "CUDA device utilisation, 0..1", ["stage", "device"]
 )

@@ -155,8 +155,11 @@ def start_span(
         # An explicit empty Context makes a record without trace context a new root, rather
         # than a child of whatever span happens to be current in the loop.
         return tracer().start_span(
-            name, context=parent if parent is not None else Context(), kind=kind,
-            attributes=dict(attributes or {}), links=links,
+            name,
+            context=parent if parent is not None else Context(),
+            kind=kind,
+            attributes=dict(attributes or {}),
+            links=links,
         )
     except Exception:
         log.exception("span start failed name=%s", name)

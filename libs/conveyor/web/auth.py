@@ -42,4 +42,4 @@ def bearer_token(authorization: str | None) -> str | None:
     """The token of an `Authorization: Bearer <token>` header value, else None."""
     if not authorization or authorization[: len(BEARER)].lower() != BEARER:
         return None
-    return authorization[len(BEARER):].strip() or None
+    return authorization[len(BEARER) :].strip() or None

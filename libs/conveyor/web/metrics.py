@@ -25,11 +25,14 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 REQUESTS = Counter(
-    "conveyor_gateway_requests", "HTTP requests and WebSocket handshakes by route and status code",
+    "conveyor_gateway_requests",
+    "HTTP requests and WebSocket handshakes by route and status code",
     ["route", "code"],
 )
 REQUEST_DURATION = Histogram(
-    "conveyor_gateway_request_duration_seconds", "Time to answer an HTTP request", ["route"],
+    "conveyor_gateway_request_duration_seconds",
+    "Time to answer an HTTP request",
+    ["route"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 WEBSOCKETS = Gauge("conveyor_gateway_websockets", "WebSocket connections open")
@@ -71,8 +74,13 @@ class RequestMetricsMiddleware:
             route = route_of(scope)
             REQUESTS.labels(route, str(status)).inc()
             REQUEST_DURATION.labels(route).observe(seconds)
-            log.info("request method=%s route=%s code=%d ms=%.1f", scope.get("method"), route,
-                     status, seconds * 1000)
+            log.info(
+                "request method=%s route=%s code=%d ms=%.1f",
+                scope.get("method"),
+                route,
+                status,
+                seconds * 1000,
+            )
 
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         outcome: str | None = None
