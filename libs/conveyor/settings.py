@@ -62,6 +62,12 @@ class StageSettings(KafkaSettings):
         "exactly-once uses transactional.id <group>.<slot> so a restart fences its "
         "predecessor's open transaction; default: the per-start instance id",
     )
+    priority_lanes: bool = Field(
+        default=False, description="serve high before normal before low lane (inference)"
+    )
+    lane_starvation_s: float = Field(
+        default=2.0, gt=0, description="a lane held back this long is served for one poll"
+    )
     linger_ms: float = Field(
         default=1.0, ge=0, description="producer linger; low for latency per hop"
     )

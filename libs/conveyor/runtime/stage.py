@@ -36,6 +36,7 @@ from conveyor.kafka import config
 from conveyor.runtime.deadletter import Failure
 from conveyor.runtime.handler import BatchOutcome, Emit, StageContext, StageService
 from conveyor.runtime.ladder import rung_of
+from conveyor.runtime.lanes import LaneScheduler
 from conveyor.runtime.routing import Item, OutRecord, Router
 from conveyor.settings import StageSettings
 from conveyor.telemetry import tracing
@@ -66,6 +67,8 @@ class StageRunner:
             settings.topic(t) for s in specs if s.ingress for t in s.topics
         )
         self.input_topics = [settings.topic(t) for s in specs for t in s.topics]
+        # A type published on several topics has priority lanes, in catalog order.
+        self.lanes = [settings.topic(t) for s in specs if len(s.topics) > 1 for t in s.topics]
         # Each input topic carries one event type (the catalog's); anything else is misrouted.
         self.topic_types = {settings.topic(t): s.type for s in specs for t in s.topics}
         self.retry_topics = [
@@ -85,6 +88,7 @@ class StageRunner:
         self.started = False
         self._paused: dict[TP, int] = {}  # partition -> due time (ms) of its head record
         self._revoked: set[TP] = set()  # partitions revoked during the current poll
+        self._lanes: LaneScheduler | None = None
         self._delivery_errors: list[KafkaError] = []
         self._last_lag = 0.0
         self._crash_after = _failpoint_count(os.environ.get("CONVEYOR_FAILPOINT", ""))
@@ -113,6 +117,8 @@ class StageRunner:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+        if self.settings.priority_lanes and self.lanes:
+            self._lanes = LaneScheduler(self.consumer, self.lanes, self.settings.lane_starvation_s)
         self.heartbeat = time.monotonic()
         self.started = True
         log.info(
@@ -130,6 +136,8 @@ class StageRunner:
             while not self.stopping.is_set():
                 self.heartbeat = time.monotonic()
                 self._resume_due()
+                if self._lanes is not None:
+                    self._lanes.before_poll(time.monotonic(), set(self._paused))
                 batch = self._poll()
                 if batch:
                     self._process(batch)
@@ -191,6 +199,8 @@ class StageRunner:
         # across revoke and re-assign, so a paused rung is resumed here, else it would come
         # back paused with no timer to resume it, and stall for good.
         paused = [tp for tp in partitions if (tp.topic, tp.partition) in self._paused]
+        if self._lanes is not None:
+            paused += self._lanes.on_revoke(partitions)
         for tp in partitions:
             self._paused.pop((tp.topic, tp.partition), None)
             self._revoked.add((tp.topic, tp.partition))
