@@ -3,6 +3,7 @@
 #   helm                 -> <repo>/.cache/bin/helm  (built with `go install`, needs Go)
 #   kubernetes-validate  -> into $PYTHON (default: <repo>/.venv/bin/python), pip
 #   promtool             -> Debian package `prometheus` (apt-get, only when running as root)
+#   PostgreSQL server    -> Debian package `postgresql` (initdb/pg_ctl for the store tests and e2e)
 # Idempotent: anything already present is left alone. Prints one line per tool it installs and
 # nothing else unless something fails; exits non-zero on failure. Versions are pinned here and nowhere else.
 set -euo pipefail
@@ -75,6 +76,18 @@ if ! command -v promtool >/dev/null 2>&1; then
     # --no-install-recommends: skip the recommended extras (exporters, web assets).
     quiet apt-get install -y -qq --no-install-recommends prometheus
     command -v promtool >/dev/null 2>&1 || die "prometheus installed but promtool not on PATH"
+fi
+
+# --- PostgreSQL server binaries (Debian package postgresql) -----------------------------------
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [[ "$(id -u)" -ne 0 ]]; then
+        die "PostgreSQL missing; as root run: apt-get update && apt-get install -y postgresql"
+    fi
+    log "installing PostgreSQL (apt-get install postgresql)"
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -qq
+    quiet apt-get install -y -qq --no-install-recommends postgresql
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || die "postgresql installed but no initdb"
 fi
 
 exit 0
