@@ -111,3 +111,15 @@ def test_log_lines_inside_a_span_carry_its_trace_id(exported: InMemorySpanExport
         trace_id = format(span.get_span_context().trace_id, "032x")
         assert text.format(record) == f"notification skipped task_id=t-1 trace_id={trace_id}"
         assert f'"trace_id": "{trace_id}"' in json_format.format(record)
+
+
+def test_unsampled_parent_is_handed_on_instead_of_making_a_span() -> None:
+    from conveyor.telemetry.tracing import parent_context, unsampled_parent
+
+    dropped = parent_context({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"})
+    kept = parent_context({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
+    span = unsampled_parent(dropped)
+    assert span is not None and not span.get_span_context().trace_flags.sampled
+    assert format(span.get_span_context().span_id, "016x") == "cd" * 8  # the parent itself
+    assert unsampled_parent(kept) is None
+    assert unsampled_parent(None) is None

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from conveyor.cli.common import up_state_path
+from conveyor.local.process import SERVICES
 from conveyor.local.stack import LocalStack
 from conveyor.paths import repo_root, var_dir
 from conveyor.settings import default_store_url
@@ -64,12 +65,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"broker ready at {bootstrap} in {getattr(broker, 'ready_seconds', 0):.1f}s")
     store_url = args.store or default_store_url()
     secret = os.environ.get("CONVEYOR_WEBHOOK_DEFAULT_SECRET") or secrets.token_hex(16)
+    token = secrets.token_urlsafe(16)
+    tokens = os.environ.get("CONVEYOR_GATEWAY_TOKENS") or json.dumps({token: "demo"})
     env = {
         "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
         "CONVEYOR_STORE_URL": store_url,
         "CONVEYOR_WEBHOOK_DEFAULT_SECRET": secret,
+        "CONVEYOR_GATEWAY_TOKENS": tokens,
     }
-    stack = LocalStack(workdir, env)
+    stack = LocalStack(workdir, env, services=(*SERVICES, "gateway"))
     try:
         created = stack.apply_topics()
         print(f"topics applied ({len(created)} created)")
@@ -83,6 +87,9 @@ def run(args: argparse.Namespace) -> int:
                 f"  {name:<11} pid={proc.proc.pid if proc.proc else '-'} "
                 f"metrics=http://{proc.address}/metrics log={proc.log_path}"
             )
+        port = os.environ.get("CONVEYOR_GATEWAY_PORT", "8080")
+        if "CONVEYOR_GATEWAY_TOKENS" not in os.environ:
+            print(f"gateway: http://127.0.0.1:{port}/v1/tasks  (tenant demo, token {token})")
         if args.demo:
             from conveyor.local.demo import run_demo
 

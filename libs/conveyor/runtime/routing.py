@@ -106,10 +106,16 @@ class Router:
             extensions=ext,
         )
         headers, value = encode_binary(event, self.schemas)
-        if tracing.enabled():
+        if item.span.is_recording():
             headers += tracing.inject(item.span)  # the next hop's span is a child of this one
         else:
-            headers += tracing.carried(item.hmap, source.extensions)
+            # No span of ours (SDK off, or the parent was sampled out): hand on the incoming
+            # context as it is; a sampled-out root hands on its own (unsampled) context.
+            carried = tracing.carried(item.hmap, source.extensions)
+            if carried or not item.span.get_span_context().is_valid:
+                headers += carried
+            else:
+                headers += tracing.inject(item.span)
         topic = self.settings.topic(emit.topic or spec.topics[0])
         record = OutRecord(topic, task_id.encode(), value, headers)
         self._check_size(record)

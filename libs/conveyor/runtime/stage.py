@@ -300,17 +300,18 @@ class StageRunner:
             error = exc
         # The span starts after decoding: a structured-mode event carries its trace context in
         # the JSON body, not in headers. Without the SDK there is no span to make: the router
-        # carries the incoming context to the next hop as it is (tracing.carried).
-        span = (
-            tracing.start_span(
-                f"process {msg.topic()}",
-                parent=self._parent(hmap, event),
+        # carries the incoming context to the next hop as it is (tracing.carried). Under a
+        # parent-based sampler a record whose parent was not sampled gets no span either, only
+        # its parent's context, so unsampled records stay cheap and still propagate.
+        span = INVALID_SPAN
+        if tracing.enabled():
+            parent = self._parent(hmap, event)
+            span = tracing.unsampled_parent(parent) or tracing.start_span(
+                f"process {topic}",
+                parent=parent,
                 kind=SpanKind.CONSUMER,
                 attributes=self._span_attributes(msg, hmap, event),
             )
-            if tracing.enabled()
-            else INVALID_SPAN
-        )
         item = Item(topic, partition, offset, msg.key(), value, headers, hmap, span, event)
         if error is not None:
             self._fail(item, error, out, now, permanent=True)

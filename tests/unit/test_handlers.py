@@ -1,0 +1,349 @@
+"""Each stage's decisions, with fakes for models, HTTP and time: no broker, no real model."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+
+from conveyor.errors import PermanentError, RetryableError
+from conveyor.events.model import Event
+from conveyor.runtime import Emit, StageContext
+from conveyor.store import open_store
+from services.inference.handler import handle_batch as infer
+from services.inference.settings import InferenceSettings
+from services.moderation.handler import decide
+from services.moderation.handler import handle_batch as moderate
+from services.moderation.settings import ModerationSettings, Threshold
+from services.notify.handler import handle as notify
+from services.notify.settings import NotifySettings
+from services.preprocess.handler import handle as preprocess
+from services.preprocess.handler import normalise, word_count
+from services.preprocess.settings import PreprocessSettings
+from services.writeback.handler import handle_batch as write_back
+from services.writeback.handler import update_for
+from services.writeback.settings import WritebackSettings
+
+LOG = logging.getLogger("test")
+
+
+def ctx(settings: Any, **resources: Any) -> StageContext[Any]:
+    return StageContext("test", settings, LOG, dict(resources))
+
+
+def event(type_: str, data: Any, subject: str = "t-1", **ext: str) -> Event:
+    return Event(
+        id=f"id-{subject}-{type_}",
+        type=type_,
+        source="/test",
+        subject=subject,
+        data=data,
+        time="2026-11-23T00:00:00+00:00",
+        extensions=ext,
+    )
+
+
+def task(task_id: str = "t-1", **over: Any) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "tenant": "acme",
+        "kind": "embed",
+        "priority": "normal",
+        "callback_url": "http://127.0.0.1:9/hook",
+        "deadline": None,
+        "submitted_at": "2026-11-23T00:00:00+00:00",
+        "model": None,
+        "params": {},
+        **over,
+    }
+
+
+# -- preprocess ---------------------------------------------------------------------------------
+
+PRE = PreprocessSettings(stage="preprocess")
+
+
+def submitted(**data: Any) -> Event:
+    body = {"task_id": "t-1", "tenant": "acme", "kind": "generate", "input": "hi", **data}
+    return event("conveyor.task.submitted.v1", body)
+
+
+def test_preprocess_normalises_templates_counts_and_routes_by_priority() -> None:
+    out = preprocess(
+        submitted(
+            input="  Ｈｅｌｌｏ\u00a0\u00a0world \r\n\n\n\nbye ", template="answer", priority="high"
+        ),
+        ctx(PRE, count_tokens=word_count),
+    )
+    assert isinstance(out, Emit)
+    assert out.topic == "conveyor.task.preprocessed.high"
+    assert out.data["input"] == "Hello world\n\nbye"
+    assert out.data["prompt"].endswith("Question: Hello world\n\nbye")
+    assert out.data["token_count"] == len(out.data["prompt"].split())
+    assert out.extensions["priority"] == "high"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        ({"input": " \n\t "}, "empty"),
+        ({"template": "nope"}, "unknown template"),
+        ({"kind": "dance"}, "kind"),
+        ({"input": "word " * 600}, "tokens"),
+        ({"callback_url": "ftp://x"}, "callback_url"),
+    ],
+)
+def test_preprocess_rejects_bad_tasks_permanently(data: dict[str, Any], reason: str) -> None:
+    with pytest.raises(PermanentError, match=reason):
+        preprocess(submitted(**data), ctx(PRE, count_tokens=word_count))
+
+
+def test_normalise_is_nfkc_and_collapses_whitespace() -> None:
+    assert normalise("ﬁne\t\tcafe\u0301  ") == "fine café"
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeSpec:
+    kind: str
+    name: str
+
+
+class FakeModel:
+    def __init__(self, calls: list[tuple[str, int]], kind: str) -> None:
+        self.calls, self.kind = calls, kind
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        self.calls.append(("embed", len(texts)))
+        return [[float(len(t))] for t in texts]
+
+    def generate(self, prompts: list[str], params: list[Any]) -> list[str]:
+        self.calls.append(("generate", len(prompts)))
+        return [p.upper() for p in prompts]
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    def spec(self, kind: str, name: str | None = None) -> FakeSpec:
+        if name not in (None, "tiny"):
+            raise KeyError(f"no model {name!r} of kind {kind!r} is configured")
+        return FakeSpec(kind, "tiny")
+
+    def for_kind(self, kind: str, name: str) -> FakeModel:
+        return FakeModel(self.calls, kind)
+
+
+def preprocessed(task_id: str, **over: Any) -> Event:
+    data = {
+        "task": task(task_id, **over),
+        "input": f"in-{task_id}",
+        "prompt": f"p-{task_id}",
+        "token_count": 1,
+        "labels": [],
+    }
+    return event("conveyor.task.preprocessed.v1", data, subject=task_id)
+
+
+def test_inference_runs_one_call_per_kind_and_returns_one_outcome_per_record() -> None:
+    registry = FakeRegistry()
+    events = [
+        preprocessed("a"),
+        preprocessed("b", kind="generate"),
+        preprocessed("c"),
+        preprocessed("d", deadline="2020-01-01T00:00:00+00:00"),
+        preprocessed("e", model="huge"),
+        preprocessed("f", kind="generate", params={"temperature": "-1"}),
+    ]
+    out = infer(events, ctx(InferenceSettings(stage="inference"), models=registry))
+    assert sorted(registry.calls) == [("embed", 2), ("generate", 1)]
+    assert out[0].data["embedding"] == [4.0] and out[2].data["embedding"] == [4.0]
+    assert out[1].data["text"] == "P-B"
+    assert out[3].data["status"] == "expired" and out[3].topic == "conveyor.task.status"
+    assert isinstance(out[4], PermanentError) and "huge" in str(out[4])
+    assert isinstance(out[5], PermanentError)
+
+
+# -- moderation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    signal: str
+    score: float
+    reason: str
+
+
+class FakeSignal:
+    name = "profanity"
+
+    def evaluate(self, texts: list[str]) -> list[Result]:
+        return [Result(self.name, 0.95 if "damn" in t else 0.1, "fake") for t in texts]
+
+
+def inferred(task_id: str, text: str | None, input_text: str = "fine") -> Event:
+    data = {
+        "task": task(task_id),
+        "input": input_text,
+        "model": "tiny",
+        "text": text,
+        "embedding": None,
+        "label": None,
+        "label_scores": {},
+        "inference_ms": 1.0,
+    }
+    return event("conveyor.task.inferred.v1", data, subject=task_id)
+
+
+def test_moderation_checks_input_and_output_and_withholds_blocked_output() -> None:
+    settings = ModerationSettings(stage="moderation")
+    out = moderate(
+        [
+            inferred("a", "all good"),
+            inferred("b", "damn it"),
+            inferred("c", "ok", input_text="damn you"),
+        ],
+        ctx(settings, signals=[FakeSignal()]),
+    )
+    assert [o.data["verdict"] for o in out] == ["allow", "block", "block"]
+    assert out[0].data["text"] == "all good"
+    assert out[1].data["text"] is None and out[2].data["text"] is None
+    assert out[1].data["reasons"] == ["profanity: fake"]
+
+
+def test_moderation_thresholds_make_allow_flag_block() -> None:
+    limits = {"profanity": Threshold(flag=0.5, block=0.8)}
+    assert decide({"profanity": (0.2, "r")}, limits).verdict == "allow"
+    assert decide({"profanity": (0.6, "r")}, limits).verdict == "flag"
+    assert decide({"profanity": (0.8, "r")}, limits).verdict == "block"
+    assert decide({"other": (1.0, "r")}, limits).verdict == "allow"  # no threshold: reports only
+
+
+# -- writeback ----------------------------------------------------------------------------------
+
+
+def moderated(task_id: str, verdict: str) -> Event:
+    data = {
+        "task": task(task_id),
+        "model": "tiny",
+        "text": None if verdict == "block" else "x",
+        "embedding": None,
+        "label": None,
+        "label_scores": {},
+        "verdict": verdict,
+        "scores": {"profanity": 0.1},
+        "reasons": [],
+    }
+    return event(
+        "conveyor.task.moderated.v1",
+        data,
+        subject=task_id,
+        traceparent="00-" + "ab" * 16 + "-" + "cd" * 8 + "-01",
+    )
+
+
+def status(task_id: str, value: str, stage: str) -> Event:
+    data = {
+        "task_id": task_id,
+        "tenant": "acme",
+        "status": value,
+        "stage": stage,
+        "reason": "boom",
+        "error_class": "X",
+        "attempt": 1,
+        "callback_url": None,
+        "kind": "embed",
+        "time": "2026-11-23T00:00:01+00:00",
+    }
+    return event("conveyor.task.status.v1", data, subject=task_id)
+
+
+def test_writeback_stores_results_once_and_emits_stored_for_terminal_tasks() -> None:
+    store = open_store("sqlite:///:memory:")
+    events = [
+        preprocessed("a"),
+        moderated("a", "allow"),
+        moderated("b", "block"),
+        status("c", "failed", "inference"),
+        status("d", "retrying", "inference"),
+        status("a", "failed", "notify"),
+    ]
+    settings = WritebackSettings(stage="writeback")
+    out = write_back(events, ctx(settings, store=store))
+    assert [o.data["status"] if isinstance(o, Emit) else None for o in out] == [
+        None,
+        "completed",
+        "blocked",
+        "failed",
+        None,
+        None,
+    ]
+    write_back(events, ctx(settings, store=store))  # redelivery changes nothing
+    a, b, c = store.get("a"), store.get("b"), store.get("c")
+    assert a is not None and a.status == "completed" and a.trace_id == "ab" * 16
+    assert b is not None and b.result is None and b.verdict == "block"
+    assert c is not None and c.status == "failed" and c.error == "boom"
+    assert len(store.timeline("a")) == 2  # the notify failure is not in the task's row
+    assert update_for(status("a", "failed", "notify")) is None
+
+
+# -- notify -------------------------------------------------------------------------------------
+
+
+def stored(task_id: str, url: str | None = "http://hooks.test/h") -> Event:
+    data = {
+        "task": task(task_id, callback_url=url),
+        "status": "completed",
+        "verdict": "allow",
+        "result": json.dumps({"text": "hi"}),
+        "error": None,
+    }
+    return event("conveyor.task.stored.v1", data, subject=task_id)
+
+
+def notify_ctx(answer: int, seen: list[httpx.Request]) -> StageContext[Any]:
+    def respond(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(answer)
+
+    settings = NotifySettings(stage="notify", webhook_secrets={"acme": "s3cret"})
+    client = httpx.Client(transport=httpx.MockTransport(respond))
+    return ctx(settings, store=open_store("sqlite:///:memory:"), http=client)
+
+
+def test_notify_signs_the_body_and_notifies_a_task_once() -> None:
+    seen: list[httpx.Request] = []
+    c = notify_ctx(200, seen)
+    out = notify(stored("a"), c)
+    assert isinstance(out, Emit) and out.data["http_status"] == 200
+    body = seen[0].content
+    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
+    assert seen[0].headers["X-Conveyor-Signature"] == expected
+    assert json.loads(body)["result"] == {"text": "hi"}
+    assert notify(stored("a"), c) is None and len(seen) == 1  # never twice
+
+
+def test_notify_retries_5xx_and_dead_letters_4xx_releasing_the_claim() -> None:
+    seen: list[httpx.Request] = []
+    c = notify_ctx(503, seen)
+    with pytest.raises(RetryableError):
+        notify(stored("a"), c)
+    with pytest.raises(RetryableError):
+        notify(stored("a"), c)  # the claim was released: the retry sends again
+    assert len(seen) == 2
+    with pytest.raises(PermanentError):
+        notify(stored("b"), notify_ctx(404, seen))
+
+
+def test_notify_without_callback_url_emits_notified_with_no_channel() -> None:
+    out = notify(stored("a", url=None), notify_ctx(200, []))
+    assert isinstance(out, Emit) and out.data["channel"] == "none"
