@@ -151,7 +151,7 @@ def breakdown(runner: StageRunner, msg: FakeMessage) -> dict[str, float]:
             "task-moderated", 1, dict(OUTPUT_DATA[MODERATED])
         ),
         "of which event id (uuid5)": lambda: event_id("ovh-0", MODERATED),
-        "e2e latency observation": lambda: runner._observe_e2e(item),
+        "e2e latency observation": lambda: runner._observe_e2e(item, time.time()),
     }
     out = {}
     for name, step in steps.items():
