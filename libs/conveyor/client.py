@@ -72,9 +72,9 @@ class TaskClient:
             },
         )
         ext = {"tenant": data["tenant"], "priority": data["priority"]}
-        parent = tracing.traceparent_of(span)
-        if parent:
-            ext["traceparent"] = parent
+        # Every task gets a trace id, even with the SDK off (then one is minted here).
+        parent = tracing.traceparent_of(span) or tracing.new_traceparent()
+        ext["traceparent"] = parent
         if data["deadline"]:
             ext["deadline"] = data["deadline"]
         event = Event(
@@ -89,7 +89,10 @@ class TaskClient:
             extensions=ext,
         )
         headers, value = encode_binary(event, self.schemas)
-        headers += tracing.inject(span)
+        if span.is_recording():
+            headers += tracing.inject(span)
+        else:
+            headers.append(("traceparent", parent.encode()))
         self._check_size(data["task_id"], value, headers, span)
         self.producer.produce(
             self.topic,
@@ -100,7 +103,7 @@ class TaskClient:
         )
         self.producer.poll(0)
         tracing.end_span(span)
-        return data["task_id"], tracing.trace_id_hex(span)
+        return data["task_id"], parent.split("-")[1]
 
     def _check_size(
         self, task_id: str, value: bytes, headers: list[tuple[str, bytes]], span: Any

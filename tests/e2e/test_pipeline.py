@@ -125,15 +125,20 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
         if (r := records[t]) is None or r.status != s
     }
     assert not wrong, (wrong, logs)
+    trace_ids = set()
     for task_id, status in expect.items():
         record = records[task_id]
         assert record is not None
+        # Tracing export is off here, yet every task carries its own trace id end to end.
+        assert record.trace_id is not None and len(record.trace_id) == 32, record
+        trace_ids.add(record.trace_id)
         if status == "blocked":
             assert record.result is None and record.verdict == "block"
         if status == "failed":
             assert "empty" in (record.error or "")
         if status == "completed":
             assert record.result is not None and record.verdict in ("allow", "flag")
+    assert len(trace_ids) == 200
     deliveries = receiver.snapshot()
     per_task = collections.Counter(d.task_id for d in deliveries)
     assert len(deliveries) == 200 and set(per_task) == set(expect), per_task.most_common(3)

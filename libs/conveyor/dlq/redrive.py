@@ -24,7 +24,6 @@ is read after that fencing, so it sees every entry the fenced one committed.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -211,7 +210,7 @@ def _prepare(dl: DeadLetter, tracer: trace.Tracer) -> Redriven:
     trace_headers = tracing.inject(span) if span.get_span_context().is_valid else []
     if not trace_headers:
         # No SDK: mint the ids, so the redriven run is still a trace of its own.
-        trace_headers = [("traceparent", _mint().encode())]
+        trace_headers = [("traceparent", tracing.new_traceparent().encode())]
     headers = redrive_headers(dl.headers, ref=dl.ref, trace=trace_headers, linked=linked)
     tracing.end_span(span)
     started = dict(trace_headers)["traceparent"].decode()
@@ -245,8 +244,3 @@ def _start_span(tracer: trace.Tracer, dl: DeadLetter, linked: str | None) -> Spa
     except Exception:  # telemetry never fails the operation
         log.exception("redrive span failed ref=%s", dl.ref)
         return trace.INVALID_SPAN
-
-
-def _mint() -> str:
-    # Sampled: redrives are rare and worth a trace downstream.
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from opentelemetry.trace import INVALID_SPAN, Link, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind
 
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.events.avro import SchemaError, default_schemas
@@ -303,7 +303,7 @@ class StageRunner:
         # carries the incoming context to the next hop as it is (tracing.carried). Under a
         # parent-based sampler a record whose parent was not sampled gets no span either, only
         # its parent's context, so unsampled records stay cheap and still propagate.
-        span = INVALID_SPAN
+        span: Span = INVALID_SPAN
         if tracing.enabled():
             parent = self._parent(hmap, event)
             span = tracing.unsampled_parent(parent) or tracing.start_span(

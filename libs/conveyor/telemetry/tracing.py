@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -97,6 +98,12 @@ def shutdown_tracing() -> None:
 def enabled() -> bool:
     """Whether the SDK is installed (spans are made and exported, subject to the sampler)."""
     return _enabled
+
+
+def new_traceparent() -> str:
+    """A fresh, sampled W3C traceparent, for work that starts a trace while the SDK is off:
+    the task still gets one trace id through every hop (stored, shown by `conveyor trace`)."""
+    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
 
 
 def _parent_based() -> bool:
