@@ -6,7 +6,6 @@ after the terminal status; `python -m services.gateway` starts, serves and drain
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import INGRESS_TOPIC
 from conveyor.events.codec import decode
 from conveyor.local.process import ServiceProcess
+from conveyor.net import free_ports
 from conveyor.store import ResultStore, TaskUpdate, open_store
 from services.gateway.__main__ import build, uvicorn_config
 from services.gateway.settings import GatewaySettings
@@ -209,18 +209,11 @@ def decoded(text: str | bytes) -> dict[str, Any]:
     return value
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_gateway_process_serves_and_exits_cleanly_on_sigterm(
     kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     apply(kafka_bootstrap, topic_prefix)
-    port = free_port()
+    port = free_ports()[0]
     env = {
         "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "CONVEYOR_TOPIC_PREFIX": topic_prefix,

@@ -1,16 +1,16 @@
 """Rendering of the local broker's configuration files: `server.properties` and a log4j2 config.
 
 A `BrokerConfig` is a frozen value (ports, data directory, a few limits); the render functions turn
-it into the text Kafka reads. Nothing here starts a process (`free_ports` only asks the OS for
-ports), so unit tests can check every setting without Java. Each setting carries a comment saying
-why a single-node development broker needs it (most Kafka defaults assume a three-node cluster).
+it into the text Kafka reads. Nothing here starts a process (`conveyor.net.free_ports` asks the OS
+for ports), so unit tests can check every setting without Java. Each setting carries a comment
+saying why a single-node development broker needs it (most Kafka defaults assume a three-node
+cluster).
 """
 
 from __future__ import annotations
 
 import base64
 import re
-import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,18 +68,6 @@ class BrokerConfig:
     @property
     def log_file(self) -> Path:
         return self.data_dir / BROKER_LOG_NAME
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct ports that were free a moment ago (the OS picks them)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def new_cluster_id() -> str:

@@ -23,7 +23,6 @@ from types import TracebackType
 from conveyor.broker.config import (
     DEFAULT_MESSAGE_MAX_BYTES,
     BrokerConfig,
-    free_ports,
     new_cluster_id,
     ports_from_properties,
     write_config_files,
@@ -40,6 +39,7 @@ from conveyor.broker.jvm import (
     signal_group,
 )
 from conveyor.broker.probe import answers, probe_client
+from conveyor.net import free_ports
 
 logger = logging.getLogger(__name__)
 

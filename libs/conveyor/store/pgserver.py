@@ -21,7 +21,6 @@ import pwd
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,8 @@ from types import TracebackType
 
 import psycopg
 from psycopg import sql
+
+from conveyor.net import free_ports
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ def find_bindir() -> Path:
         f"{[str(c) for c in candidates] or 'nothing'}. Install them (Debian/Ubuntu: "
         "apt-get install postgresql) or set CONVEYOR_PG_BINDIR."
     )
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _server_user() -> pwd.struct_passwd | None:
@@ -139,7 +133,7 @@ class PgServer:
             # A server left running on this data dir (an earlier demo): its port is unknown.
             self._run([*pg_ctl, "stop", "-m", "fast", "-w"], deadline)
         for attempt in range(1, _START_ATTEMPTS + 1):
-            self.port = free_port()
+            self.port = free_ports()[0]
             wait_s = str(max(1, int(deadline - time.monotonic())))
             start = ["start", "-l", str(self.log_file), "-w", "-t", wait_s, "-o", f"-p {self.port}"]
             try:
