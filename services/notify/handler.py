@@ -13,6 +13,7 @@ import httpx
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
+from conveyor.store.base import NOTIFICATION_CLAIMED
 from conveyor.telemetry.tracing import inject_current, span
 from services.notify.settings import NotifySettings
 
@@ -48,6 +49,15 @@ def handle(event: Event, ctx: StageContext[NotifySettings]) -> Emit | None:
         return _notified(event, "none", None)
     store = ctx.resources["store"]
     if not store.claim_notification(task["task_id"], event.id, url, lease_s=s.claim_lease_s):
+        held = store.notification(task["task_id"])
+        if held is not None and held.status == NOTIFICATION_CLAIMED:
+            # A sender died between its claim and the answer (it may or may not have sent):
+            # retry through the ladder until the lease lapses and the claim is taken over.
+            # Skipping here would lose the notification if the request never went out.
+            raise RetryableError(
+                f"notification of {task['task_id']} claimed at {held.claimed_at.isoformat()} "
+                f"by a sender that has not finished; taken over after {s.claim_lease_s:g} s"
+            )
         ctx.log.info("notification skipped task_id=%s reason=already-notified", task["task_id"])
         return None
     secret = s.webhook_secrets.get(task["tenant"], s.webhook_default_secret)

@@ -13,8 +13,9 @@ class NotifySettings(StageSettings):
         default_factory=dict, description="tenant -> HMAC secret (JSON)"
     )
     webhook_default_secret: str | None = Field(default=None, description="for tenants not listed")
-    # A receiver that takes longer than 5 s is treated as down; the ladder tries again later.
-    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    # A receiver that takes longer than 10 s is treated as down; the ladder tries again later
+    # (a receiver that was only slow then sees the webhook twice, with one event id).
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
     # A claim older than this whose sender died is taken over (at-least-once, not lost).
     claim_lease_s: float = Field(default=60.0, gt=0)
     batch_max: int = Field(default=50, ge=1)

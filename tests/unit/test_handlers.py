@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -310,12 +311,12 @@ def stored(task_id: str, url: str | None = "http://hooks.test/h") -> Event:
     return event("conveyor.task.stored.v1", data, subject=task_id)
 
 
-def notify_ctx(answer: int, seen: list[httpx.Request]) -> StageContext[Any]:
+def notify_ctx(answer: int, seen: list[httpx.Request], **over: Any) -> StageContext[Any]:
     def respond(request: httpx.Request) -> httpx.Response:
         seen.append(request)
         return httpx.Response(answer)
 
-    settings = NotifySettings(stage="notify", webhook_secrets={"acme": "s3cret"})
+    settings = NotifySettings(stage="notify", webhook_secrets={"acme": "s3cret"}, **over)
     client = httpx.Client(transport=httpx.MockTransport(respond))
     return ctx(settings, store=open_store("sqlite:///:memory:"), http=client)
 
@@ -342,6 +343,21 @@ def test_notify_retries_5xx_and_dead_letters_4xx_releasing_the_claim() -> None:
     assert len(seen) == 2
     with pytest.raises(PermanentError):
         notify(stored("b"), notify_ctx(404, seen))
+
+
+def test_notify_retries_a_claim_left_by_a_dead_sender_and_takes_it_over_after_the_lease() -> None:
+    seen: list[httpx.Request] = []
+    c = notify_ctx(200, seen, claim_lease_s=0.2)
+    store = c.resources["store"]
+    assert store.claim_notification("a", "ev-a", "http://hooks.test/h")  # then its sender died
+    with pytest.raises(RetryableError, match="has not finished"):
+        notify(stored("a"), c)
+    assert seen == []
+    time.sleep(0.25)
+    out = notify(stored("a"), c)
+    assert isinstance(out, Emit) and out.data["http_status"] == 200 and len(seen) == 1
+    assert store.notification("a").status == "delivered"
+    assert notify(stored("a"), c) is None and len(seen) == 1  # delivered: skipped, not retried
 
 
 def test_notify_without_callback_url_emits_notified_with_no_channel() -> None:

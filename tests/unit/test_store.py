@@ -224,6 +224,8 @@ class StoreContract:
         [record] = store.list_notifications()
         assert (record.status, record.http_status, record.url) == ("delivered", 204, "https://cb")
         assert record.delivered_at is not None and record.delivered_at >= record.claimed_at
+        assert store.notification("t1") == record
+        assert store.notification("t2") is None
 
     def test_released_claim_can_be_claimed_again(self, store: ResultStore) -> None:
         assert store.claim_notification("t1", "ev", "https://cb")

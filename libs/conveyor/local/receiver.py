@@ -1,7 +1,10 @@
 """A webhook receiver on 127.0.0.1 that checks Conveyor's signatures: for the demo and tests.
 
-It records every delivery (task id, body, whether `X-Conveyor-Signature` verified with the
-tenant's secret) and answers 200, or the status a test scripts for a task (to prove retries).
+It records every delivery (task id, event id, body, whether `X-Conveyor-Signature` verified with
+the tenant's secret) and answers 200, or the status a test scripts for a task (to prove retries).
+Webhooks are at-least-once: a notify crash between the receiver's answer and the claim's
+completion repeats one, with the same `X-Conveyor-Event-Id` and body. `applied()` is what a
+receiver that honours that id acts on.
 """
 
 from __future__ import annotations
@@ -36,7 +39,11 @@ class WebhookReceiver:
             def do_POST(self) -> None:  # noqa: N802
                 length = int(self.headers.get("Content-Length", "0"))
                 raw = self.rfile.read(length)
-                code = receiver._record(raw, self.headers.get("X-Conveyor-Signature", ""))
+                code = receiver._record(
+                    raw,
+                    self.headers.get("X-Conveyor-Signature", ""),
+                    self.headers.get("X-Conveyor-Event-Id", ""),
+                )
                 self.send_response(code)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
@@ -61,7 +68,7 @@ class WebhookReceiver:
         self.server.shutdown()
         self.server.server_close()
 
-    def _record(self, raw: bytes, signature: str) -> int:
+    def _record(self, raw: bytes, signature: str, event_id: str) -> int:
         try:
             body = json.loads(raw)
         except ValueError:
@@ -76,7 +83,7 @@ class WebhookReceiver:
             self.deliveries.append(
                 Delivery(
                     task_id,
-                    str(body.get("event_id", "")),
+                    event_id or str(body.get("event_id", "")),
                     body,
                     hmac.compare_digest(expected, signature),
                 )
@@ -84,5 +91,13 @@ class WebhookReceiver:
         return 200
 
     def snapshot(self) -> list[Delivery]:
+        """Every delivery, repeats included, in arrival order."""
         with self._lock:
             return list(self.deliveries)
+
+    def applied(self) -> list[Delivery]:
+        """The first delivery of each event id: what an idempotent receiver acts on."""
+        first: dict[str, Delivery] = {}
+        for delivery in self.snapshot():
+            first.setdefault(delivery.event_id, delivery)
+        return list(first.values())

@@ -313,6 +313,10 @@ class ResultStore(Protocol):
         """Drop an unfinished claim so a retry can claim again; False if there was none."""
         ...
 
+    def notification(self, task_id: str) -> NotificationRecord | None:
+        """The task's notification claim, or None if it was never claimed (or was released)."""
+        ...
+
     def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
         """Notification claims, oldest first."""
         ...

@@ -273,6 +273,14 @@ class PostgresResultStore:
             )
             return cur.rowcount == 1
 
+    def notification(self, task_id: str) -> NotificationRecord | None:
+        sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE task_id = %s"
+        with self._transaction() as cur:
+            r = cur.execute(sql, (task_id,)).fetchone()
+        if r is None:
+            return None
+        return NotificationRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], _utc(r[6]))
+
     def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
         sql = (
             f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications "
