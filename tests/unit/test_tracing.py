@@ -10,7 +10,7 @@ import logging
 from collections.abc import Iterator
 
 import pytest
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -114,12 +114,145 @@ def test_log_lines_inside_a_span_carry_its_trace_id(exported: InMemorySpanExport
 
 
 def test_unsampled_parent_is_handed_on_instead_of_making_a_span() -> None:
-    from conveyor.telemetry.tracing import parent_context, unsampled_parent
+    from conveyor.telemetry.tracing import remote_parent, unsampled_parent
 
-    dropped = parent_context({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"})
-    kept = parent_context({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
+    dropped = remote_parent({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"})
+    kept = remote_parent({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"})
     span = unsampled_parent(dropped)
     assert span is not None and not span.get_span_context().trace_flags.sampled
     assert format(span.get_span_context().span_id, "016x") == "cd" * 8  # the parent itself
     assert unsampled_parent(kept) is None
     assert unsampled_parent(None) is None
+
+
+def test_record_under_an_unsampled_parent_reuses_it_and_its_handler_spans_stay_in_its_trace(
+    exported: InMemorySpanExporter,
+) -> None:
+    dropped = tracing.remote_parent({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"})
+    asked = []
+    record = tracing.record_span(
+        "process in", parent=dropped, attributes=lambda: asked.append(1) or {}
+    )
+    assert record is dropped and asked == []  # no span made, no attributes built
+    headers = dict(tracing.inject(record))
+    assert headers["traceparent"] == b"00-" + b"ab" * 16 + b"-" + b"cd" * 8 + b"-00"
+    token = tracing.activate(record)
+    with tracing.span("classify") as handler:
+        ctx = handler.get_span_context()
+    tracing.deactivate(token)
+    assert format(ctx.trace_id, "032x") == "ab" * 16 and not ctx.trace_flags.sampled
+    assert exported.get_finished_spans() == ()
+
+
+def test_record_span_is_a_consumer_child_of_the_previous_hop_with_all_its_attributes(
+    exported: InMemorySpanExporter,
+) -> None:
+    hop = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    attributes = {"messaging.system": "kafka", "messaging.kafka.offset": 7, "ok": True}
+    record = tracing.record_span(
+        "process t",
+        parent=tracing.remote_parent({"traceparent": hop, "tracestate": "v=1"}),
+        attributes=lambda: attributes,
+    )
+    headers = {k: v.decode() for k, v in tracing.inject(record)}
+    tracing.end_span(record)
+    span = by_name(exported)["process t"]
+    assert span.kind is SpanKind.CONSUMER and span.parent is not None
+    assert span.parent.is_remote and format(span.parent.span_id, "016x") == hop[36:52]
+    assert format(span.context.trace_id, "032x") == hop[3:35]
+    assert dict(span.attributes or {}) == attributes
+    assert headers["traceparent"] == tracing.traceparent_of(record)
+    assert headers["traceparent"].startswith(f"00-{hop[3:35]}-") and headers["tracestate"] == "v=1"
+
+
+def test_attributes_the_sdk_would_change_still_go_through_its_checks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider(span_limits=SpanLimits(max_span_attribute_length=4))
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    monkeypatch.setattr(tracing, "tracer", lambda: provider.get_tracer("test"))
+    tracing.end_span(tracing.start_span("limited", parent=None, attributes={"a": "abcdefgh"}))
+    tracing.end_span(tracing.start_span("listed", parent=None, attributes={"l": ["x", "y"]}))
+    spans = by_name(exporter)
+    assert dict(spans["limited"].attributes or {}) == {"a": "abcd"}
+    assert dict(spans["listed"].attributes or {}) == {"l": ("x", "y")}
+    provider.shutdown()
+
+
+HEADERS = [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03",
+    " \t00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\t ",
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-future-fields",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+    "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1",
+    "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333g-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01x",
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" + "-x" * 300,
+    "",
+]
+
+
+@pytest.mark.parametrize("header", HEADERS)
+@pytest.mark.parametrize("state", [None, "vendor=a,other=b", "not a list entry", "x" * 600])
+def test_traceparent_is_read_as_the_w3c_propagator_reads_it(header: str, state: str | None) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = (
+        {"traceparent": header} if state is None else {"traceparent": header, "tracestate": state}
+    )
+    expected = trace.get_current_span(TraceContextTextMapPropagator().extract(carrier))
+    got = tracing.remote_parent(carrier)
+    if not expected.get_span_context().is_valid:
+        assert got is None
+    else:
+        assert got is not None and got.get_span_context() == expected.get_span_context()
+        assert got.get_span_context().trace_state == expected.get_span_context().trace_state
+
+
+def test_injected_headers_are_what_the_w3c_propagator_writes() -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = TraceContextTextMapPropagator()
+    for header, state in [(HEADERS[0], "vendor=a,other=b"), (HEADERS[1], None), (HEADERS[2], "")]:
+        carrier = (
+            {"traceparent": header}
+            if state is None
+            else {"traceparent": header, "tracestate": state}
+        )
+        span = trace.get_current_span(propagator.extract(carrier))
+        expected: dict[str, str] = {}
+        propagator.inject(expected, context=trace.set_span_in_context(span))
+        assert {k: v.decode() for k, v in tracing.inject(span)} == expected
+    assert tracing.inject(trace.INVALID_SPAN) == []
+
+
+def test_batch_span_is_a_child_of_the_first_record_linked_to_the_others(
+    exported: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracing, "enabled", lambda: True)
+    records = [tracing.start_span(f"process {i}", parent=None) for i in range(3)]
+    batch = tracing.batch_span(
+        "moderation batch", first=records[0], others=records[1:], attributes={"n": 3}
+    )
+    tracing.end_span(batch)
+    span = by_name(exported)["moderation batch"]
+    assert span.parent is not None
+    assert span.parent.span_id == records[0].get_span_context().span_id
+    linked = [link.context.span_id for link in span.links]
+    assert linked == [record.get_span_context().span_id for record in records[1:]]
+    assert dict(span.attributes or {}) == {"n": 3}
+    dropped = tracing.remote_parent({"traceparent": "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"})
+    assert dropped is not None
+    unkept = tracing.batch_span("b", first=dropped, others=records, attributes={"n": 4})
+    assert not unkept.is_recording()
+    assert format(unkept.get_span_context().trace_id, "032x") == "ab" * 16

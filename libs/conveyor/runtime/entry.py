@@ -7,6 +7,7 @@ exits 0. A Kafka failure exits 1 so the supervisor (Kubernetes, `conveyor up`) r
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import sys
@@ -40,6 +41,10 @@ def run_service(service: StageService[Any]) -> int:
     signal.signal(signal.SIGINT, on_signal)
     code = 0
     try:
+        runner.start()
+        # What exists now (modules, models, clients) lives as long as the process: frozen out
+        # of the collector's reach, full collections stop re-walking it on every few batches.
+        gc.freeze()
         runner.run()
     except BrokerError as exc:
         log.error("kafka failed stage=%s error=%s", service.name, exc)

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
-from opentelemetry.trace import INVALID_SPAN, Link, Span, SpanKind
+from opentelemetry.trace import INVALID_SPAN, Span
 
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.events.avro import SchemaError, default_schemas
@@ -131,7 +131,8 @@ class StageRunner:
 
     def run(self) -> None:
         """Run until `stop()`; raise BrokerError if Kafka fails (the process must restart)."""
-        self.start()
+        if not self.started:
+            self.start()
         try:
             while not self.stopping.is_set():
                 self.heartbeat = time.monotonic()
@@ -305,12 +306,10 @@ class StageRunner:
         # its parent's context, so unsampled records stay cheap and still propagate.
         span: Span = INVALID_SPAN
         if tracing.enabled():
-            parent = self._parent(hmap, event)
-            span = tracing.unsampled_parent(parent) or tracing.start_span(
+            span = tracing.record_span(
                 f"process {topic}",
-                parent=parent,
-                kind=SpanKind.CONSUMER,
-                attributes=self._span_attributes(msg, hmap, event),
+                parent=self._parent(hmap, event),
+                attributes=lambda: self._span_attributes(msg, hmap, event),
             )
         item = Item(topic, partition, offset, msg.key(), value, headers, hmap, span, event)
         if error is not None:
@@ -328,16 +327,11 @@ class StageRunner:
             raise SchemaError(f"{event.type} must carry {spec.schema} data, not {event.dataschema}")
 
     @staticmethod
-    def _parent(hmap: dict[str, str], event: Any) -> Any:
+    def _parent(hmap: dict[str, str], event: Any) -> Span | None:
         if "traceparent" in hmap or "ce_traceparent" in hmap or event is None:
-            return tracing.parent_context(hmap)
+            return tracing.remote_parent(hmap)
         start = event.ext("traceparent")
-        if not start:
-            return None
-        carrier = {"ce_traceparent": start}
-        if event.ext("tracestate"):
-            carrier["ce_tracestate"] = event.ext("tracestate")
-        return tracing.parent_context(carrier)
+        return tracing.remote_span(start, event.ext("tracestate") or None) if start else None
 
     def _handle(self, items: list[Item], out: list[OutRecord], now: str) -> None:
         events = [item.event for item in items if item.event is not None]
@@ -375,11 +369,10 @@ class StageRunner:
                     tracing.deactivate(token)
             return results
         assert svc.handle_batch is not None
-        links = [Link(i.span.get_span_context()) for i in items[1:]] if tracing.enabled() else []
-        batch_span = tracing.start_span(
+        batch_span = tracing.batch_span(
             f"{self.stage} batch",
-            parent=_ctx_of(items[0].span),
-            links=links,
+            first=items[0].span,
+            others=[item.span for item in items[1:]],
             attributes=self._batch_attributes(items),
         )
         token = tracing.activate(batch_span)
@@ -618,12 +611,6 @@ def _where(msg: Message) -> tuple[str, int, int]:
 def _failpoint_count(spec: str) -> int | None:
     name, _, count = spec.partition(":")
     return int(count or 1) if name == "exit-before-commit" else None
-
-
-def _ctx_of(span: Any) -> Any:
-    from opentelemetry import trace
-
-    return trace.set_span_in_context(span)
 
 
 def _trace_of(hmap: dict[str, str]) -> str | None:
