@@ -56,6 +56,7 @@ typecheck: python ## mypy --strict on libs and services
 bench: python jars models ## run the benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/embed_batching.py
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/pipeline_real.py
 
 clean: ## remove local state (broker data, databases); keeps the caches
 	rm -rf var

@@ -22,25 +22,22 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import platform
 import statistics
 import sys
 import threading
 import time
-import timeit
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-import psutil
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hops import FINAL_TOPIC, STAGES, input_records, run_raw_hop, run_relay  # noqa: E402
+from machine import cpu_seconds, machine  # noqa: E402
 from overhead import runtime_overhead  # noqa: E402
 
 from conveyor.broker.local import LocalBroker  # noqa: E402
@@ -222,14 +219,6 @@ def measure(
     return len(records) / elapsed, (cpu1 - cpu0) / (len(records) * 5) * 1e6
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        times = psutil.Process(pid).cpu_times()
-        total += times.user + times.system
-    return total
-
-
 def summarise(
     pipelines: list[Pipeline],
     spans: int,
@@ -273,24 +262,6 @@ def summarise(
             "task in ten traced at every hop, the rest hand their context on without a span",
             "hops": "each hop its own process; the three pipelines run on one broker, in turn",
         },
-    }
-
-
-def machine(load: tuple[float, ...]) -> dict[str, Any]:
-    return {
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "confluent_kafka": version("confluent-kafka"),
-        "librdkafka": __import__("confluent_kafka").libversion()[0],
-        "opentelemetry_sdk": version("opentelemetry-sdk"),
-        "fastavro": version("fastavro"),
-        "load_average_at_start": [round(x, 2) for x in load],
-        "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
-        # A speed reference for the µs figures: ~10 µs on an idle modern x86 core.
-        "calibration_us_sum_range_1000": round(
-            timeit.timeit("sum(range(1000))", number=2000) / 2000 * 1e6, 1
-        ),
     }
 
 

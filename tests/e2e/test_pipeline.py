@@ -10,23 +10,13 @@ import pytest
 
 from conveyor.client import TaskClient
 from conveyor.local.receiver import WebhookReceiver
+from conveyor.local.samples import PROFANE, SENTENCES
 from conveyor.local.stack import LocalStack
 from conveyor.settings import KafkaSettings
 from conveyor.store import open_store
 from tests.e2e.conftest import SECRET
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
-
-SENTENCES = [
-    "The quarterly report shows revenue growth in every region.",
-    "Rain is expected across the north of the country tomorrow.",
-    "The library extends its opening hours during exam season.",
-    "A new bridge will connect the two halves of the city.",
-    "The orchestra rehearsed the symphony for three weeks.",
-    "Engineers replaced the aging pumps at the water plant.",
-    "The museum opened an exhibition of early photographs.",
-]
-PROFANE = ["you are a fucking idiot", "shut up you stupid piece of shit", "fuck off, asshole"]
 
 
 def mixed_tasks(run: str, callback: str) -> tuple[list[dict[str, object]], dict[str, str]]:

@@ -5,7 +5,10 @@ gzip or not) or `<receiver.grpc_endpoint>` with `OTEL_EXPORTER_OTLP_PROTOCOL=grp
 `ExportTraceServiceRequest` is decoded with the `opentelemetry-proto` messages into
 `ReceivedSpan`s (hex ids, the resource's `service.name`, attributes as Python values), so a test
 can check parentage and attributes the way a trace backend would show them. With
-`keep_spans=False` it only counts spans (a benchmark's sink, cheap on a shared CPU).
+`keep_spans=False` it only counts spans (a benchmark's sink, cheap on a shared CPU). With
+`defer_decode=True` an OTLP/HTTP body is only kept on receipt and decoded by `decode_pending()`:
+a benchmark calls that outside its timed window, so parsing does not compete with the services
+for the CPU (a production collector runs on another machine).
 """
 
 from __future__ import annotations
@@ -57,9 +60,13 @@ def value_of(value: AnyValue) -> Any:
 
 def decode_request(body: bytes) -> list[ReceivedSpan]:
     """The spans of one serialised ExportTraceServiceRequest."""
+    return spans_of(_parse(body))
+
+
+def _parse(body: bytes) -> ExportTraceServiceRequest:
     request = ExportTraceServiceRequest()
     request.ParseFromString(body)
-    return spans_of(request)
+    return request
 
 
 def spans_of(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
@@ -89,19 +96,42 @@ def spans_of(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
     return out
 
 
-def count_spans(request: ExportTraceServiceRequest) -> int:
-    return sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+def count_spans(request: ExportTraceServiceRequest) -> dict[str, int]:
+    """Spans per resource `service.name`, without decoding the spans themselves."""
+    out: dict[str, int] = {}
+    for resource_spans in request.resource_spans:
+        service = next(
+            (
+                kv.value.string_value
+                for kv in resource_spans.resource.attributes
+                if kv.key == "service.name"
+            ),
+            "",
+        )
+        spans = sum(len(ss.spans) for ss in resource_spans.scope_spans)
+        out[service] = out.get(service, 0) + spans
+    return out
 
 
 class OtlpReceiver:
     def __init__(
-        self, *, host: str = "127.0.0.1", grpc: bool = False, keep_spans: bool = True
+        self,
+        *,
+        host: str = "127.0.0.1",
+        grpc: bool = False,
+        keep_spans: bool = True,
+        defer_decode: bool = False,
     ) -> None:
         self.host = host
         self.keep_spans = keep_spans
+        self.defer_decode = defer_decode
         self.span_count = 0
+        self.span_count_by_service: dict[str, int] = {}
         self.requests = 0
+        self.malformed = 0  # deferred bodies that did not decode (answered 200 on receipt)
+        self.last_request_at = 0.0  # time.monotonic() of the latest export received
         self._spans: list[ReceivedSpan] = []
+        self._pending: list[tuple[bytes, bool]] = []  # (body, gzip) kept by defer_decode
         self._lock = threading.Lock()
         self._http = ThreadingHTTPServer((host, 0), _http_handler(self))
         self._http.daemon_threads = True
@@ -144,10 +174,33 @@ class OtlpReceiver:
 
     def accept(self, request: ExportTraceServiceRequest) -> None:
         spans = spans_of(request) if self.keep_spans else []
+        counts = count_spans(request)
         with self._lock:
             self.requests += 1
-            self.span_count += len(spans) if self.keep_spans else count_spans(request)
+            self.last_request_at = time.monotonic()
+            for service, n in counts.items():
+                self.span_count += n
+                self.span_count_by_service[service] = self.span_count_by_service.get(service, 0) + n
             self._spans.extend(spans)
+
+    def keep(self, body: bytes, *, gzipped: bool) -> None:
+        """Hold an undecoded OTLP/HTTP body for `decode_pending()` (with `defer_decode`)."""
+        with self._lock:
+            self._pending.append((body, gzipped))
+            self.last_request_at = time.monotonic()
+
+    def decode_pending(self) -> int:
+        """Decode the bodies held so far, as `accept` would have on receipt; returns their spans."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        before = self.span_count
+        for body, gzipped in pending:
+            try:
+                self.accept(_parse(gzip.decompress(body) if gzipped else body))
+            except Exception:
+                with self._lock:
+                    self.malformed += 1
+        return self.span_count - before
 
     def spans(self) -> list[ReceivedSpan]:
         with self._lock:
@@ -171,6 +224,9 @@ class OtlpReceiver:
             time.sleep(0.1)
 
 
+_EMPTY_RESPONSE = ExportTraceServiceResponse().SerializeToString()
+
+
 def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
     class _Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
@@ -179,15 +235,16 @@ def _http_handler(receiver: OtlpReceiver) -> type[BaseHTTPRequestHandler]:
                 return self._reply(404, b"")
             if "protobuf" not in self.headers.get("Content-Type", ""):
                 return self._reply(415, b"")  # OTLP/JSON is not needed by Conveyor's exporters
+            gzipped = self.headers.get("Content-Encoding", "") == "gzip"
+            if receiver.defer_decode:
+                receiver.keep(body, gzipped=gzipped)
+                return self._reply(200, _EMPTY_RESPONSE)
             try:
-                if self.headers.get("Content-Encoding", "") == "gzip":
-                    body = gzip.decompress(body)
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(body)
+                request = _parse(gzip.decompress(body) if gzipped else body)
             except Exception:
                 return self._reply(400, b"")
             receiver.accept(request)
-            self._reply(200, ExportTraceServiceResponse().SerializeToString())
+            self._reply(200, _EMPTY_RESPONSE)
 
         def _reply(self, code: int, body: bytes) -> None:
             self.send_response(code)
