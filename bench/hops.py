@@ -12,6 +12,7 @@ type of the main chain (writeback, for one, subscribes only to `conveyor.task.mo
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
@@ -152,6 +153,8 @@ def run_relay(stage: str, bootstrap: str, prefix: str, env: dict[str, str], stop
     settings = StageSettings(stage=stage, kafka_bootstrap=bootstrap, topic_prefix=prefix)
     runner = StageRunner(relay_service(stage), settings)
     threading.Thread(target=lambda: (stop.wait(), runner.stop()), daemon=True).start()
+    runner.start()
+    gc.freeze()  # as conveyor.runtime.entry does after start-up
     runner.run()
     shutdown_tracing()
 
