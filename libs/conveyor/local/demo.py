@@ -1,12 +1,16 @@
 """The demo: submit the example tasks to a running local stack, follow them, print results.
 
 Every task gets the local webhook receiver as its `callback_url`, so the table shows the
-notification each task produced and whether its signature verified.
+notification each task produced and whether its signature verified. Each run suffixes the
+example task ids with a fresh tag (`demo-embed-1-3f9a`): task ids are idempotency keys, so a
+second run with the same ids would find them stored and notified already, and rightly do
+nothing.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,11 +23,13 @@ from conveyor.settings import KafkaSettings
 from conveyor.store import TaskRecord, open_store
 
 
-def load_tasks(path: Path, callback_url: str) -> list[dict[str, Any]]:
+def load_tasks(path: Path, callback_url: str, run: str) -> list[dict[str, Any]]:
+    """The example tasks, each id suffixed with `run`, notifying `callback_url`."""
     tasks = []
     for line in path.read_text().splitlines():
         if line.strip():
             task = json.loads(line)
+            task["task_id"] = f"{task['task_id']}-{run}"
             task.setdefault("callback_url", callback_url)
             tasks.append(task)
     return tasks
@@ -40,7 +46,7 @@ def run_demo(
 ) -> bool:
     receiver = WebhookReceiver({"*": secret}).start()
     try:
-        tasks = load_tasks(tasks_file, receiver.url)
+        tasks = load_tasks(tasks_file, receiver.url, secrets.token_hex(2))
         client = TaskClient(
             KafkaSettings(kafka_bootstrap=stack.env["CONVEYOR_KAFKA_BOOTSTRAP"]),
             source="/conveyor/demo",
@@ -107,14 +113,14 @@ def summary(record: TaskRecord | None) -> str:
 def print_table(ids: list[str], records: dict[str, TaskRecord], receiver: WebhookReceiver) -> None:
     hooks = {d.task_id: d for d in receiver.snapshot()}
     print()
-    print(f"{'task':<18} {'kind':<9} {'status':<10} {'verdict':<8} {'webhook':<9} result")
+    print(f"{'task':<21} {'kind':<9} {'status':<10} {'verdict':<8} {'webhook':<9} result")
     print("-" * 100)
     for task_id in ids:
         r = records.get(task_id)
         hook = hooks.get(task_id)
         hook_text = ("signed" if hook.signature_ok else "BAD SIG") if hook else "-"
         print(
-            f"{task_id:<18} {(r.kind if r else '-') or '-':<9} {(r.status if r else '-'):<10} "
+            f"{task_id:<21} {(r.kind if r else '-') or '-':<9} {(r.status if r else '-'):<10} "
             f"{(r.verdict if r and r.verdict else '-'):<8} {hook_text:<9} {summary(r)}"
         )
     print()
