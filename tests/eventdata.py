@@ -16,7 +16,7 @@ MODERATED_TOPIC = "conveyor.task.moderated"
 TRACEPARENT = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-01"
 
 
-def inferred_data(task_id: str, *, text: str = "a harmless answer") -> dict[str, Any]:
+def inferred_data(task_id: str, *, text: str | None = "a harmless answer") -> dict[str, Any]:
     task = {
         "task_id": task_id,
         "tenant": "acme",

@@ -30,6 +30,7 @@ from services.preprocess.settings import PreprocessSettings
 from services.writeback.handler import handle_batch as write_back
 from services.writeback.handler import update_for
 from services.writeback.settings import WritebackSettings
+from tests.eventdata import inferred_data
 
 LOG = logging.getLogger("test")
 
@@ -192,16 +193,7 @@ class FakeSignal:
 
 
 def inferred(task_id: str, text: str | None, input_text: str = "fine") -> Event:
-    data = {
-        "task": task(task_id),
-        "input": input_text,
-        "model": "tiny",
-        "text": text,
-        "embedding": None,
-        "label": None,
-        "label_scores": {},
-        "inference_ms": 1.0,
-    }
+    data = inferred_data(task_id, text=text) | {"task": task(task_id), "input": input_text}
     return event("conveyor.task.inferred.v1", data, subject=task_id)
 
 

@@ -277,9 +277,7 @@ class PostgresResultStore:
         sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE task_id = %s"
         with self._transaction() as cur:
             r = cur.execute(sql, (task_id,)).fetchone()
-        if r is None:
-            return None
-        return NotificationRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], _utc(r[6]))
+        return None if r is None else _notification(r)
 
     def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
         sql = (
@@ -288,10 +286,7 @@ class PostgresResultStore:
         )
         with self._transaction() as cur:
             rows = cur.execute(sql, (limit,)).fetchall()
-        return [
-            NotificationRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], _utc(r[6]))
-            for r in rows
-        ]
+        return [_notification(r) for r in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -299,3 +294,7 @@ class PostgresResultStore:
             if self._conn is not None:
                 self._conn.close()
         log.info("result store closed backend=postgresql")
+
+
+def _notification(r: Sequence[Any]) -> NotificationRecord:
+    return NotificationRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], _utc(r[6]))

@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from conveyor.errors import RetryableError
 from conveyor.store.base import (
@@ -273,9 +274,7 @@ class SqliteResultStore:
         sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE task_id = ?"
         with self._read() as cur:
             r = cur.execute(sql, (task_id,)).fetchone()
-        if r is None:
-            return None
-        return NotificationRecord(r[0], r[1], r[2], r[3], _as_dt(r[4]), r[5], _dt(r[6]))
+        return None if r is None else _notification(r)
 
     def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
         sql = (
@@ -284,9 +283,7 @@ class SqliteResultStore:
         )
         with self._read() as cur:
             rows = cur.execute(sql, (limit,)).fetchall()
-        return [
-            NotificationRecord(r[0], r[1], r[2], r[3], _as_dt(r[4]), r[5], _dt(r[6])) for r in rows
-        ]
+        return [_notification(r) for r in rows]
 
     def close(self) -> None:
         with self._lock:
@@ -308,3 +305,7 @@ def _mapped_errors() -> Iterator[None]:
         if _transient(exc):
             raise RetryableError(f"sqlite: {exc}") from exc
         raise
+
+
+def _notification(r: Sequence[Any]) -> NotificationRecord:
+    return NotificationRecord(r[0], r[1], r[2], r[3], _as_dt(r[4]), r[5], _dt(r[6]))
