@@ -26,7 +26,7 @@ from conveyor.runtime.health import HealthServer
 from conveyor.store import open_store
 from conveyor.telemetry.logging import setup_logging
 from conveyor.telemetry.tracing import init_tracing, shutdown_tracing
-from services.gateway.app import Gateway, build_app
+from services.gateway.handler import Gateway, build_app
 from services.gateway.settings import GatewaySettings
 
 # Open WebSockets follow tasks for up to an hour; a rolling restart should not wait for them.

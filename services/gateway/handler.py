@@ -37,7 +37,7 @@ from conveyor.store import ResultStore, is_terminal
 from conveyor.web.auth import TokenTable, bearer_token
 from conveyor.web.expiring import ExpiringMap
 from conveyor.web.metrics import WEBSOCKETS, RequestMetricsMiddleware
-from services.gateway.schema import (
+from conveyor.web.schema import (
     Submitted,
     openapi_document,
     pending_view,

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from conveyor.client import normalise_request
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.store import ResultStore, TaskUpdate, open_store
-from services.gateway.app import Gateway, build_app
+from services.gateway.handler import Gateway, build_app
 from services.gateway.settings import GatewaySettings
 
 # Every test here is fast; the bound only turns a hung WebSocket receive into a failure.

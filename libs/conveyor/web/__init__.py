@@ -1,1 +1,2 @@
-"""HTTP building blocks for Conveyor's ASGI front ends: bearer-token auth and request metrics."""
+"""HTTP building blocks for Conveyor's ASGI front ends: bearer-token auth, request metrics, and the
+gateway's API shapes (`schema`)."""
