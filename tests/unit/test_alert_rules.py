@@ -9,6 +9,7 @@ checks every alert, so a new alert cannot ship untested.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +20,7 @@ from tests.deploysupport import ALERTS, PROMETHEUS, promtool_path, run
 
 FIRING = PROMETHEUS / "conveyor-alerts.test.yml"
 QUIET = PROMETHEUS / "conveyor-alerts.quiet.test.yml"
+QUIET_WRITER = PROMETHEUS / "quiet_cases.py"
 QUIET_SCENARIOS = (
     "idle pipeline, at-least-once delivery",
     "idle pipeline, exactly-once delivery",
@@ -86,3 +88,13 @@ def test_quiet_pipeline_series_cover_what_the_runtime_exports() -> None:
     assert any(".retry." in n for n in lags)
     values = {s["values"] for s in idle["input_series"] if s["series"] in lags}
     assert values == {"0x60"}, "an idle stage reports lag 0 on every partition"
+
+
+def test_quiet_cases_file_is_what_its_writer_writes() -> None:
+    spec = importlib.util.spec_from_file_location("quiet_cases", QUIET_WRITER)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.render() == QUIET.read_text(), (
+        "conveyor-alerts.quiet.test.yml is stale: run python deploy/prometheus/quiet_cases.py"
+    )
