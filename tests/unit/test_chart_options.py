@@ -413,6 +413,12 @@ def test_network_policy_opens_only_the_metrics_and_gateway_ports(full: Objects) 
         "kubernetes.io/metadata.name": "monitoring"
     }
     assert gateway["ports"] == [{"port": 8080, "protocol": "TCP"}]
+    # ingress-nginx, and the release's own pods (the helm test pod polls the gateway).
+    assert len(gateway["from"]) == 2
+    assert gateway["from"][1]["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "conveyor",
+        "app.kubernetes.io/instance": "conveyor",
+    }
     assert {"port": 53, "protocol": "UDP"} in spec["egress"][0]["ports"]
 
 
