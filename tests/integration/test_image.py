@@ -6,7 +6,8 @@ serves one. To stay small this test builds it without the ML extras (EXTRAS=""):
 Dockerfile runs except the torch/transformers install. It then starts, from the image's filesystem
 (`buildah run`, which shares the host network, so the session broker is reachable on 127.0.0.1):
 `conveyor topics apply`, the writeback stage (ready = consuming from Kafka, with its SQLite store),
-and the gateway, to which it submits a task over HTTP and finds it on the Kafka input topic.
+and the gateway, to which it submits a task over HTTP and finds it on the Kafka input topic; the
+chart's `helm test` script then submits with `conveyor submit` and polls that gateway.
 
 Needs root, buildah and mmdebstrap (deploy/tools/install-tools.sh), and the package registries.
 A missing tool fails the test; the check is never skipped.
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 import pytest
 
 from conveyor.net import free_ports
-from tests.deploysupport import INSTALL_HINT, REPO
+from tests.deploysupport import CHART, INSTALL_HINT, REPO
 from tests.support import read_topics
 
 IMAGE = "localhost/conveyor-image-test:slim"
@@ -37,6 +38,7 @@ BUILD_TIMEOUT_S = 1200
 READY_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 30
 TOKEN = "image-test-token"
+HELM_TEST_SCRIPT = CHART / "files" / "helm-test.py"
 
 
 def _buildah() -> str:
@@ -123,6 +125,30 @@ def _base_env(bootstrap: str, prefix: str, metrics_port: int) -> dict[str, str]:
     }
 
 
+def _helm_test_script_submits_and_polls(container: str, env: dict[str, str], port: int) -> None:
+    """The chart's `helm test` script, from the image: `conveyor submit` to Kafka, then polls the
+    gateway with the token. No stage runs here, so it must time out on `pending`, saying so."""
+    script_env = {
+        **env,
+        "CONVEYOR_TEST_KIND": "embed",
+        "CONVEYOR_TEST_INPUT": "helm test from the image",
+        "CONVEYOR_TEST_TIMEOUT_S": "3",
+        "CONVEYOR_TEST_POLL_S": "0.5",
+        "CONVEYOR_TEST_GATEWAY_URL": f"http://127.0.0.1:{port}",
+        "CONVEYOR_TEST_GATEWAY_TOKENS": json.dumps({TOKEN: "acme"}),
+    }
+    proc = subprocess.run(
+        _run_args(container, script_env, "python", "-c", HELM_TEST_SCRIPT.read_text()),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "submitted " in proc.stdout and "for tenant acme" in proc.stdout, proc.stdout
+    assert "not completed in time (last status pending)" in proc.stderr, proc.stderr
+
+
 def test_image_runs_as_its_non_root_user_with_the_cli(container: str) -> None:
     proc = subprocess.run(
         _run_args(container, {}, "sh", "-c", "id -u && conveyor --help"),
@@ -176,9 +202,12 @@ def test_services_start_from_the_image_and_take_a_task(
             f"http://127.0.0.1:{writeback_port}/metrics", timeout=5
         ) as answer:
             assert b"conveyor_consumer_lag" in answer.read()
+        _helm_test_script_submits_and_polls(container, env, gateway_port)
 
-    submitted = read_topics(kafka_bootstrap, [f"{topic_prefix}conveyor.task.submitted"], expect=1)
-    assert len(submitted) == 1
-    (record,) = submitted
-    identity = (record.key() or b"") + b"".join(v or b"" for _, v in record.headers() or [])
-    assert task_id.encode() in identity, "the gateway in the image published the task"
+    # The gateway's task and the helm test script's.
+    submitted = read_topics(kafka_bootstrap, [f"{topic_prefix}conveyor.task.submitted"], expect=2)
+    assert len(submitted) == 2
+    identities = [
+        (m.key() or b"") + b"".join(v or b"" for _, v in m.headers() or []) for m in submitted
+    ]
+    assert any(task_id.encode() in i for i in identities), "the gateway published the task"
