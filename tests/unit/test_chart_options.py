@@ -319,8 +319,6 @@ def test_every_value_is_covered_by_the_schema() -> None:
 def test_every_pod_bounds_its_ephemeral_storage(minimal: Objects, embedded: Objects) -> None:
     for objects in (minimal, embedded):
         for workload in _workloads(objects):
-            if workload["kind"] == "Job":
-                continue  # the topic hook only talks to Kafka
             pod = pod_spec(workload)
             for c in pod["containers"]:
                 resources = c["resources"]
