@@ -249,7 +249,7 @@ def test_secret_keys_and_env_names_are_adjustable(helm_bin: str) -> None:
 def test_default_image_is_the_published_one_at_the_chart_version(minimal: Objects) -> None:
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     images = {c["image"] for w in _workloads(minimal) for c in containers(w)}
-    assert images == {f"ghcr.io/conveyor-pipeline/conveyor:{chart['appVersion']}"}
+    assert images == {f"conveyor-pipeline/conveyor:{chart['appVersion']}"}
 
 
 def test_a_digest_pins_the_image(full: Objects) -> None:
