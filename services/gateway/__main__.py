@@ -21,6 +21,7 @@ from starlette.applications import Starlette
 from conveyor.client import TaskClient
 from conveyor.events.catalog import INGRESS_TOPIC
 from conveyor.kafka.lag import CachedLag, GroupLag
+from conveyor.paths import restrict_new_files
 from conveyor.publisher import AsyncTaskPublisher
 from conveyor.runtime.health import HealthServer
 from conveyor.store import open_store
@@ -87,13 +88,14 @@ def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_config=None,
-        access_log=False,
+        access_log=settings.access_log,
         lifespan="on",
         timeout_graceful_shutdown=_GRACE_S,
     )
 
 
 def serve() -> int:
+    restrict_new_files()  # the SQLite store and anything else it creates: owner only
     setup_logging("gateway")
     settings = GatewaySettings()
     redact.install(token.get_secret_value() for token in settings.gateway_tokens)

@@ -65,6 +65,11 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
     )
     recent_max: int = Field(default=100_000, ge=1, description="tasks remembered as submitted")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger POSTs get 413")
+    access_log: bool = Field(
+        default=False,
+        description="uvicorn's access log too (the app already logs each request by route "
+        "template); credentials in any line are masked either way",
+    )
     metrics_host: str = Field(default="127.0.0.1", description="bind address of metrics_port")
     metrics_port: int | None = Field(
         default=None,
