@@ -38,7 +38,9 @@ class KafkaSettings(BaseSettings):
     )
     kafka_ssl_ca_location: str | None = None
     kafka_extra: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka properties, JSON object"
+        default_factory=dict,
+        repr=False,  # may carry credentials (ssl.key.password, ...): never printed
+        description="extra librdkafka properties, JSON object",
     )
     topic_prefix: str = Field(default="", description="prepended to every topic name")
 
