@@ -78,14 +78,18 @@ def _run_isolated(kind: str, registry: Any, name: str, batch: list[Mapping[str, 
     error lands on the record that causes it (and every record still gets an outcome)."""
     runner = _RUNNERS[kind]
     try:
-        return runner(registry.for_kind(kind, name), batch)
+        model = registry.for_kind(kind, name)
+    except Exception as exc:  # the model does not load: no record of the group can run
+        return [exc] * len(batch)
+    try:
+        return runner(model, batch)
     except Exception as exc:
         if len(batch) == 1:
             return [exc]
     out: Results = []
     for data in batch:
         try:
-            out.extend(runner(registry.for_kind(kind, name), [data]))
+            out.extend(runner(model, [data]))
         except Exception as exc:
             out.append(exc)
     return out

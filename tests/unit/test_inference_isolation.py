@@ -151,3 +151,44 @@ def test_generator_isolates_a_decoding_group_that_raises(registry: ModelRegistry
     assert out[1] == gen.generate(["hi"], [good[1]])[0]  # seeded: same text as alone
     with pytest.raises(Exception):  # noqa: B017 - generate keeps raising the group's error
         gen.generate(["hi"], [bad])
+
+
+class PoisonSensitiveEmbedder:
+    """A model whose batch call raises when any text in it is poisoned (as a tokenizer or a
+    kernel may on one odd input): the handler must re-run the group record by record."""
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        self.calls.append(len(texts))
+        if any("poison" in t for t in texts):
+            raise RuntimeError("kernel failed on one input")
+        return [[1.0] for _ in texts]
+
+
+class OneModelRegistry:
+    def __init__(self, model: PoisonSensitiveEmbedder) -> None:
+        self.model = model
+
+    def spec(self, kind: str, name: str | None = None) -> ModelSpec:
+        return ModelSpec(name="fake", kind="embed", source="/fake")
+
+    def for_kind(self, kind: str, name: str | None = None) -> PoisonSensitiveEmbedder:
+        return self.model
+
+
+def test_a_model_group_whose_call_raises_is_rerun_record_by_record() -> None:
+    model = PoisonSensitiveEmbedder()
+    events = [preprocessed(n, f"tenant{n % 4}", "embed") for n in range(8)]
+    events[5].data["input"] = "poison"
+    context = StageContext(
+        "inference",
+        InferenceSettings(stage="inference"),
+        logging.getLogger("t"),
+        {"models": OneModelRegistry(model)},
+    )
+    outcomes = handle_batch(events, context)
+    assert model.calls == [8] + [1] * 8  # the group, then each record alone
+    assert isinstance(outcomes[5], RuntimeError)
+    assert all(isinstance(o, Emit) for i, o in enumerate(outcomes) if i != 5)
