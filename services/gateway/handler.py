@@ -222,14 +222,14 @@ async def task_events(ws: WebSocket) -> None:
     view = await gateway.view(task_id, tenant, timeline=False)
     if view is None:
         return await _deny(ws, 404, "task not found")
-    if gateway.sockets >= gateway.settings.ws_max_connections:
-        return await _deny(ws, 503, "too many open WebSockets")
     if gateway.sockets_by_tenant[tenant] >= gateway.settings.ws_max_per_tenant:
         return await _deny(ws, 429, "too many open WebSockets for this tenant")
-    # The token's subprotocol is never selected: the answer would echo it.
-    await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
-    _opened(gateway, tenant, +1)
+    if gateway.sockets >= gateway.settings.ws_max_connections:
+        return await _deny(ws, 503, "too many open WebSockets")
+    _opened(gateway, tenant, +1)  # the slot is taken before the next await: no overshoot
     try:
+        # The token's subprotocol is never selected: the answer would echo it.
+        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         await _follow(ws, gateway, task_id, tenant, view)
     except WebSocketDisconnect:
         pass  # the client left
