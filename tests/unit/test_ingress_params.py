@@ -125,3 +125,24 @@ def test_sqlite_store_creates_its_file_0600_in_a_0700_folder(tmp_path: Path) -> 
     path.chmod(0o644)  # an existing, looser file is tightened on open
     open_store(f"sqlite:///{path}").close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_conveyor_submit_refuses_a_bad_parameter_before_sending(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conveyor.cli.main import main
+
+    # Nothing listens there: the task must be refused before any record is produced.
+    monkeypatch.setenv("CONVEYOR_KAFKA_BOOTSTRAP", "127.0.0.1:9")
+    argv = ["submit", "--kind", "generate", "--input", "hi", "--param", "seed=1e30"]
+    unknown = ["submit", "--kind", "generate", "--input", "hi", "--template", "nope"]
+    umask = os.umask(0o022)  # main() tightens the process umask; give the session its own back
+    try:
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "params.seed" in err and "submitted 0, rejected 1" in err
+        assert main(unknown) == 1
+        assert "template" in capsys.readouterr().err
+        assert os.umask(0o022) == 0o077  # the CLI runs with owner-only new files
+    finally:
+        os.umask(umask)
