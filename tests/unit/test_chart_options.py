@@ -464,3 +464,17 @@ def test_keda_leaves_the_embedded_stages_alone(helm_bin: str) -> None:
     objects = render(helm_bin, "-f", str(EMBEDDED_VALUES), "--set", "keda.enabled=true")
     scaled = by_kind(objects, "ScaledObject")
     assert sorted(scaled) == sorted(f"conveyor-{s}" for s in STAGES if s not in STORE_SERVICES)
+
+
+def test_model_list_reaches_every_service_that_checks_model_names(helm_bin: str) -> None:
+    # The gateway refuses an unknown model at the edge (422), so it must know the same list as
+    # preprocess and inference, or valid custom models would be refused there.
+    models = [{"name": "gen-b", "kind": "generate", "source": "/models/gen-b"}]
+    objects = render(helm_bin, *TRIAL_SECRETS, "--set-json", f"config.models={json.dumps(models)}")
+    deployments = by_kind(objects, "Deployment")
+    for service in SERVICES:
+        variables = env_by_name(sole_container(deployments[f"conveyor-{service}"]))
+        wanted = service in ("preprocess", "inference", "gateway")
+        assert ("CONVEYOR_MODELS" in variables) == wanted, service
+        if wanted:
+            assert json.loads(variables["CONVEYOR_MODELS"]["value"]) == models, service

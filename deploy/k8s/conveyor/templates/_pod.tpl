@@ -176,7 +176,8 @@ spec:
     - name: CONVEYOR_BATCH_WAIT_MS
       value: {{ $svc.batchWaitMs | quote }}
     {{- end }}
-    {{- if and (has $component (list "preprocess" "inference")) $root.Values.config.models }}
+    {{- /* The gateway checks model names at the edge (422 for an unknown one), so it needs the list too. */}}
+    {{- if and (has $component (list "preprocess" "inference" "gateway")) $root.Values.config.models }}
     - name: CONVEYOR_MODELS
       value: {{ toJson $root.Values.config.models | quote }}
     {{- end }}
