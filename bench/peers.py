@@ -1,0 +1,326 @@
+"""Conveyor beside its Python peers: raw confluent-kafka, Quix Streams, Conveyor (3 tracing modes).
+
+One run, one broker (a `LocalBroker` of its own unless `--bootstrap`), one topology: five hops,
+each its own process, topic i → i+1 with `--partitions` partitions, a no-op handler and the same
+~330-byte task event (CloudEvents headers + Avro task data; Quix gets the task data as JSON, its
+default serializer) written by a separate source process and read by a separate sink process.
+Contenders: `raw` (consume(500) → produce → flush → commit, bench/hops.py), `quix` (Quix
+Streams, default at-least-once, bench/quix_hop.py, run from the bench virtualenv), Conveyor's real
+runtime with relay stages and tracing off, 10% parent-based sampling, always-on.
+
+Each round, contenders in a rotated order: a saturated measurement (`--records` written in one
+burst; records/s from the first write to the last arrival, CPU µs per record per hop from the
+five hop processes' CPU times), then at each `--rates` a fixed-rate measurement of
+`--latency-seconds` (p50/p99 from the source's produce call to the sink's arrival), then the
+pipelined-inference pair (bench/peer_model.py). Same-round ratios, medians and spreads, the
+issue 8 targets, whether any record was lost or duplicated, and the machine's load go to
+bench/results/peers.json and peers.md. No round starts after `--budget` seconds.
+
+    python bench/peers.py                                  # the full comparison (make bench)
+    python bench/peers.py --records 2000 --rounds 1 --rates 200 --latency-seconds 2  # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import cpu_seconds, machine  # noqa: E402
+from peer_io import Collect, SourceJob  # noqa: E402
+from peer_model import MODEL_BATCH, MODEL_SECONDS, bare_model_rate  # noqa: E402
+from peer_rig import CONTENDERS, Chain, Options, Rig, running  # noqa: E402
+from peer_stats import latency_ms, markdown, spread, summarise, targets  # noqa: E402
+
+from conveyor.broker.local import LocalBroker  # noqa: E402
+from conveyor.local.otlp import OtlpReceiver  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+BENCH_PYTHON = HERE.parent / ".venv-bench" / "bin" / "python"
+WARMUP_TIMEOUT_S = 300.0  # group joins of 26 fresh consumers on a busy 2-core machine
+DRAIN_TIMEOUT_S = 60.0  # after a paced round's last write: a contender far behind still ends
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    p.add_argument("--records", type=int, default=20_000, help="per saturated measurement")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rates", default="200,1000", help="records/s of the latency rounds; '' none")
+    p.add_argument("--latency-seconds", type=float, default=5.0)
+    p.add_argument("--inference-records", type=int, default=3_200, help="0 skips the scenario")
+    p.add_argument("--inference-batch-max", type=int, default=MODEL_BATCH)
+    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument("--partitions", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=500, help="records per contender before timing")
+    p.add_argument("--round-timeout", type=float, default=180.0, help="seconds per measurement")
+    p.add_argument("--budget", type=float, default=420.0, help="seconds; no round starts after")
+    p.add_argument("--bootstrap", help="an existing broker; default: start a LocalBroker")
+    p.add_argument("--bench-python", default=os.environ.get("BENCH_PYTHON", str(BENCH_PYTHON)))
+    p.add_argument("--output", type=Path, default=HERE / "results", help="folder for peers.*")
+    args = p.parse_args(argv)
+    args.contenders = tuple(c for c in args.contenders.split(",") if c)
+    unknown = set(args.contenders) - set(CONTENDERS)
+    if unknown:
+        p.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
+    args.rates = [int(r) for r in args.rates.split(",") if r]
+    if "quix" in args.contenders and not Path(args.bench_python).exists():
+        p.error(f"{args.bench_python} missing: `make bench-venv` installs Quix Streams there")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse(argv)
+    began = time.monotonic()
+    load = os.getloadavg()
+    with contextlib.ExitStack() as stack:
+        bootstrap = args.bootstrap or stack.enter_context(LocalBroker()).bootstrap
+        receivers = {
+            name: stack.enter_context(OtlpReceiver(keep_spans=False, defer_decode=True))
+            for name in ("conveyor_sampled", "conveyor_on")
+            if name in args.contenders
+        }
+        opts = Options(
+            bootstrap,
+            args.contenders,
+            args.partitions,
+            args.bench_python,
+            {name: r.endpoint for name, r in receivers.items()},
+            args.inference_batch_max if args.inference_records else 0,
+        )
+        with running(opts) as rig:
+            results, jobs = measure_all(rig, args, began)
+            seen = _finish(rig)
+        spans = _span_counts(receivers)
+    report = build_report(args, results, _integrity(jobs, seen), spans, load)
+    report["total_seconds"] = round(time.monotonic() - began, 1)
+    write(report, args.output)
+    return report
+
+
+def measure_all(
+    rig: Rig, args: argparse.Namespace, began: float
+) -> tuple[dict[str, Any], list[tuple[str, str, int]]]:
+    """Warm-up, then the interleaved rounds; returns the rows and every job (chain, tag, n)."""
+    jobs: list[tuple[str, str, int]] = []
+    results: dict[str, Any] = {
+        "saturated": {name: [] for name in rig.chains},
+        "latency": {str(rate): {name: [] for name in rig.chains} for rate in args.rates},
+        "inference": [],
+        "load_average_per_round": [],
+    }
+    chains = list(rig.chains.values()) + ([rig.model] if rig.model else [])
+    for chain in chains:
+        row = _saturated(rig, chain, "w", args.warmup, WARMUP_TIMEOUT_S, jobs)
+        if row["lost"]:
+            raise RuntimeError(f"{chain.name}: warm-up incomplete ({row['lost']} not through)")
+        _say(f"warm {chain.name}: {row['records_per_s']:,.0f} records/s")
+    for n in range(1, args.rounds + 1):
+        if n > 1 and time.monotonic() - began > args.budget:
+            _say(f"budget of {args.budget:.0f} s spent: {n - 1} rounds")
+            break
+        results["load_average_per_round"].append(round(os.getloadavg()[0], 2))
+        one_round(rig, args, n, results, jobs)
+    return results, jobs
+
+
+def one_round(
+    rig: Rig, args: argparse.Namespace, n: int, results: dict[str, Any], jobs: list[Any]
+) -> None:
+    names = list(rig.chains)
+    k = (n - 1) % max(len(names), 1)
+    order = [rig.chains[name] for name in names[k:] + names[:k]]
+    for chain in order:
+        row = _saturated(rig, chain, f"s{n}", args.records, args.round_timeout, jobs)
+        results["saturated"][chain.name].append({"round": n, **row})
+        _say(f"round {n} {chain.name}: {row}")
+    for rate in args.rates:
+        for chain in order:
+            row = _paced(rig, chain, f"l{rate}r{n}", rate, args, jobs)
+            results["latency"][str(rate)][chain.name].append({"round": n, **row})
+            _say(f"round {n} {chain.name} @{rate}/s: {row}")
+    if rig.model is not None:
+        row = _inference(rig, rig.model, n, args.inference_records, args.round_timeout, jobs)
+        results["inference"].append({"round": n, **row})
+        _say(f"round {n} pipelined inference: {row}")
+
+
+def _saturated(
+    rig: Rig, chain: Chain, label: str, n: int, timeout_s: float, jobs: list[Any]
+) -> dict[str, Any]:
+    """Burst `n` records; records/s first write → last arrival, CPU µs per record per hop."""
+    cpu0 = cpu_seconds(chain.pids)
+    sent, arrived = _exchange(rig, chain, label, n, 0.0, timeout_s, jobs)
+    cpu_us = (cpu_seconds(chain.pids) - cpu0) / (n * 5) * 1e6
+    got = [a for a in arrived if a is not None]
+    row: dict[str, Any] = {"lost": n - len(got)}
+    if not row["lost"]:
+        row["records_per_s"] = round(n / max(max(got) - sent[0], 1e-3))
+        row["cpu_us_per_record_per_hop"] = round(cpu_us, 1)
+    return row
+
+
+def _paced(
+    rig: Rig, chain: Chain, label: str, rate: int, args: argparse.Namespace, jobs: list[Any]
+) -> dict[str, Any]:
+    n = max(1, round(rate * args.latency_seconds))
+    timeout_s = args.latency_seconds + DRAIN_TIMEOUT_S
+    sent, arrived = _exchange(rig, chain, label, n, float(rate), timeout_s, jobs)
+    got = sum(a is not None for a in arrived)
+    offered = (n - 1) / max(sent[-1] - sent[0], 1e-3) if n > 1 else float(rate)
+    return {"lost": n - got, "offered_per_s": round(offered), **latency_ms(sent, arrived)}
+
+
+def _inference(
+    rig: Rig, chain: Chain, n: int, records: int, timeout_s: float, jobs: list[Any]
+) -> dict[str, Any]:
+    assert chain.counters is not None
+    calls, handled = (c.value for c in chain.counters)
+    row = _saturated(rig, chain, f"i{n}", records, timeout_s, jobs)
+    calls, handled = chain.counters[0].value - calls, chain.counters[1].value - handled
+    bare = bare_model_rate(records)
+    stage = row.get("records_per_s")
+    return {
+        "lost": row["lost"],
+        "mean_batch_handed_to_model": round(handled / calls, 1) if calls else None,
+        "stage_records_per_s": stage,
+        "bare_model_records_per_s": round(bare, 1),
+        "ratio": round(stage / bare, 3) if stage else None,
+    }
+
+
+def _exchange(
+    rig: Rig, chain: Chain, label: str, n: int, rate: float, timeout_s: float, jobs: list[Any]
+) -> tuple[list[float], list[float | None]]:
+    tag = f"{chain.short}-{label}"
+    jobs.append((chain.name, tag, n))
+    rig.sink.send(Collect(tag, n, timeout_s))
+    rig.source.send(SourceJob(chain.source, tag, n, chain.form, rate))
+    sent: list[float] = rig.source.recv()
+    arrived: list[float | None] = rig.sink.recv()
+    return sent, arrived
+
+
+def _finish(rig: Rig) -> dict[str, int]:
+    rig.source.send(None)
+    rig.sink.send(None)
+    seen: dict[str, int] = rig.sink.recv()
+    return seen
+
+
+def _span_counts(receivers: dict[str, OtlpReceiver]) -> dict[str, int]:
+    """Spans each traced contender exported (decoded now: decoding on receipt costs CPU)."""
+    for receiver in receivers.values():
+        receiver.decode_pending()
+    return {name: r.span_count for name, r in receivers.items()}
+
+
+def _integrity(jobs: list[tuple[str, str, int]], seen: dict[str, int]) -> dict[str, Any]:
+    """Per chain: records written, distinct ones that arrived, lost, duplicates (whole run)."""
+    out: dict[str, dict[str, int]] = {}
+    for name, tag, n in jobs:
+        counts = [seen.get(f"{tag}-{i}", 0) for i in range(n)]
+        row = out.setdefault(name, {"written": 0, "arrived": 0, "lost": 0, "duplicates": 0})
+        row["written"] += n
+        row["arrived"] += sum(c > 0 for c in counts)
+        row["lost"] += sum(c == 0 for c in counts)
+        row["duplicates"] += sum(c - 1 for c in counts if c > 1)
+    return out
+
+
+def build_report(
+    args: argparse.Namespace,
+    results: dict[str, Any],
+    integrity: dict[str, Any],
+    spans: dict[str, int],
+    load: tuple[float, ...],
+) -> dict[str, Any]:
+    summary = summarise(results, integrity)
+    described = machine(load)
+    described.update(_quix_versions(args.bench_python) if "quix" in args.contenders else {})
+    return {
+        "benchmark": "peers",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "conditions": _conditions(args, results),
+        "contenders": list(args.contenders),
+        "machine": described,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "bench_python")}
+        | {"model_batch": MODEL_BATCH, "model_seconds_per_batch": MODEL_SECONDS},
+        "summary": summary,
+        "targets": targets(summary),
+        "spans_exported": spans,
+        "load_average_per_round": results["load_average_per_round"],
+        "rounds": {k: results[k] for k in ("saturated", "latency", "inference")},
+        "method": METHOD,
+    }
+
+
+def _conditions(args: argparse.Namespace, results: dict[str, Any]) -> str:
+    rounds = len(results["load_average_per_round"])
+    loads = spread(results["load_average_per_round"], 2) or {}
+    return (
+        f"{rounds} interleaved rounds: {args.records:,} records per saturated measurement, "
+        f"{args.latency_seconds:g} s per fixed-rate measurement at {args.rates} records/s, "
+        f"{args.inference_records:,} records through the model stage; five hops, "
+        f"{args.partitions} partitions, {os.cpu_count()} cores; 1-minute load average at round "
+        f"start {loads.get('median')} [{loads.get('min')}–{loads.get('max')}]. Figures are "
+        "medians [range] over rounds."
+    )
+
+
+def _quix_versions(python: str) -> dict[str, str]:
+    code = (
+        "import confluent_kafka, importlib.metadata as m; "
+        "print(m.version('quixstreams'), confluent_kafka.version()[0], "
+        "confluent_kafka.libversion()[0])"
+    )
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
+    quix, client, lib = out.stdout.split()
+    return {"quixstreams": quix, "quix_confluent_kafka": client, "quix_librdkafka": lib}
+
+
+def write(report: dict[str, Any], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
+    (folder / "peers.md").write_text(markdown(report))
+    print(markdown(report))
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+METHOD = {
+    "raw": "consume(500) → produce each record unchanged → flush (acks) → async commit; "
+    "Conveyor's librdkafka configuration (bench/hops.py run_raw_hop)",
+    "quix": "Quix Streams Application, default at-least-once (commit every 5 s after the "
+    "producer flushed), JSON deserializer and serializer (its defaults), to_topic; its own "
+    "confluent-kafka (bench virtualenv)",
+    "conveyor_off": "the real runtime (StageRunner), one relay stage per hop re-emitting a "
+    "fixed event of the stage's output type; decode, routing, Avro encode, CloudEvents headers",
+    "conveyor_sampled": "as conveyor_off with the OTel SDK, parentbased_traceidratio 0.1, "
+    "OTLP/HTTP to a receiver in the bench process",
+    "conveyor_on": "as conveyor_sampled with the always_on sampler",
+    "saturated": "records written in one burst by the source process; records/s = records / "
+    "(last arrival at the sink − first produce call); CPU = user+system time of the five hop "
+    "processes over the measurement / (records × 5)",
+    "latency": "source paced at the rate; per record, sink arrival − source produce call "
+    "(wall clock, one machine)",
+    "pipelined_inference": "an inference stage on the real runtime whose batch handler sleeps "
+    "50 ms per batch of up to 32 (GIL released), tracing off, batch_max = "
+    "--inference-batch-max; records/s first write → last arrival, over the same model "
+    "called back to back with no Kafka",
+    "integrity": "every record keyed <tag>-<index>; the sink counts each key's arrivals over "
+    "the whole run (and reads on at the end until its topics are quiet)",
+}
+
+
+if __name__ == "__main__":
+    main()
