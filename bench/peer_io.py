@@ -118,11 +118,18 @@ _FORMS: dict[str, Callable[[str, str, Any], Record]] = {
 
 
 def run_source(bootstrap: str, conn: Connection) -> None:
-    """Process entry: serve SourceJobs until None; answer each with its produce times."""
+    """Process entry: serve SourceJobs until None.
+
+    Per job: build the records, answer "built", wait for "go" (the caller starts its clocks in
+    between), write them, answer the time of each produce call.
+    """
     # linger 1 ms: a burst still fills batches, a paced record is not held back for company.
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
     while (job := conn.recv()) is not None:
         batch = records(job)
+        conn.send("built")
+        if conn.recv() != "go":
+            raise RuntimeError("source: expected go")
         conn.send(_produce(producer, job, batch))
     producer.flush(30)
 

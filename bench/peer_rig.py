@@ -66,6 +66,7 @@ class Rig:
     model: Chain | None
     source: Connection
     sink: Connection
+    pids: list[int]  # every process the rig started
 
 
 @dataclass
@@ -107,7 +108,8 @@ def running(opts: Options) -> Iterator[Rig]:
         _spawn(ctx, procs, run_sink, (opts.bootstrap, sinks, opts.partitions, sink_end))
         if not sink.poll(120) or sink.recv() != "ready":
             raise RuntimeError("sink did not start in 120 s")
-        yield Rig(chains, model, source, sink)
+        pids = [p.pid for p in procs] + [p.pid for p in quix]
+        yield Rig(chains, model, source, sink, pids)
     finally:
         stop.set()
         for proc in quix:

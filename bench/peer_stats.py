@@ -26,10 +26,14 @@ def spread(values: Iterable[float | None], digits: int = 1) -> dict[str, Any] | 
     got = [v for v in values if v is not None]
     if not got:
         return None
+
+    def rounded(x: float) -> float:
+        return round(x, digits) if digits else round(x)
+
     return {
-        "median": round(statistics.median(got), digits),
-        "min": round(min(got), digits),
-        "max": round(max(got), digits),
+        "median": rounded(statistics.median(got)),
+        "min": rounded(min(got)),
+        "max": rounded(max(got)),
         "rounds": len(got),
     }
 
@@ -193,6 +197,12 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
         "Records lost / duplicated per contender: "
         + ", ".join(f"{n} {v['lost']}/{v['duplicates']}" for n, v in s["integrity"].items()),
+    ]
+    crowd = spread(r["other_cores"] for r in report["cpu_per_round"])
+    lines += [
+        "",
+        f"Cores busy with other work than this benchmark during a round: {_cell(crowd)} "
+        f"of {report['machine']['cpu_count']}.",
     ]
     m = report["machine"]
     lines += [

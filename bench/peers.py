@@ -33,6 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import cpu_seconds, machine  # noqa: E402
 from peer_io import Collect, SourceJob  # noqa: E402
@@ -61,7 +63,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--warmup", type=int, default=500, help="records per contender before timing")
     p.add_argument("--round-timeout", type=float, default=180.0, help="seconds per measurement")
-    p.add_argument("--budget", type=float, default=420.0, help="seconds; no round starts after")
+    p.add_argument("--budget", type=float, default=480.0, help="seconds; no round starts after")
     p.add_argument("--bootstrap", help="an existing broker; default: start a LocalBroker")
     p.add_argument("--bench-python", default=os.environ.get("BENCH_PYTHON", str(BENCH_PYTHON)))
     p.add_argument("--output", type=Path, default=HERE / "results", help="folder for peers.*")
@@ -81,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     began = time.monotonic()
     load = os.getloadavg()
     with contextlib.ExitStack() as stack:
-        bootstrap = args.bootstrap or stack.enter_context(LocalBroker()).bootstrap
+        broker = None if args.bootstrap else stack.enter_context(LocalBroker())
+        bootstrap = args.bootstrap or broker.bootstrap
+        broker_pids = [broker.pid] if broker is not None and broker.pid else []
         receivers = {
             name: stack.enter_context(OtlpReceiver(keep_spans=False, defer_decode=True))
             for name in ("conveyor_sampled", "conveyor_on")
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.inference_batch_max if args.inference_records else 0,
         )
         with running(opts) as rig:
-            results, jobs = measure_all(rig, args, began)
+            results, jobs = measure_all(rig, args, began, broker_pids)
             seen = _finish(rig)
         spans = _span_counts(receivers)
     report = build_report(args, results, _integrity(jobs, seen), spans, load)
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def measure_all(
-    rig: Rig, args: argparse.Namespace, began: float
+    rig: Rig, args: argparse.Namespace, began: float, extra_pids: list[int]
 ) -> tuple[dict[str, Any], list[tuple[str, str, int]]]:
     """Warm-up, then the interleaved rounds; returns the rows and every job (chain, tag, n)."""
     jobs: list[tuple[str, str, int]] = []
@@ -115,6 +119,7 @@ def measure_all(
         "latency": {str(rate): {name: [] for name in rig.chains} for rate in args.rates},
         "inference": [],
         "load_average_per_round": [],
+        "cpu_per_round": [],
     }
     chains = list(rig.chains.values()) + ([rig.model] if rig.model else [])
     for chain in chains:
@@ -127,8 +132,41 @@ def measure_all(
             _say(f"budget of {args.budget:.0f} s spent: {n - 1} rounds")
             break
         results["load_average_per_round"].append(round(os.getloadavg()[0], 2))
+        probe = CpuProbe(rig.pids + [os.getpid()] + extra_pids)
         one_round(rig, args, n, results, jobs)
+        results["cpu_per_round"].append({"round": n, **probe.cores()})
     return results, jobs
+
+
+class CpuProbe:
+    """The machine's busy cores over a span, and how many of them this benchmark kept busy.
+
+    On a shared machine, `others` (busy minus ours: other people's work) says how much the
+    contenders were crowded; the broker counts as ours only when this run started it.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.busy = _busy_seconds()
+        self.ours = cpu_seconds(pids)
+
+    def cores(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        busy = (_busy_seconds() - self.busy) / elapsed
+        ours = (cpu_seconds(self.pids) - self.ours) / elapsed
+        return {
+            "seconds": round(elapsed, 1),
+            "busy_cores": round(busy, 2),
+            "benchmark_cores": round(ours, 2),
+            "other_cores": round(max(busy - ours, 0.0), 2),
+        }
+
+
+def _busy_seconds() -> float:
+    # guest time is already inside user time; steal (the hypervisor's) is not ours to use.
+    t = psutil.cpu_times()
+    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def one_round(
@@ -156,11 +194,11 @@ def _saturated(
     rig: Rig, chain: Chain, label: str, n: int, timeout_s: float, jobs: list[Any]
 ) -> dict[str, Any]:
     """Burst `n` records; records/s first write → last arrival, CPU µs per record per hop."""
-    cpu0 = cpu_seconds(chain.pids)
-    sent, arrived = _exchange(rig, chain, label, n, 0.0, timeout_s, jobs)
-    cpu_us = (cpu_seconds(chain.pids) - cpu0) / (n * 5) * 1e6
+    cpu = [0.0]
+    sent, arrived = _exchange(rig, chain, label, n, 0.0, timeout_s, jobs, cpu)
+    cpu_us = cpu[0] / (n * len(chain.pids)) * 1e6
     got = [a for a in arrived if a is not None]
-    row: dict[str, Any] = {"lost": n - len(got)}
+    row: dict[str, Any] = {"lost": n - len(got), "source_write_s": round(sent[-1] - sent[0], 3)}
     if not row["lost"]:
         row["records_per_s"] = round(n / max(max(got) - sent[0], 1e-3))
         row["cpu_us_per_record_per_hop"] = round(cpu_us, 1)
@@ -197,14 +235,28 @@ def _inference(
 
 
 def _exchange(
-    rig: Rig, chain: Chain, label: str, n: int, rate: float, timeout_s: float, jobs: list[Any]
+    rig: Rig,
+    chain: Chain,
+    label: str,
+    n: int,
+    rate: float,
+    timeout_s: float,
+    jobs: list[Any],
+    cpu: list[float] | None = None,
 ) -> tuple[list[float], list[float | None]]:
+    """One measurement: the source writes, the sink times; `cpu[0]` gets the hops' CPU seconds."""
     tag = f"{chain.short}-{label}"
     jobs.append((chain.name, tag, n))
-    rig.sink.send(Collect(tag, n, timeout_s))
     rig.source.send(SourceJob(chain.source, tag, n, chain.form, rate))
+    if rig.source.recv() != "built":
+        raise RuntimeError("source did not build its records")
+    rig.sink.send(Collect(tag, n, timeout_s))
+    cpu0 = cpu_seconds(chain.pids)
+    rig.source.send("go")
     sent: list[float] = rig.source.recv()
     arrived: list[float | None] = rig.sink.recv()
+    if cpu is not None:
+        cpu[0] = cpu_seconds(chain.pids) - cpu0
     return sent, arrived
 
 
@@ -257,6 +309,7 @@ def build_report(
         "targets": targets(summary),
         "spans_exported": spans,
         "load_average_per_round": results["load_average_per_round"],
+        "cpu_per_round": results["cpu_per_round"],
         "rounds": {k: results[k] for k in ("saturated", "latency", "inference")},
         "method": METHOD,
     }
