@@ -124,8 +124,8 @@ def measure_all(
     chains = list(rig.chains.values()) + ([rig.model] if rig.model else [])
     for chain in chains:
         row = _saturated(rig, chain, "w", args.warmup, WARMUP_TIMEOUT_S, jobs)
-        if row["lost"]:
-            raise RuntimeError(f"{chain.name}: warm-up incomplete ({row['lost']} not through)")
+        if row["late"]:
+            raise RuntimeError(f"{chain.name}: warm-up incomplete ({row['late']} not through)")
         _say(f"warm {chain.name}: {row['records_per_s']:,.0f} records/s")
     for n in range(1, args.rounds + 1):
         if n > 1 and time.monotonic() - began > args.budget:
@@ -198,8 +198,8 @@ def _saturated(
     sent, arrived = _exchange(rig, chain, label, n, 0.0, timeout_s, jobs, cpu)
     cpu_us = cpu[0] / (n * len(chain.pids)) * 1e6
     got = [a for a in arrived if a is not None]
-    row: dict[str, Any] = {"lost": n - len(got), "source_write_s": round(sent[-1] - sent[0], 3)}
-    if not row["lost"]:
+    row: dict[str, Any] = {"late": n - len(got), "source_write_s": round(sent[-1] - sent[0], 3)}
+    if not row["late"]:
         row["records_per_s"] = round(n / max(max(got) - sent[0], 1e-3))
         row["cpu_us_per_record_per_hop"] = round(cpu_us, 1)
     return row
@@ -213,7 +213,7 @@ def _paced(
     sent, arrived = _exchange(rig, chain, label, n, float(rate), timeout_s, jobs)
     got = sum(a is not None for a in arrived)
     offered = (n - 1) / max(sent[-1] - sent[0], 1e-3) if n > 1 else float(rate)
-    return {"lost": n - got, "offered_per_s": round(offered), **latency_ms(sent, arrived)}
+    return {"late": n - got, "offered_per_s": round(offered), **latency_ms(sent, arrived)}
 
 
 def _inference(
@@ -226,7 +226,7 @@ def _inference(
     bare = bare_model_rate(records)
     stage = row.get("records_per_s")
     return {
-        "lost": row["lost"],
+        "late": row["late"],
         "mean_batch_handed_to_model": round(handled / calls, 1) if calls else None,
         "stage_records_per_s": stage,
         "bare_model_records_per_s": round(bare, 1),
@@ -246,6 +246,7 @@ def _exchange(
 ) -> tuple[list[float], list[float | None]]:
     """One measurement: the source writes, the sink times; `cpu[0]` gets the hops' CPU seconds."""
     tag = f"{chain.short}-{label}"
+    _check_running(chain)
     jobs.append((chain.name, tag, n))
     rig.source.send(SourceJob(chain.source, tag, n, chain.form, rate))
     if rig.source.recv() != "built":
@@ -258,6 +259,13 @@ def _exchange(
     if cpu is not None:
         cpu[0] = cpu_seconds(chain.pids) - cpu0
     return sent, arrived
+
+
+def _check_running(chain: Chain) -> None:
+    """A dead hop would only show as a timeout minutes later: say which one now."""
+    for pid in chain.pids:
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            raise RuntimeError(f"{chain.name}: hop process {pid} is gone")
 
 
 def _finish(rig: Rig) -> dict[str, int]:
@@ -371,7 +379,9 @@ METHOD = {
     "--inference-batch-max; records/s first write → last arrival, over the same model "
     "called back to back with no Kafka",
     "integrity": "every record keyed <tag>-<index>; the sink counts each key's arrivals over "
-    "the whole run (and reads on at the end until its topics are quiet)",
+    "the whole run (and reads on at the end until its topics are quiet); a round's `late` "
+    "counts records not through before its timeout (they may still arrive: integrity.lost "
+    "is what never did)",
 }
 
 
