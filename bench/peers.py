@@ -4,7 +4,7 @@ One run, one broker (a `LocalBroker` of its own unless `--bootstrap`), one topol
 each its own process, topic i → i+1 with `--partitions` partitions, a no-op handler and the same
 ~330-byte task event (CloudEvents headers + Avro task data; Quix gets the task data as JSON, its
 default serializer) written by a separate source process and read by a separate sink process.
-Contenders: `raw` (consume(500) → produce → flush → commit, bench/hops.py), `quix` (Quix
+Contenders: `raw` (consume up to 500 → produce → flush → commit, bench/hops.py), `quix` (Quix
 Streams, default at-least-once, bench/quix_hop.py, run from the bench virtualenv), Conveyor's real
 runtime with relay stages and tracing off, 10% parent-based sampling, always-on.
 
@@ -359,8 +359,9 @@ def _say(line: str) -> None:
 
 
 METHOD = {
-    "raw": "consume(500) → produce each record unchanged → flush (acks) → async commit; "
-    "Conveyor's librdkafka configuration (bench/hops.py run_raw_hop)",
+    "raw": "consume(500) of what is queued (blocking for one record only when idle, as the "
+    "runtime polls) → produce each record unchanged → flush (acks) → async commit; Conveyor's "
+    "librdkafka configuration (bench/hops.py run_raw_hop)",
     "quix": "Quix Streams Application, default at-least-once (commit every 5 s after the "
     "producer flushed), JSON deserializer and serializer (its defaults), to_topic; its own "
     "confluent-kafka (bench virtualenv)",
