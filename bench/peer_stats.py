@@ -154,14 +154,35 @@ def _p99(latency: Mapping[str, Any], rate: str) -> float | None:
     return _median(latency.get(rate, {}).get("conveyor_off", {}).get("p99_ms"))
 
 
+# Other work above this share of the cores makes a run's figures the neighbours' as much as ours.
+BUSY_SHARE = 0.25
+
+
+def busy_machine(report: Mapping[str, Any]) -> str | None:
+    """A warning when other work kept more than BUSY_SHARE of the cores busy; else None."""
+    crowd = spread(r["other_cores"] for r in report["cpu_per_round"])
+    cores = report["machine"]["cpu_count"] or 1
+    if crowd is None or crowd["median"] <= BUSY_SHARE * cores:
+        return None
+    return (
+        f"**Taken on a busy machine**: other work kept {crowd['median']} of {cores} cores busy "
+        f"(median over rounds; load average {report['machine']['load_average_at_start'][0]} at "
+        "start). Every contender was starved alike, so the same-round ratios and CPU per record "
+        "say more than the absolute rates and latencies, which a quiet machine would improve; "
+        "the targets' verdicts are not representative."
+    )
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     """A short summary: the contenders' table, the ratios, the targets, the machine."""
     s = report["summary"]
     rates = sorted(s["latency"], key=int)
     head = ["contender", "records/s", "CPU µs/rec/hop"] + [f"p50 / p99 ms @{r}/s" for r in rates]
+    warning = busy_machine(report)
     lines = [
         f"# Conveyor beside its Python peers ({report['date']})",
         "",
+        *([warning, ""] if warning else []),
         report["conditions"],
         "",
         "| " + " | ".join(head) + " |",

@@ -40,7 +40,14 @@ from machine import cpu_seconds, machine  # noqa: E402
 from peer_io import Collect, SourceJob  # noqa: E402
 from peer_model import MODEL_BATCH, MODEL_SECONDS, bare_model_rate  # noqa: E402
 from peer_rig import CONTENDERS, Chain, Options, Rig, running  # noqa: E402
-from peer_stats import latency_ms, markdown, spread, summarise, targets  # noqa: E402
+from peer_stats import (  # noqa: E402
+    busy_machine,
+    latency_ms,
+    markdown,
+    spread,
+    summarise,
+    targets,
+)
 
 from conveyor.broker.local import LocalBroker  # noqa: E402
 from conveyor.local.otlp import OtlpReceiver  # noqa: E402
@@ -62,7 +69,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--warmup", type=int, default=500, help="records per contender before timing")
-    p.add_argument("--round-timeout", type=float, default=180.0, help="seconds per measurement")
+    p.add_argument("--round-timeout", type=float, default=300.0, help="seconds per measurement")
     p.add_argument("--budget", type=float, default=480.0, help="seconds; no round starts after")
     p.add_argument("--bootstrap", help="an existing broker; default: start a LocalBroker")
     p.add_argument("--bench-python", default=os.environ.get("BENCH_PYTHON", str(BENCH_PYTHON)))
@@ -105,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         spans = _span_counts(receivers)
     report = build_report(args, results, _integrity(jobs, seen), spans, load)
     report["total_seconds"] = round(time.monotonic() - began, 1)
+    report["busy_machine"] = busy_machine(report)
     write(report, args.output)
     return report
 
