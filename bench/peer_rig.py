@@ -33,9 +33,14 @@ from conveyor.settings import KafkaSettings
 
 HERE = Path(__file__).resolve().parent
 CONTENDERS = ("raw", "quix", "conveyor_off", "conveyor_sampled", "conveyor_on")
+# On request only: Quix Streams with its Avro (de)serializers on the very records Conveyor gets.
+OPTIONAL = ("quix_avro",)
+QUIX = ("quix", "quix_avro")
+SCHEMA = HERE.parent / "schemas" / "task-submitted.v2.avsc"  # what the source's Avro is written in
 SHORT = {
     "raw": "raw",
     "quix": "quix",
+    "quix_avro": "qavro",
     "conveyor_off": "off",
     "conveyor_sampled": "smp",
     "conveyor_on": "on",
@@ -94,9 +99,10 @@ def running(opts: Options) -> Iterator[Rig]:
     sinks = [c.sink for c in chains.values()] + ([model.sink] if model else [])
     try:
         for chain in chains.values():
-            if chain.name == "quix":
-                quix += _start_quix(chain, run, opts)
-                chain.pids = [p.pid for p in quix]
+            if chain.name in QUIX:
+                hops = _start_quix(chain, run, opts)
+                quix += hops
+                chain.pids = [p.pid for p in hops]
             else:
                 chain.pids = _start_hops(ctx, chain, run, opts, stop, procs)
         if model is not None:
@@ -126,8 +132,8 @@ def running(opts: Options) -> Iterator[Rig]:
 
 
 def _chain(name: str, run: str, opts: Options) -> Chain:
-    if name in ("raw", "quix"):
-        topics = [f"b{run}-{name}.hop{i}" for i in range(6)]
+    if name in ("raw", *QUIX):
+        topics = [f"b{run}-{SHORT[name]}.hop{i}" for i in range(6)]
         _create_topics(opts.bootstrap, topics, opts.partitions)
         return Chain(name, topics[0], topics[-1], "json" if name == "quix" else "avro", topics)
     prefix = f"b{run}-{SHORT[name]}."
@@ -174,6 +180,7 @@ def _start_hops(
 def _start_quix(chain: Chain, run: str, opts: Options) -> list[subprocess.Popen[bytes]]:
     topics = chain.topics
     script = str(HERE / "quix_hop.py")
+    schema = str(SCHEMA) if chain.name == "quix_avro" else ""
     return [
         subprocess.Popen(
             [
@@ -182,7 +189,8 @@ def _start_quix(chain: Chain, run: str, opts: Options) -> list[subprocess.Popen[
                 opts.bootstrap,
                 topics[i],
                 topics[i + 1],
-                f"b{run}-quix-{i}",
+                f"b{run}-{chain.short}-{i}",
+                schema,
             ],
             stdin=subprocess.DEVNULL,
             # Quix's optional dependencies warn about deprecations at import: noise here.

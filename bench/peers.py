@@ -24,30 +24,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import subprocess
 import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import cpu_seconds, machine  # noqa: E402
+from machine import CpuProbe, cpu_seconds  # noqa: E402
 from peer_io import Collect, SourceJob  # noqa: E402
-from peer_model import MODEL_BATCH, MODEL_SECONDS, bare_model_rate  # noqa: E402
-from peer_rig import CONTENDERS, Chain, Options, Rig, running  # noqa: E402
-from peer_stats import (  # noqa: E402
-    busy_machine,
-    latency_ms,
-    markdown,
-    spread,
-    summarise,
-    targets,
-)
+from peer_model import MODEL_BATCH, bare_model_rate  # noqa: E402
+from peer_report import build_report, busy_machine, write  # noqa: E402
+from peer_rig import CONTENDERS, OPTIONAL, QUIX, Chain, Options, Rig, running  # noqa: E402
+from peer_stats import latency_ms  # noqa: E402
 
 from conveyor.broker.local import LocalBroker  # noqa: E402
 from conveyor.local.otlp import OtlpReceiver  # noqa: E402
@@ -66,7 +57,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--latency-seconds", type=float, default=5.0)
     p.add_argument("--inference-records", type=int, default=3_200, help="0 skips the scenario")
     p.add_argument("--inference-batch-max", type=int, default=MODEL_BATCH)
-    p.add_argument("--contenders", default=",".join(CONTENDERS))
+    p.add_argument(
+        "--contenders",
+        default=",".join(CONTENDERS),
+        help=f"comma-separated; also known: {', '.join(OPTIONAL)}",
+    )
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--warmup", type=int, default=500, help="records per contender before timing")
     p.add_argument("--round-timeout", type=float, default=300.0, help="seconds per measurement")
@@ -76,11 +71,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", type=Path, default=HERE / "results", help="folder for peers.*")
     args = p.parse_args(argv)
     args.contenders = tuple(c for c in args.contenders.split(",") if c)
-    unknown = set(args.contenders) - set(CONTENDERS)
+    unknown = set(args.contenders) - set(CONTENDERS + OPTIONAL)
     if unknown:
-        p.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS)}")
+        p.error(f"unknown contenders {sorted(unknown)}; known: {', '.join(CONTENDERS + OPTIONAL)}")
     args.rates = [int(r) for r in args.rates.split(",") if r]
-    if "quix" in args.contenders and not Path(args.bench_python).exists():
+    if set(QUIX) & set(args.contenders) and not Path(args.bench_python).exists():
         p.error(f"{args.bench_python} missing: `make bench-venv` installs Quix Streams there")
     return args
 
@@ -91,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     load = os.getloadavg()
     with contextlib.ExitStack() as stack:
         broker = None if args.bootstrap else stack.enter_context(LocalBroker())
-        bootstrap = args.bootstrap or broker.bootstrap
+        bootstrap = broker.bootstrap if broker is not None else args.bootstrap
         broker_pids = [broker.pid] if broker is not None and broker.pid else []
         receivers = {
             name: stack.enter_context(OtlpReceiver(keep_spans=False, defer_decode=True))
@@ -144,37 +139,6 @@ def measure_all(
         one_round(rig, args, n, results, jobs)
         results["cpu_per_round"].append({"round": n, **probe.cores()})
     return results, jobs
-
-
-class CpuProbe:
-    """The machine's busy cores over a span, and how many of them this benchmark kept busy.
-
-    On a shared machine, `others` (busy minus ours: other people's work) says how much the
-    contenders were crowded; the broker counts as ours only when this run started it.
-    """
-
-    def __init__(self, pids: list[int]) -> None:
-        self.pids = pids
-        self.started = time.monotonic()
-        self.busy = _busy_seconds()
-        self.ours = cpu_seconds(pids)
-
-    def cores(self) -> dict[str, float]:
-        elapsed = max(time.monotonic() - self.started, 1e-3)
-        busy = (_busy_seconds() - self.busy) / elapsed
-        ours = (cpu_seconds(self.pids) - self.ours) / elapsed
-        return {
-            "seconds": round(elapsed, 1),
-            "busy_cores": round(busy, 2),
-            "benchmark_cores": round(ours, 2),
-            "other_cores": round(max(busy - ours, 0.0), 2),
-        }
-
-
-def _busy_seconds() -> float:
-    # guest time is already inside user time; steal (the hypervisor's) is not ours to use.
-    t = psutil.cpu_times()
-    return t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0)
 
 
 def one_round(
@@ -303,95 +267,8 @@ def _integrity(jobs: list[tuple[str, str, int]], seen: dict[str, int]) -> dict[s
     return out
 
 
-def build_report(
-    args: argparse.Namespace,
-    results: dict[str, Any],
-    integrity: dict[str, Any],
-    spans: dict[str, int],
-    load: tuple[float, ...],
-) -> dict[str, Any]:
-    summary = summarise(results, integrity)
-    described = machine(load)
-    described.update(_quix_versions(args.bench_python) if "quix" in args.contenders else {})
-    return {
-        "benchmark": "peers",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "conditions": _conditions(args, results),
-        "contenders": list(args.contenders),
-        "machine": described,
-        "settings": {k: v for k, v in vars(args).items() if k not in ("output", "bench_python")}
-        | {"model_batch": MODEL_BATCH, "model_seconds_per_batch": MODEL_SECONDS},
-        "summary": summary,
-        "targets": targets(summary),
-        "spans_exported": spans,
-        "load_average_per_round": results["load_average_per_round"],
-        "cpu_per_round": results["cpu_per_round"],
-        "rounds": {k: results[k] for k in ("saturated", "latency", "inference")},
-        "method": METHOD,
-    }
-
-
-def _conditions(args: argparse.Namespace, results: dict[str, Any]) -> str:
-    rounds = len(results["load_average_per_round"])
-    loads = spread(results["load_average_per_round"], 2) or {}
-    return (
-        f"{rounds} interleaved rounds: {args.records:,} records per saturated measurement, "
-        f"{args.latency_seconds:g} s per fixed-rate measurement at {args.rates} records/s, "
-        f"{args.inference_records:,} records through the model stage; five hops, "
-        f"{args.partitions} partitions, {os.cpu_count()} cores; 1-minute load average at round "
-        f"start {loads.get('median')} [{loads.get('min')}–{loads.get('max')}]. Figures are "
-        "medians [range] over rounds."
-    )
-
-
-def _quix_versions(python: str) -> dict[str, str]:
-    code = (
-        "import confluent_kafka, importlib.metadata as m; "
-        "print(m.version('quixstreams'), confluent_kafka.version()[0], "
-        "confluent_kafka.libversion()[0])"
-    )
-    out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
-    quix, client, lib = out.stdout.split()
-    return {"quixstreams": quix, "quix_confluent_kafka": client, "quix_librdkafka": lib}
-
-
-def write(report: dict[str, Any], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "peers.json").write_text(json.dumps(report, indent=2) + "\n")
-    (folder / "peers.md").write_text(markdown(report))
-    print(markdown(report))
-
-
 def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
-
-
-METHOD = {
-    "raw": "consume(500) of what is queued (blocking for one record only when idle, as the "
-    "runtime polls) → produce each record unchanged → flush (acks) → async commit; Conveyor's "
-    "librdkafka configuration (bench/hops.py run_raw_hop)",
-    "quix": "Quix Streams Application, default at-least-once (commit every 5 s after the "
-    "producer flushed), JSON deserializer and serializer (its defaults), to_topic; its own "
-    "confluent-kafka (bench virtualenv)",
-    "conveyor_off": "the real runtime (StageRunner), one relay stage per hop re-emitting a "
-    "fixed event of the stage's output type; decode, routing, Avro encode, CloudEvents headers",
-    "conveyor_sampled": "as conveyor_off with the OTel SDK, parentbased_traceidratio 0.1, "
-    "OTLP/HTTP to a receiver in the bench process",
-    "conveyor_on": "as conveyor_sampled with the always_on sampler",
-    "saturated": "records written in one burst by the source process; records/s = records / "
-    "(last arrival at the sink − first produce call); CPU = user+system time of the five hop "
-    "processes over the measurement / (records × 5)",
-    "latency": "source paced at the rate; per record, sink arrival − source produce call "
-    "(wall clock, one machine)",
-    "pipelined_inference": "an inference stage on the real runtime whose batch handler sleeps "
-    "50 ms per batch of up to 32 (GIL released), tracing off, batch_max = "
-    "--inference-batch-max; records/s first write → last arrival, over the same model "
-    "called back to back with no Kafka",
-    "integrity": "every record keyed <tag>-<index>; the sink counts each key's arrivals over "
-    "the whole run (and reads on at the end until its topics are quiet); a round's `late` "
-    "counts records not through before its timeout (they may still arrive: integrity.lost "
-    "is what never did)",
-}
 
 
 if __name__ == "__main__":

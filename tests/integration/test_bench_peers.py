@@ -1,10 +1,11 @@
 """The peer benchmark (bench/peers.py) still runs end to end and loses nothing.
 
 A smoke run on the session's broker: every contender (raw confluent-kafka, Quix Streams from the
-bench virtualenv, Conveyor with tracing off, sampled and always-on) and the pipelined-inference
-stage, a few hundred records, one round. It asserts that every record went through every
-contender exactly once and that each kind of figure was produced, never how fast: speed on a
-shared machine is what the benchmark reports, not what a test can hold.
+bench virtualenv with its default JSON and with Avro, Conveyor with tracing off, sampled and
+always-on) and the pipelined-inference stage, a few hundred records, one round. It asserts that
+every record went through every contender exactly once and that each kind of figure was
+produced, never how fast: speed on a shared machine is what the benchmark reports, not what a
+test can hold.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
-CONTENDERS = ("raw", "quix", "conveyor_off", "conveyor_sampled", "conveyor_on")
+CONTENDERS = ("raw", "quix", "quix_avro", "conveyor_off", "conveyor_sampled", "conveyor_on")
 RECORDS, WARMUP, RATE, SECONDS, INFERENCE = 300, 50, 200, 1, 96
-# 27 processes start and join their groups on a busy 2-core machine: minutes, not seconds.
+# 32 processes start and join their groups on a busy 2-core machine: minutes, not seconds.
 pytestmark = pytest.mark.timeout(900)
 
 
@@ -36,6 +37,7 @@ def test_peer_benchmark_passes_every_record_once_through_every_contender(
         "--records", str(RECORDS), "--warmup", str(WARMUP), "--rounds", "1",
         "--rates", str(RATE), "--latency-seconds", str(SECONDS),
         "--inference-records", str(INFERENCE), "--partitions", "3",
+        "--contenders", ",".join(CONTENDERS),
         "--bench-python", str(BENCH_PYTHON), "--output", str(tmp_path),
     ]  # fmt: skip
     done = subprocess.run(argv, env=os.environ, capture_output=True, text=True, timeout=840)
@@ -59,7 +61,8 @@ def test_peer_benchmark_passes_every_record_once_through_every_contender(
     assert model["written"] == WARMUP + INFERENCE
     assert summary["pipelined_inference"]["ratio"]["rounds"] == 1
     assert set(summary["same_round_ratios"]) == {
-        "conveyor_vs_quix", "conveyor_vs_raw", "sampled_vs_off", "always_on_vs_off"
+        "conveyor_vs_quix", "conveyor_vs_quix_avro", "conveyor_vs_raw", "sampled_vs_off",
+        "always_on_vs_off",
     }  # fmt: skip
     assert all(r is not None for r in summary["same_round_ratios"].values())
     # Tracing was on where it should be: always-on exports a span per record per hop.
