@@ -193,8 +193,9 @@ METHOD = {
     "(wall clock, one machine)",
     "pipelined_inference": "an inference stage on the real runtime whose batch handler sleeps "
     "50 ms per batch of up to 32 (GIL released), tracing off, batch_max = "
-    "--inference-batch-max; records/s first write → last arrival, over the same model "
-    "called back to back with no Kafka",
+    "--inference-batch-max, fed a burst of records; its sustained records/s (first record "
+    "out → last record out) over the same model called back to back with no Kafka. "
+    "stage_records_per_s_from_first_write includes the wait for the first fetch",
     "integrity": "every record keyed <tag>-<index>; the sink counts each key's arrivals over "
     "the whole run (and reads on at the end until its topics are quiet); a round's `late` "
     "counts records not through before its timeout (they may still arrive: integrity.lost "
