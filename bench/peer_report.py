@@ -66,7 +66,7 @@ def _conditions(args: argparse.Namespace, results: dict[str, Any]) -> str:
 def _quix_versions(python: str) -> dict[str, str]:
     code = (
         "import confluent_kafka, importlib.metadata as m; "
-        "print(m.version('quixstreams'), confluent_kafka.version()[0], "
+        "print(m.version('quixstreams'), m.version('confluent-kafka'), "
         "confluent_kafka.libversion()[0])"
     )
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60)
