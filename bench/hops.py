@@ -1,8 +1,9 @@
 """The hops `bench/pipeline.py` times: raw confluent-kafka passthrough, and Conveyor relay stages.
 
 A raw hop is the least a Kafka consumer→producer can do with the same guarantee as a stage:
-`consume(500)`, produce every record unchanged, `flush()` (broker acks), commit the offsets
-asynchronously, with the very librdkafka configuration the runtime uses (`conveyor.kafka.config`).
+`consume(500)` of what is queued (blocking only when nothing is), produce every record
+unchanged, `flush()` (broker acks), commit the offsets asynchronously, with the very librdkafka
+configuration the runtime uses (`conveyor.kafka.config`).
 A relay stage is the real runtime (`StageRunner`) with a handler that re-emits a fixed,
 schema-valid event of the stage's output type: decode, span, metrics, routing, Avro encode,
 CloudEvents headers, trace propagation all run; only the model is missing. Relay stages carry the
@@ -166,7 +167,12 @@ def run_raw_hop(bootstrap: str, source: str, target: str, group: str, stop: Any)
     producer = Producer(config.producer(settings, client_id=f"raw-{group}"))
     consumer.subscribe([source])
     while not stop.is_set():
-        batch = consumer.consume(settings.batch_max, settings.poll_timeout_ms / 1000)
+        # As the runtime polls: take what is queued without waiting, block only for the first
+        # record of an idle hop. consume(n, t) alone holds a record up to t for company, which
+        # at a low rate adds the whole poll timeout to every hop's latency.
+        batch = consumer.consume(settings.batch_max, 0)
+        if not batch:
+            batch = consumer.consume(1, settings.poll_timeout_ms / 1000)
         offsets: dict[tuple[str, int], int] = {}
         for msg in batch:
             if msg.error() is not None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 import timeit
 from collections.abc import Iterable
 from importlib.metadata import version
@@ -44,3 +45,34 @@ def cpu_seconds(pids: Iterable[int]) -> float:
         times = psutil.Process(pid).cpu_times()
         total += times.user + times.system
     return total
+
+
+class CpuProbe:
+    """The machine's busy cores over a span, and how many of them this benchmark kept busy.
+
+    On a shared machine, `other_cores` (busy minus ours: other people's work) says how much the
+    contenders were crowded; the broker counts as ours only when this run started it.
+    """
+
+    def __init__(self, pids: list[int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.busy = _busy_seconds()
+        self.ours = cpu_seconds(pids)
+
+    def cores(self) -> dict[str, float]:
+        elapsed = max(time.monotonic() - self.started, 1e-3)
+        busy = (_busy_seconds() - self.busy) / elapsed
+        ours = (cpu_seconds(self.pids) - self.ours) / elapsed
+        return {
+            "seconds": round(elapsed, 1),
+            "busy_cores": round(busy, 2),
+            "benchmark_cores": round(ours, 2),
+            "other_cores": round(max(busy - ours, 0.0), 2),
+        }
+
+
+def _busy_seconds() -> float:
+    # guest time is already inside user time; steal (the hypervisor's) is not ours to use.
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + getattr(t, "irq", 0.0) + getattr(t, "softirq", 0.0))
