@@ -26,7 +26,7 @@ from conveyor.local.receiver import WebhookReceiver
 from conveyor.local.stack import LocalStack
 from conveyor.settings import KafkaSettings
 from conveyor.store import open_store
-from tests.e2e.conftest import SECRET
+from tests.e2e.conftest import WEBHOOK_ENV
 from tests.support import headers_of, read_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
@@ -83,7 +83,7 @@ def test_kill_nine_and_broker_restart_lose_and_duplicate_nothing(
         "CONVEYOR_KAFKA_BOOTSTRAP": kafka_broker.bootstrap,
         "CONVEYOR_TOPIC_PREFIX": topic_prefix,
         "CONVEYOR_STORE_URL": store_url,
-        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+        **WEBHOOK_ENV,
         "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]",
         "CONVEYOR_CLAIM_LEASE_S": "5",
         "CONVEYOR_EXACTLY_ONCE": str(exactly_once).lower(),

@@ -1,0 +1,258 @@
+"""Sending webhooks: pinned to checked addresses, bounded in time and size, several at once.
+
+Each delivery is checked by the `DestinationPolicy` and then connects only to the addresses the
+check passed (the URL's host is still what the request names: `Host` header, TLS SNI and
+certificate check), so DNS cannot change the target between check and connect. Redirects are
+never followed (httpcore does not follow them; a 3xx answer is returned as it is). One deadline
+bounds the whole delivery: connect, TLS, sending the body, and every read of the answer, so a
+receiver that trickles a byte every few seconds is cut off when it passes. At most
+`max_answer_bytes` of the answer are read; the rest is never fetched. A batch's deliveries run
+concurrently on a bounded thread pool, so a slow receiver holds one worker, not the others.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import ssl
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+import httpcore
+from opentelemetry.trace import Span, SpanKind
+
+from conveyor.errors import RetryableError
+from conveyor.telemetry import tracing
+from conveyor.webhooks.policy import Destination, DestinationPolicy, redact
+
+log = logging.getLogger(__name__)
+USER_AGENT = "Conveyor-Webhooks/1"
+# getaddrinfo cannot be interrupted: a batch waits this much past the deadline for a delivery
+# stuck in name resolution before reporting it as timed out (the worker then finishes alone).
+RESOLVE_GRACE_S = 5.0
+_SOCKET_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRequest:
+    """One webhook to send: where, what, and the trace it belongs to."""
+
+    url: str
+    body: bytes
+    headers: Mapping[str, str]
+    parent: Span | None = None  # the record's span: the webhook span is its child
+    # The task's trace context, sent when no span of ours carries one (the SDK is off).
+    traceparent: str | None = None
+    tracestate: str | None = None
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+class WebhookSender:
+    """Delivers webhooks under the destination policy; returns an HTTP status or the error."""
+
+    def __init__(
+        self,
+        policy: DestinationPolicy,
+        *,
+        timeout_s: float,
+        max_answer_bytes: int,
+        concurrency: int,
+        ca_file: str | None = None,
+    ) -> None:
+        self.policy = policy
+        self.timeout_s = timeout_s
+        self.max_answer_bytes = max_answer_bytes
+        self.ssl_context = ssl.create_default_context(cafile=ca_file or _certifi())
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
+
+    def deliver(self, requests: Sequence[WebhookRequest]) -> list[int | Exception]:
+        """Send every request concurrently; each result is its status code or its error."""
+        futures: list[Future[int]] = [self._pool.submit(self.post, r) for r in requests]
+        bound = time.monotonic() + self.timeout_s + RESOLVE_GRACE_S
+        results: list[int | Exception] = []
+        for request, future in zip(requests, futures, strict=True):
+            try:
+                results.append(future.result(timeout=max(bound - time.monotonic(), 0.0)))
+            except FutureTimeout:
+                results.append(
+                    RetryableError(f"webhook to {redact(request.url)} did not finish in time")
+                )
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def post(self, request: WebhookRequest) -> int:
+        """One delivery, in its own CLIENT span; raises RetryableError or a policy refusal."""
+        deadline = time.monotonic() + self.timeout_s
+        shown = redact(request.url)
+        span = tracing.start_span(
+            "webhook POST",
+            parent=tracing.context_of(request.parent) if request.parent is not None else None,
+            kind=SpanKind.CLIENT,
+            attributes={"http.request.method": "POST", "url.full": shown, **request.attributes},
+        )
+        try:
+            destination = self.policy.check(request.url)
+            span.set_attribute("server.address", destination.host)
+            span.set_attribute("server.port", destination.port)
+            status = self._send(destination, request, _trace_headers(span, request), deadline)
+            span.set_attribute("http.response.status_code", status)
+        except Exception as exc:
+            tracing.end_span(span, exc)
+            raise
+        tracing.end_span(span)
+        return status
+
+    def _send(
+        self,
+        destination: Destination,
+        request: WebhookRequest,
+        trace_headers: dict[str, str],
+        deadline: float,
+    ) -> int:
+        headers = {**request.headers, **trace_headers, "User-Agent": USER_AGENT}
+        if destination.userinfo:
+            headers["Authorization"] = _basic(destination.userinfo)
+        url = httpcore.URL(
+            scheme=destination.scheme.encode(),
+            host=destination.host.encode(),
+            port=destination.port,
+            target=destination.target.encode(),
+        )
+        backend = PinnedBackend(destination.addresses, deadline)
+        timeouts = {k: self.timeout_s for k in ("connect", "read", "write", "pool")}
+        try:
+            with (
+                httpcore.ConnectionPool(
+                    ssl_context=self.ssl_context, network_backend=backend, max_connections=1
+                ) as pool,
+                pool.stream(
+                    "POST",
+                    url,
+                    headers=list(headers.items()),
+                    content=request.body,
+                    extensions={"timeout": timeouts},
+                ) as response,
+            ):
+                self._drain(response)
+                return int(response.status)
+        except _SOCKET_ERRORS as exc:
+            late = " (deadline passed)" if time.monotonic() >= deadline else ""
+            raise RetryableError(
+                f"webhook to {redact(request.url)} failed: {type(exc).__name__}{late}"
+            ) from exc
+
+    def _drain(self, response: httpcore.Response) -> None:
+        """Read at most `max_answer_bytes` of the answer; the rest is left unread."""
+        read = 0
+        for chunk in response.iter_stream():
+            read += len(chunk)
+            if read >= self.max_answer_bytes:
+                break
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class PinnedBackend(httpcore.NetworkBackend):
+    """Connects to the checked addresses only, and holds every socket operation to a deadline."""
+
+    def __init__(self, addresses: Sequence[str], deadline: float) -> None:
+        self.addresses = tuple(addresses)
+        self.deadline = deadline
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        last: Exception | None = None
+        for address in self.addresses:  # `host` was resolved and checked already: not again
+            try:
+                stream = self._inner.connect_tcp(
+                    address,
+                    port,
+                    timeout=_remaining(self.deadline, timeout, httpcore.ConnectTimeout),
+                    local_address=local_address,
+                    socket_options=socket_options,
+                )
+                return DeadlineStream(stream, self.deadline)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        raise last if last is not None else httpcore.ConnectError("no address to connect to")
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+
+class DeadlineStream(httpcore.NetworkStream):
+    """A network stream whose every read and write ends by the delivery's deadline."""
+
+    def __init__(self, inner: httpcore.NetworkStream, deadline: float) -> None:
+        self._inner = inner
+        self._deadline = deadline
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        remaining = _remaining(self._deadline, timeout, httpcore.ReadTimeout)
+        return self._inner.read(max_bytes, remaining)
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _remaining(self._deadline, timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,
+    ) -> httpcore.NetworkStream:
+        remaining = _remaining(self._deadline, timeout, httpcore.ConnectTimeout)
+        tls = self._inner.start_tls(ssl_context, server_hostname, remaining)
+        return DeadlineStream(tls, self._deadline)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+def _remaining(deadline: float, timeout: float | None, error: type[Exception]) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise error("webhook delivery deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+def _trace_headers(span: Span, request: WebhookRequest) -> dict[str, str]:
+    """The receiver joins the task's trace: our span's context, else the task's own."""
+    injected = {k: v.decode() for k, v in tracing.inject(span)}
+    if injected or not request.traceparent:
+        return injected
+    carried = {"traceparent": request.traceparent}
+    if request.tracestate:
+        carried["tracestate"] = request.tracestate
+    return carried
+
+
+def _basic(userinfo: str) -> str:
+    user, _, password = userinfo.partition(":")
+    token = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode()
+    return f"Basic {token}"
+
+
+def _certifi() -> str | None:
+    try:
+        import certifi
+
+        return str(certifi.where())
+    except ImportError:
+        return None
