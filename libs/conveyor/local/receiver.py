@@ -32,6 +32,7 @@ class Delivery:
     body: dict[str, Any]
     signature_ok: bool
     headers: Mapping[str, str] = field(default_factory=dict)
+    raw: bytes = b""  # the body as received (what a second verifier checks)
 
 
 class WebhookReceiver:
@@ -93,7 +94,7 @@ class WebhookReceiver:
             if script:
                 return script.pop(0)  # a scripted failure is not a delivery
             self.deliveries.append(
-                Delivery(task_id, headers.get(ID_HEADER, ""), body, verified, headers)
+                Delivery(task_id, headers.get(ID_HEADER, ""), body, verified, headers, raw)
             )
         return 200
 
