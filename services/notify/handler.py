@@ -71,9 +71,14 @@ def handle_batch(events: Sequence[Event], ctx: StageContext[NotifySettings]) -> 
             pending.append(_Pending(index, event, prepared))
         else:
             outcomes[index] = prepared
-    results = ctx.resources["webhooks"].deliver([p.request for p in pending])
-    for item, result in zip(pending, results, strict=True):
+
+    def settle(position: int, result: int | Exception) -> None:
+        # Recorded as each answer comes, not after the slowest receiver: a crash repeats only
+        # the webhooks still in flight.
+        item = pending[position]
         outcomes[item.index] = _settle(item.event, result, ctx)
+
+    ctx.resources["webhooks"].deliver([p.request for p in pending], settle)
     return outcomes
 
 

@@ -135,6 +135,8 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
     assert all(d.signature_ok for d in deliveries)
     for d in deliveries:
         assert d.body["status"] == expect[d.task_id]
+        # Tracing is off, yet the webhook carries the task's own trace context.
+        assert d.headers["traceparent"].split("-")[1] == records[d.task_id].trace_id
     embeds = [
         records[t].result["embedding"]
         for t, s in expect.items()

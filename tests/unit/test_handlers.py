@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -313,8 +313,14 @@ class FakeSender:
     answer: int | Exception
     seen: list[WebhookRequest]
 
-    def deliver(self, requests: Sequence[WebhookRequest]) -> list[int | Exception]:
+    def deliver(
+        self,
+        requests: Sequence[WebhookRequest],
+        on_result: Callable[[int, int | Exception], None],
+    ) -> list[int | Exception]:
         self.seen.extend(requests)
+        for index in reversed(range(len(requests))):  # answers come in any order
+            on_result(index, self.answer)
         return [self.answer for _ in requests]
 
 

@@ -16,8 +16,8 @@ import base64
 import logging
 import ssl
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +35,7 @@ USER_AGENT = "Conveyor-Webhooks/1"
 # getaddrinfo cannot be interrupted: a batch waits this much past the deadline for a delivery
 # stuck in name resolution before reporting it as timed out (the worker then finishes alone).
 RESOLVE_GRACE_S = 5.0
+ResultHook = Callable[[int, "int | Exception"], None]
 _SOCKET_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
 
 
@@ -70,21 +71,33 @@ class WebhookSender:
         self.ssl_context = ssl.create_default_context(cafile=ca_file or _certifi())
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="webhook")
 
-    def deliver(self, requests: Sequence[WebhookRequest]) -> list[int | Exception]:
-        """Send every request concurrently; each result is its status code or its error."""
-        futures: list[Future[int]] = [self._pool.submit(self.post, r) for r in requests]
-        bound = time.monotonic() + self.timeout_s + RESOLVE_GRACE_S
-        results: list[int | Exception] = []
-        for request, future in zip(requests, futures, strict=True):
-            try:
-                results.append(future.result(timeout=max(bound - time.monotonic(), 0.0)))
-            except FutureTimeout:
-                results.append(
-                    RetryableError(f"webhook to {redact(request.url)} did not finish in time")
-                )
-            except Exception as exc:
-                results.append(exc)
-        return results
+    def deliver(
+        self, requests: Sequence[WebhookRequest], on_result: ResultHook | None = None
+    ) -> list[int | Exception]:
+        """Send every request concurrently; each result is its status code or its error.
+
+        `on_result(index, result)` is called in the caller's thread as each one finishes, so
+        the caller can record an answer at once rather than after the slowest receiver: a crash
+        then repeats only the webhooks still in flight.
+        """
+        futures = {self._pool.submit(self.post, r): i for i, r in enumerate(requests)}
+        results: list[int | Exception | None] = [None] * len(requests)
+        bound = self.timeout_s + RESOLVE_GRACE_S
+
+        def record(index: int, result: int | Exception) -> None:
+            results[index] = result
+            if on_result is not None:
+                on_result(index, result)
+
+        try:
+            for future in as_completed(futures, timeout=bound):
+                record(futures[future], _outcome(future))
+        except FutureTimeout:
+            for index, request in enumerate(requests):
+                if results[index] is None:
+                    late = f"webhook to {redact(request.url)} did not finish in time"
+                    record(index, RetryableError(late))
+        return [r for r in results if r is not None]
 
     def post(self, request: WebhookRequest) -> int:
         """One delivery, in its own CLIENT span; raises RetryableError or a policy refusal."""
@@ -223,6 +236,13 @@ class DeadlineStream(httpcore.NetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+def _outcome(future: Future[int]) -> int | Exception:
+    try:
+        return future.result()
+    except Exception as exc:
+        return exc
 
 
 def _remaining(deadline: float, timeout: float | None, error: type[Exception]) -> float:
