@@ -5,10 +5,9 @@ or dead-lettered (failed), no task has two rows or two timeline entries for one 
 webhook receiver, honouring `webhook-id`, acted on exactly one webhook per task. An HTTP call
 can't be made exactly-once across a crash: a notify killed between the receiver's answer and
 the claim's completion sends that webhook again, same id and body (freshly timestamped and
-signed), so raw repeats are allowed only up to what notify kills interrupted in flight, and each must repeat
-the first's body exactly. The same
-run in exactly-once mode also shows no duplicate event on any stage output topic. Loops are
-bounded in count and time.
+signed), so raw repeats are allowed only up to what notify kills interrupted in flight, and
+each must repeat the first's body exactly. The same run in exactly-once mode also shows no
+duplicate event on any stage output topic. Loops are bounded in count and time.
 """
 
 from __future__ import annotations
