@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from conveyor.settings import StageSettings, default_store_url
 from conveyor.webhooks.policy import DestinationPolicy, allow_entries
+from conveyor.webhooks.sender import RESOLVE_GRACE_S
 from conveyor.webhooks.signing import SecretFormatError, secret_key
 
 
@@ -96,6 +97,17 @@ class NotifySettings(StageSettings):
             DestinationPolicy(entries)  # a bad entry fails at start, not at the first webhook
             return entries
         return value
+
+    @model_validator(mode="after")
+    def _batch_fits_liveness(self) -> NotifySettings:
+        # A batch of webhooks takes at most about one delivery deadline (plus name-resolution
+        # grace); the loop must come round within the liveness stall limit.
+        if self.webhook_timeout_s + RESOLVE_GRACE_S >= self.health_stall_s:
+            raise ValueError(
+                f"webhook_timeout_s ({self.webhook_timeout_s:g} s) + {RESOLVE_GRACE_S:g} s must "
+                f"stay under health_stall_s ({self.health_stall_s:g} s)"
+            )
+        return self
 
     def webhook_keys(self, tenant: str) -> list[bytes]:
         """The tenant's signing keys (several while a key is rotated); empty if it has none."""

@@ -146,3 +146,13 @@ def test_an_unreachable_receiver_is_retryable() -> None:
         port = sock.getsockname()[1]  # bound, not listening: connection refused
         (result,) = sender("127.0.0.1/32").deliver([request(f"http://127.0.0.1:{port}/")])
     assert isinstance(result, RetryableError)
+
+
+def test_an_ipv6_literal_url_is_refused_or_named_with_brackets(
+    servers: Callable[[Behaviour], Server],
+) -> None:
+    server = servers(ok)
+    url = f"http://[::ffff:127.0.0.1]:{server.port}/h"
+    assert isinstance(sender().deliver([request(url)])[0], DestinationRefusedError)
+    assert sender("127.0.0.1/32").deliver([request(url)]) == [204]  # judged and sent as IPv4
+    assert server.requests[0]["host"] == f"[::ffff:127.0.0.1]:{server.port}"

@@ -208,3 +208,9 @@ def test_the_shared_default_secret_is_rejected_at_start(monkeypatch: pytest.Monk
 def test_a_bad_allowlist_entry_fails_at_start() -> None:
     with pytest.raises(ValidationError, match="neither a network nor a host name"):
         NotifySettings(stage="notify", webhook_allow=["10.0.0.0/33"])
+
+
+def test_a_webhook_deadline_longer_than_the_liveness_limit_fails_at_start() -> None:
+    with pytest.raises(ValidationError, match="health_stall_s"):
+        NotifySettings(stage="notify", webhook_timeout_s=60, health_stall_s=30)
+    NotifySettings(stage="notify", webhook_timeout_s=60, health_stall_s=90)

@@ -128,7 +128,13 @@ class WebhookSender:
         trace_headers: dict[str, str],
         deadline: float,
     ) -> int:
-        headers = {**request.headers, **trace_headers, "User-Agent": USER_AGENT}
+        # Host as the URL names it (httpcore would write an IPv6 literal without brackets).
+        headers = {
+            "Host": destination.authority,
+            **request.headers,
+            **trace_headers,
+            "User-Agent": USER_AGENT,
+        }
         if destination.userinfo:
             headers["Authorization"] = _basic(destination.userinfo)
         url = httpcore.URL(
