@@ -156,3 +156,26 @@ def test_an_ipv6_literal_url_is_refused_or_named_with_brackets(
     assert isinstance(sender().deliver([request(url)])[0], DestinationRefusedError)
     assert sender("127.0.0.1/32").deliver([request(url)]) == [204]  # judged and sent as IPv4
     assert server.requests[0]["host"] == f"[::ffff:127.0.0.1]:{server.port}"
+
+
+def test_a_batch_ends_within_one_deadline_even_when_slow_receivers_fill_every_worker(
+    servers: Callable[[Behaviour], Server],
+) -> None:
+    stop = threading.Event()
+
+    def hang(handler: BaseHTTPRequestHandler) -> None:
+        stop.wait(120)
+
+    slow = servers(hang)
+    hooks = WebhookSender(
+        DestinationPolicy(["127.0.0.1/32"]), timeout_s=2.0, max_answer_bytes=4096, concurrency=2
+    )
+    try:
+        results = hooks.deliver([request(slow.url) for _ in range(6)])
+    finally:
+        stop.set()
+    hooks.close()
+    # The two sent ran into the batch's deadline; the four queued behind them had none left:
+    # they were never sent (and are retried later), so nothing goes out after the batch.
+    assert all(isinstance(r, RetryableError) for r in results)
+    assert len(slow.requests) == 2, len(slow.requests)

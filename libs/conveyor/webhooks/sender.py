@@ -35,6 +35,8 @@ USER_AGENT = "Conveyor-Webhooks/1"
 # getaddrinfo cannot be interrupted: a batch waits this much past the deadline for a delivery
 # stuck in name resolution before reporting it as timed out (the worker then finishes alone).
 RESOLVE_GRACE_S = 5.0
+# A delivery with less time than this left is not started: it could not finish.
+MIN_ATTEMPT_S = 0.1
 ResultHook = Callable[[int, "int | Exception"], None]
 _SOCKET_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
 
@@ -80,7 +82,10 @@ class WebhookSender:
         the caller can record an answer at once rather than after the slowest receiver: a crash
         then repeats only the webhooks still in flight.
         """
-        futures = {self._pool.submit(self.post, r): i for i, r in enumerate(requests)}
+        # A webhook queued behind slow ones gets what is left of the batch's deadline, so no
+        # delivery outlives the batch (name resolution aside) and none is sent after it.
+        not_after = time.monotonic() + self.timeout_s
+        futures = {self._pool.submit(self.post, r, not_after): i for i, r in enumerate(requests)}
         results: list[int | Exception | None] = [None] * len(requests)
         bound = self.timeout_s + RESOLVE_GRACE_S
 
@@ -93,15 +98,24 @@ class WebhookSender:
             for future in as_completed(futures, timeout=bound):
                 record(futures[future], _outcome(future))
         except FutureTimeout:
+            for future in futures:
+                future.cancel()  # still queued behind slow ones: never sent, retried later
             for index, request in enumerate(requests):
                 if results[index] is None:
                     late = f"webhook to {redact(request.url)} did not finish in time"
                     record(index, RetryableError(late))
         return [r for r in results if r is not None]
 
-    def post(self, request: WebhookRequest) -> int:
-        """One delivery, in its own CLIENT span; raises RetryableError or a policy refusal."""
+    def post(self, request: WebhookRequest, not_after: float | None = None) -> int:
+        """One delivery, in its own CLIENT span; raises RetryableError or a policy refusal.
+
+        It must end within the sender's timeout, and by `not_after` (monotonic) when given.
+        """
         deadline = time.monotonic() + self.timeout_s
+        if not_after is not None:
+            deadline = min(deadline, not_after)
+        if deadline - time.monotonic() < MIN_ATTEMPT_S:
+            raise RetryableError(f"webhook to {redact(request.url)} waited past its deadline")
         shown = redact(request.url)
         span = tracing.start_span(
             "webhook POST",
