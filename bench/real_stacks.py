@@ -6,6 +6,7 @@ stack is given, and the wait until each one's webhook arrived.
 from __future__ import annotations
 
 import contextlib
+import json
 import multiprocessing as mp
 import os
 import time
@@ -20,8 +21,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from conveyor.local.receiver import WebhookReceiver
 from conveyor.local.samples import MINILM_ONLY, PROFANE, SENTENCES
 from conveyor.local.stack import LocalStack
+from conveyor.webhooks import new_secret
 
-SECRET = "bench-secret"
+# Each tenant its own secret (no shared default); the receiver is on loopback, so allowlisted.
+SECRETS = {tenant: new_secret() for tenant in ("acme", "globex")}
 LABELS = ["business", "weather", "culture", "infrastructure"]
 POLL_S = 0.02  # webhook poll: the timing error per round is at most this
 # The span exporter's schedule delay (default 5000 ms): a round's last spans leave within it, so
@@ -49,7 +52,7 @@ class BenchStack:
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def start(self) -> None:
-        self.hooks = WebhookReceiver({"*": SECRET}).start()
+        self.hooks = WebhookReceiver(SECRETS).start()
         self.stack = LocalStack(self.workdir, self.env)
         self.stack.apply_topics()
         self.stack.start()
@@ -168,7 +171,8 @@ def bench_stacks(
             "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
             "CONVEYOR_TOPIC_PREFIX": f"r{run}-{name}.",
             "CONVEYOR_STORE_URL": f"sqlite:///{workdir / 'conveyor.db'}",
-            "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+            "CONVEYOR_WEBHOOK_SECRETS": json.dumps(SECRETS),
+            "CONVEYOR_WEBHOOK_ALLOW": "127.0.0.1/32",
             "CONVEYOR_MODELS": MINILM_ONLY,
             **otel,
         }

@@ -59,3 +59,39 @@ def inferred_record(
     """(key, value, headers) of a binary-mode task-inferred event, as inference emits it."""
     headers, value = encode_binary(inferred_event(task_id, **extensions), default_schemas())
     return task_id.encode(), value, headers
+
+
+STORED = "conveyor.task.stored.v1"
+STORED_TOPIC = "conveyor.task.stored"
+
+
+def stored_event(task_id: str, *, tenant: str, callback_url: str, **extensions: str) -> Event:
+    """A task-stored event, as writeback emits it for notify."""
+    task = {**inferred_data(task_id)["task"], "tenant": tenant, "callback_url": callback_url}
+    data = {
+        "task": task,
+        "status": "completed",
+        "verdict": "allow",
+        "result": '{"text": "hi"}',
+        "error": None,
+    }
+    return Event(
+        id=event_id(task_id, STORED),
+        type=STORED,
+        source="/conveyor/writeback",
+        subject=task_id,
+        data=data,
+        dataschema=schema_urn("task-stored", 1),
+        time="2026-11-23T00:00:02.000Z",
+        extensions={"tenant": tenant, "traceparent": TRACEPARENT, **extensions},
+    )
+
+
+def stored_record(
+    task_id: str, *, tenant: str, callback_url: str
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+    """(key, value, headers) of a binary-mode task-stored event; tracing headers carried as a
+    service with the SDK off carries them (the task's `traceparent`)."""
+    event = stored_event(task_id, tenant=tenant, callback_url=callback_url)
+    headers, value = encode_binary(event, default_schemas())
+    return task_id.encode(), value, [*headers, ("traceparent", TRACEPARENT.encode())]

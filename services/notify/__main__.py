@@ -6,16 +6,18 @@ from typing import Any
 
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
-from services.notify.handler import handle, resources
+from services.notify.handler import handle_batch, resources
 from services.notify.settings import NotifySettings
 
 
 def teardown(res: dict[str, Any]) -> None:
-    res["http"].close()
+    res["webhooks"].close()
     res["store"].close()
 
 
-SERVICE = StageService("notify", NotifySettings, handle=handle, setup=resources, teardown=teardown)
+SERVICE = StageService(
+    "notify", NotifySettings, handle_batch=handle_batch, setup=resources, teardown=teardown
+)
 
 if __name__ == "__main__":
     main(SERVICE)

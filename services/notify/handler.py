@@ -1,28 +1,43 @@
-"""notify's decisions: who gets told, what the webhook says, how it is signed, what retries."""
+"""notify's decisions: who gets told, what the webhook says, how it is signed, what retries.
+
+A batch's webhooks are claimed one by one in the store, then sent together (the sender runs
+them concurrently under the destination policy, each within one deadline), then settled: a 2xx
+completes the claim; 429, 5xx, timeouts and unreachable receivers release it and retry through
+the ladder; a refused destination, a redirect (never followed) or another 4xx release it and
+dead-letter the task's notification with the reason in its timeline.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import httpx
+from opentelemetry.trace import Span
 
 from conveyor.errors import PermanentError, RetryableError
-from conveyor.events.model import Event
+from conveyor.events.model import TRACEPARENT, TRACESTATE, Event
 from conveyor.runtime import Emit, StageContext
+from conveyor.runtime.handler import BatchOutcome
 from conveyor.store.base import NOTIFICATION_CLAIMED
-from conveyor.telemetry.tracing import inject_current, span
+from conveyor.telemetry import tracing
+from conveyor.webhooks.policy import redact
+from conveyor.webhooks.sender import WebhookRequest
+from conveyor.webhooks.signing import sign
 from services.notify.settings import NotifySettings
 
 NOTIFIED = "conveyor.task.notified.v1"
-SIGNATURE_HEADER = "X-Conveyor-Signature"
 
 
-def sign(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    """A claimed webhook waiting for its answer."""
+
+    index: int
+    event: Event
+    request: WebhookRequest
 
 
 def body_of(event: Event) -> bytes:
@@ -41,12 +56,44 @@ def body_of(event: Event) -> bytes:
     return json.dumps(summary, separators=(",", ":"), sort_keys=True).encode()
 
 
-def handle(event: Event, ctx: StageContext[NotifySettings]) -> Emit | None:
+def handle_batch(events: Sequence[Event], ctx: StageContext[NotifySettings]) -> list[BatchOutcome]:
+    outcomes: list[BatchOutcome] = [None] * len(events)
+    records = tracing.batch_records()
+    spans = records if len(records) == len(events) else ()
+    pending: list[_Pending] = []
+    for index, event in enumerate(events):
+        try:
+            prepared = _prepare(event, ctx, spans[index] if spans else None)
+        except Exception as exc:
+            outcomes[index] = exc
+            continue
+        if isinstance(prepared, WebhookRequest):
+            pending.append(_Pending(index, event, prepared))
+        else:
+            outcomes[index] = prepared
+
+    def settle(position: int, result: int | Exception) -> None:
+        # Recorded as each answer comes, not after the slowest receiver: a crash repeats only
+        # the webhooks still in flight.
+        item = pending[position]
+        outcomes[item.index] = _settle(item.event, result, ctx)
+
+    ctx.resources["webhooks"].deliver([p.request for p in pending], settle)
+    return outcomes
+
+
+def _prepare(
+    event: Event, ctx: StageContext[NotifySettings], span: Span | None
+) -> WebhookRequest | Emit | None:
+    """The signed request for `event` after claiming it; or its outcome if none is sent."""
     s = ctx.settings
     task = event.data["task"]
     url = task.get("callback_url")
     if not url:
         return _notified(event, "none", None)
+    keys = s.webhook_keys(task["tenant"])
+    if not keys:
+        raise PermanentError(f"no webhook secret configured for tenant {task['tenant']!r}")
     store = ctx.resources["store"]
     if not store.claim_notification(task["task_id"], event.id, url, lease_s=s.claim_lease_s):
         held = store.notification(task["task_id"])
@@ -60,36 +107,46 @@ def handle(event: Event, ctx: StageContext[NotifySettings]) -> Emit | None:
             )
         ctx.log.info("notification skipped task_id=%s reason=already-notified", task["task_id"])
         return None
-    secret = s.webhook_secrets.get(task["tenant"], s.webhook_default_secret)
-    if not secret:
-        store.release_notification(task["task_id"])
-        raise PermanentError(f"no webhook secret configured for tenant {task['tenant']!r}")
     body = body_of(event)
-    headers = {
-        "Content-Type": "application/json",
-        SIGNATURE_HEADER: sign(secret, body),
-        "X-Conveyor-Event-Id": event.id,
-        "X-Conveyor-Task-Id": task["task_id"],
-    }
-    client: httpx.Client = ctx.resources["http"]
-    try:
-        with span("webhook POST", {"http.request.method": "POST", "url.full": url}) as posting:
-            # The receiver can join the task's trace: W3C traceparent on the request.
-            headers.update(inject_current())
-            response = client.post(url, content=body, headers=headers, timeout=s.webhook_timeout_s)
-            posting.set_attribute("http.response.status_code", response.status_code)
-    except httpx.HTTPError as exc:
-        store.release_notification(task["task_id"])
-        raise RetryableError(f"webhook to {url} failed: {type(exc).__name__}") from exc
-    code = response.status_code
-    if code >= 500 or code == 429:
-        store.release_notification(task["task_id"])
-        raise RetryableError(f"webhook answered {code}")
-    if code >= 400:
-        store.release_notification(task["task_id"])
-        raise PermanentError(f"webhook answered {code}")
-    store.complete_notification(task["task_id"], code)
-    return _notified(event, "webhook", code)
+    # webhook-id is the stored event's id: the same on every attempt, for receivers to dedupe.
+    headers = {"Content-Type": "application/json", **sign(keys, event.id, body)}
+    return WebhookRequest(
+        url,
+        body,
+        headers,
+        parent=_parent(span, event),
+        traceparent=event.ext(TRACEPARENT),
+        tracestate=event.ext(TRACESTATE),
+        attributes={"conveyor.task_id": task["task_id"], "conveyor.tenant": task["tenant"]},
+    )
+
+
+def _parent(span: Span | None, event: Event) -> Span | None:
+    """The record's span when it has a context; else the task's trace (SDK off, or a runtime
+    that gave no record spans), so the webhook carries the task's trace context either way."""
+    if span is not None and span.get_span_context().is_valid:
+        return span
+    start = event.ext(TRACEPARENT)
+    return tracing.remote_span(start, event.ext(TRACESTATE)) if start else None
+
+
+def _settle(
+    event: Event, result: int | Exception, ctx: StageContext[NotifySettings]
+) -> BatchOutcome:
+    task_id = event.data["task"]["task_id"]
+    store = ctx.resources["store"]
+    if isinstance(result, int) and 200 <= result < 300:
+        store.complete_notification(task_id, result)
+        return _notified(event, "webhook", result)
+    store.release_notification(task_id)
+    if isinstance(result, Exception):
+        return result  # a policy refusal is permanent; network failures are retryable
+    where = redact(event.data["task"]["callback_url"])
+    if result >= 500 or result == 429:
+        return RetryableError(f"webhook to {where} answered {result}")
+    if 300 <= result < 400:
+        return PermanentError(f"webhook to {where} answered {result}: redirects are not followed")
+    return PermanentError(f"webhook to {where} answered {result}")
 
 
 def _notified(event: Event, channel: str, http_status: int | None) -> Emit:
@@ -109,9 +166,14 @@ def _notified(event: Event, channel: str, http_status: int | None) -> Emit:
 
 def resources(settings: NotifySettings) -> dict[str, Any]:
     from conveyor.store import open_store
+    from conveyor.webhooks.policy import DestinationPolicy
+    from conveyor.webhooks.sender import WebhookSender
 
-    # Redirects are not followed: a webhook answers where it was registered.
-    return {
-        "store": open_store(settings.store_url),
-        "http": httpx.Client(follow_redirects=False, timeout=settings.webhook_timeout_s),
-    }
+    sender = WebhookSender(
+        DestinationPolicy(settings.webhook_allow),
+        timeout_s=settings.webhook_timeout_s,
+        max_answer_bytes=settings.webhook_max_answer_bytes,
+        concurrency=settings.webhook_concurrency,
+        ca_file=settings.webhook_ca_file,
+    )
+    return {"store": open_store(settings.store_url), "webhooks": sender}

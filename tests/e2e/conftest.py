@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,8 +11,15 @@ import pytest
 
 from conveyor.local.receiver import WebhookReceiver
 from conveyor.store.pgserver import PgServer, PostgresUnavailableError, find_bindir
+from conveyor.webhooks import new_secret
 
-SECRET = "e2e-secret"
+# Each tenant signs with its own secret (there is no shared default); the receivers listen on
+# 127.0.0.1, which notify's destination policy refuses unless allowlisted.
+SECRETS = {tenant: new_secret() for tenant in ("acme", "globex")}
+WEBHOOK_ENV = {
+    "CONVEYOR_WEBHOOK_SECRETS": json.dumps(SECRETS),
+    "CONVEYOR_WEBHOOK_ALLOW": "127.0.0.1/32",
+}
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +43,6 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def receiver() -> Iterator[WebhookReceiver]:
-    hooks = WebhookReceiver({"*": SECRET}).start()
+    hooks = WebhookReceiver(SECRETS).start()
     yield hooks
     hooks.stop()

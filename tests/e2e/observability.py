@@ -27,9 +27,9 @@ from conveyor.local.samples import MINILM_ONLY, SENTENCES
 from conveyor.local.stack import LocalStack
 from conveyor.store import open_store
 from conveyor.store.base import TaskRecord
+from tests.e2e.conftest import SECRETS, WEBHOOK_ENV
 from tests.support import produce_structured, task_doc
 
-SECRET = "observability-secret"
 SUBMIT = """
 import json, sys
 from conveyor.client import TaskClient
@@ -105,7 +105,7 @@ def observed_run(bootstrap: str, workdir: Path) -> ObservedRun:
     run = prefix.strip(".")
     store_url = f"sqlite:///{workdir / 'conveyor.db'}"
     with OtlpReceiver() as otlp:
-        hooks = WebhookReceiver({"*": SECRET}).start()
+        hooks = WebhookReceiver(SECRETS).start()
         try:
             tasks, expect = tasks_for(run, hooks.url)
             unsampled, retried = f"{run}-untraced", f"{run}-embed-0"
@@ -152,7 +152,7 @@ def service_env(bootstrap: str, prefix: str, store_url: str, otlp: str) -> dict[
         "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
         "CONVEYOR_TOPIC_PREFIX": prefix,
         "CONVEYOR_STORE_URL": store_url,
-        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+        **WEBHOOK_ENV,
         "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]",
         "CONVEYOR_MODELS": MINILM_ONLY,
         "OTEL_SDK_DISABLED": "false",

@@ -14,7 +14,7 @@ from conveyor.local.samples import PROFANE, SENTENCES
 from conveyor.local.stack import LocalStack
 from conveyor.settings import KafkaSettings
 from conveyor.store import open_store
-from tests.e2e.conftest import SECRET
+from tests.e2e.conftest import WEBHOOK_ENV
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
 
@@ -77,7 +77,7 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
         "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "CONVEYOR_TOPIC_PREFIX": topic_prefix,
         "CONVEYOR_STORE_URL": store_url,
-        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+        **WEBHOOK_ENV,
         "CONVEYOR_RETRY_DELAYS": "[1, 2, 4]",
         "OTEL_SDK_DISABLED": "true",
     }
@@ -135,6 +135,8 @@ def test_two_hundred_mixed_tasks_end_exactly_once_in_store_and_webhooks(
     assert all(d.signature_ok for d in deliveries)
     for d in deliveries:
         assert d.body["status"] == expect[d.task_id]
+        # Tracing is off, yet the webhook carries the task's own trace context.
+        assert d.headers["traceparent"].split("-")[1] == records[d.task_id].trace_id
     embeds = [
         records[t].result["embedding"]
         for t, s in expect.items()

@@ -20,7 +20,7 @@ from conveyor.local.receiver import WebhookReceiver
 from conveyor.local.stack import LocalStack
 from conveyor.settings import KafkaSettings
 from conveyor.store import open_store
-from tests.e2e.conftest import SECRET
+from tests.e2e.conftest import WEBHOOK_ENV
 from tests.support import headers_of, produce_raw, read_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
@@ -106,7 +106,7 @@ def test_poison_records_go_to_the_right_dlq_while_valid_tasks_complete(
         "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
         "CONVEYOR_TOPIC_PREFIX": topic_prefix,
         "CONVEYOR_STORE_URL": store_url,
-        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": SECRET,
+        **WEBHOOK_ENV,
         "CONVEYOR_LOG_LEVEL": "WARNING",
         "OTEL_SDK_DISABLED": "true",
     }

@@ -14,7 +14,8 @@ from tests.e2e.observability import ObservedRun, shared_run
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
 STAGES = ("preprocess", "inference", "moderation", "writeback", "notify")
-CONSUMER = 5  # OTLP SpanKind
+CLIENT = 3  # OTLP SpanKind
+CONSUMER = 5
 
 
 @pytest.fixture(scope="module")
@@ -172,3 +173,20 @@ def test_conveyor_trace_prints_the_stored_trace_and_jaeger_link(
     assert conveyor(["trace", task_id]) == 0
     trace_id = run.submitted_traces[task_id]
     assert f"http://jaeger.test:16686/trace/{trace_id}" in capsys.readouterr().out
+
+
+def test_webhook_spans_are_client_spans_of_their_own_task_naming_the_server(
+    run: ObservedRun,
+) -> None:
+    by_id = {s.span_id: s for s in run.spans}
+    hooks = [s for s in run.spans if s.service == "conveyor-notify" and s.name == "webhook POST"]
+    assert len({s.attributes["conveyor.task_id"] for s in hooks}) >= len(run.expect) - 1
+    for span in hooks:
+        assert span.kind == CLIENT, span
+        assert span.attributes["server.address"] == "127.0.0.1", span
+        assert isinstance(span.attributes["server.port"], int), span
+        assert span.attributes["url.full"].endswith("/hooks"), span  # no userinfo or query
+        # Child of its own record's consume span, though notify sends a batch's webhooks at once.
+        parent = by_id[span.parent_span_id or ""]
+        assert parent.kind == CONSUMER, parent
+        assert parent.attributes["conveyor.task_id"] == span.attributes["conveyor.task_id"]

@@ -2,27 +2,27 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import pytest
 
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.store import open_store
+from conveyor.webhooks import new_secret, verify
+from conveyor.webhooks.sender import WebhookRequest
 from services.inference.handler import handle_batch as infer
 from services.inference.settings import InferenceSettings
 from services.moderation.handler import decide
 from services.moderation.handler import handle_batch as moderate
 from services.moderation.settings import ModerationSettings, Threshold
-from services.notify.handler import handle as notify
+from services.notify.handler import handle_batch as notify_batch
 from services.notify.settings import NotifySettings
 from services.preprocess.handler import handle as preprocess
 from services.preprocess.handler import normalise, word_count
@@ -303,30 +303,56 @@ def stored(task_id: str, url: str | None = "http://hooks.test/h") -> Event:
     return event("conveyor.task.stored.v1", data, subject=task_id)
 
 
-def notify_ctx(answer: int, seen: list[httpx.Request], **over: Any) -> StageContext[Any]:
-    def respond(request: httpx.Request) -> httpx.Response:
-        seen.append(request)
-        return httpx.Response(answer)
+SECRET = new_secret()
 
-    settings = NotifySettings(stage="notify", webhook_secrets={"acme": "s3cret"}, **over)
-    client = httpx.Client(transport=httpx.MockTransport(respond))
-    return ctx(settings, store=open_store("sqlite:///:memory:"), http=client)
+
+@dataclass
+class FakeSender:
+    """Answers every webhook with `answer` (a status or an error) and keeps the requests."""
+
+    answer: int | Exception
+    seen: list[WebhookRequest]
+
+    def deliver(
+        self,
+        requests: Sequence[WebhookRequest],
+        on_result: Callable[[int, int | Exception], None],
+    ) -> list[int | Exception]:
+        self.seen.extend(requests)
+        for index in reversed(range(len(requests))):  # answers come in any order
+            on_result(index, self.answer)
+        return [self.answer for _ in requests]
+
+
+def notify_ctx(
+    answer: int | Exception, seen: list[WebhookRequest], **over: Any
+) -> StageContext[Any]:
+    settings = NotifySettings(stage="notify", **{"webhook_secrets": {"acme": SECRET}, **over})
+    sender = FakeSender(answer, seen)
+    return ctx(settings, store=open_store("sqlite:///:memory:"), webhooks=sender)
+
+
+def notify(event: Event, c: StageContext[Any]) -> Any:
+    """One record through the batch handler; its failure raised as the runtime would see it."""
+    (outcome,) = notify_batch([event], c)
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
 
 
 def test_notify_signs_the_body_and_notifies_a_task_once() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[WebhookRequest] = []
     c = notify_ctx(200, seen)
     out = notify(stored("a"), c)
     assert isinstance(out, Emit) and out.data["http_status"] == 200
-    body = seen[0].content
-    expected = "sha256=" + hmac.new(b"s3cret", body, hashlib.sha256).hexdigest()
-    assert seen[0].headers["X-Conveyor-Signature"] == expected
-    assert json.loads(body)["result"] == {"text": "hi"}
+    summary = verify(seen[0].body, seen[0].headers, SECRET)
+    assert summary["result"] == {"text": "hi"}
+    assert seen[0].headers["webhook-id"] == stored("a").id  # stable across attempts
     assert notify(stored("a"), c) is None and len(seen) == 1  # never twice
 
 
 def test_notify_retries_5xx_and_dead_letters_4xx_releasing_the_claim() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[WebhookRequest] = []
     c = notify_ctx(503, seen)
     with pytest.raises(RetryableError):
         notify(stored("a"), c)
@@ -338,7 +364,7 @@ def test_notify_retries_5xx_and_dead_letters_4xx_releasing_the_claim() -> None:
 
 
 def test_notify_retries_a_claim_left_by_a_dead_sender_and_takes_it_over_after_the_lease() -> None:
-    seen: list[httpx.Request] = []
+    seen: list[WebhookRequest] = []
     c = notify_ctx(200, seen, claim_lease_s=0.2)
     store = c.resources["store"]
     assert store.claim_notification("a", "ev-a", "http://hooks.test/h")  # then its sender died
@@ -355,3 +381,58 @@ def test_notify_retries_a_claim_left_by_a_dead_sender_and_takes_it_over_after_th
 def test_notify_without_callback_url_emits_notified_with_no_channel() -> None:
     out = notify(stored("a", url=None), notify_ctx(200, []))
     assert isinstance(out, Emit) and out.data["channel"] == "none"
+
+
+def test_notify_refuses_a_tenant_without_its_own_secret_before_claiming() -> None:
+    seen: list[WebhookRequest] = []
+    c = notify_ctx(200, seen)
+    other = stored("a")
+    other.data["task"]["tenant"] = "globex"  # no secret configured for globex
+    with pytest.raises(PermanentError, match="no webhook secret configured for tenant 'globex'"):
+        notify(other, c)
+    assert seen == [] and c.resources["store"].notification("a") is None
+
+
+def test_notify_dead_letters_a_redirect_and_a_refused_destination_releasing_the_claim() -> None:
+    from conveyor.webhooks.policy import DestinationRefusedError
+
+    seen: list[WebhookRequest] = []
+    c = notify_ctx(302, seen)
+    with pytest.raises(PermanentError, match="302: redirects are not followed"):
+        notify(stored("a"), c)
+    assert c.resources["store"].notification("a") is None
+    refused = notify_ctx(DestinationRefusedError("127.0.0.1 is loopback"), seen)
+    with pytest.raises(DestinationRefusedError, match="loopback"):
+        notify(stored("b"), refused)
+    assert refused.resources["store"].notification("b") is None
+
+
+def test_notify_signs_with_every_secret_of_a_tenant_during_rotation() -> None:
+    seen: list[WebhookRequest] = []
+    old, new = new_secret(), new_secret()
+    c = notify_ctx(200, seen, webhook_secrets={"acme": [new, old]})
+    notify(stored("a"), c)
+    assert len(seen[0].headers["webhook-signature"].split(" ")) == 2
+    for secret in (old, new):  # a receiver holding either secret accepts it
+        verify(seen[0].body, seen[0].headers, secret)
+
+
+def test_notify_hands_the_task_trace_context_to_the_webhook_without_a_span() -> None:
+    from tests.eventdata import TRACEPARENT
+
+    seen: list[WebhookRequest] = []
+    traced = event("conveyor.task.stored.v1", stored("a").data, "a", traceparent=TRACEPARENT)
+    notify(traced, notify_ctx(200, seen))
+    assert seen[0].traceparent == TRACEPARENT
+    parent = seen[0].parent
+    assert parent is not None and parent.get_span_context().trace_id == int("ab" * 16, 16)
+
+
+def test_notify_settles_each_webhook_of_a_batch_on_its_own() -> None:
+    seen: list[WebhookRequest] = []
+    c = notify_ctx(200, seen)
+    outcomes = notify_batch([stored("a"), stored("b", url=None), stored("a")], c)
+    assert isinstance(outcomes[0], Emit) and outcomes[0].data["http_status"] == 200
+    assert isinstance(outcomes[1], Emit) and outcomes[1].data["channel"] == "none"
+    assert isinstance(outcomes[2], RetryableError)  # same task, claimed by the first: later
+    assert len(seen) == 1

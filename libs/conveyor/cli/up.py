@@ -20,6 +20,7 @@ from pathlib import Path
 from conveyor.cli.common import up_state_path
 from conveyor.local.process import SERVICES
 from conveyor.local.stack import LocalStack
+from conveyor.local.webhooks import local_webhooks
 from conveyor.paths import private_dir, repo_root, var_dir
 from conveyor.settings import default_store_url
 
@@ -65,15 +66,16 @@ def run(args: argparse.Namespace) -> int:
         bootstrap = broker.bootstrap
         print(f"broker ready at {bootstrap} in {getattr(broker, 'ready_seconds', 0):.1f}s")
     store_url = args.store or default_store_url()
-    secret = os.environ.get("CONVEYOR_WEBHOOK_DEFAULT_SECRET") or secrets.token_hex(16)
     token = secrets.token_urlsafe(16)
     tokens = os.environ.get("CONVEYOR_GATEWAY_TOKENS") or json.dumps({token: "demo"})
+    hooks = local_webhooks(tokens, args.tasks if args.demo else None)
     env = {
         "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
         "CONVEYOR_STORE_URL": store_url,
-        "CONVEYOR_WEBHOOK_DEFAULT_SECRET": secret,
         "CONVEYOR_GATEWAY_TOKENS": tokens,
+        **hooks.env,
     }
+    print(f"webhooks: signed per tenant ({', '.join(sorted(hooks.secrets))}); {hooks.allow_note}")
     stack = LocalStack(workdir, env, services=(*SERVICES, "gateway"))
     try:
         created = stack.apply_topics()
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
                 stack,
                 args.tasks,
                 store_url,
-                secret,
+                hooks.secrets,
                 lambda: stopping["flag"],
                 timeout_s=DEMO_TIMEOUT_S,
             )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,12 @@ def run_demo(
     stack: LocalStack,
     tasks_file: Path,
     store_url: str,
-    secret: str,
+    webhook_secrets: Mapping[str, str],
     stopping: Callable[[], bool],
     *,
     timeout_s: float,
 ) -> bool:
-    receiver = WebhookReceiver({"*": secret}).start()
+    receiver = WebhookReceiver(webhook_secrets).start()
     try:
         tasks = load_tasks(tasks_file, receiver.url, secrets.token_hex(2))
         client = TaskClient(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -46,6 +47,8 @@ _tracer: trace.Tracer | None = None  # the SDK's, cached: get_tracer builds a ne
 # kinds (which decide on the trace id and the parent alone), so may look at attributes and links.
 _parent_based_sampler: bool | None = None
 _custom_sampler = False
+# The latest batch span made on each thread and its records' spans, in order (`batch_records`).
+_batches = threading.local()
 
 
 def tracing_configured() -> bool:
@@ -249,6 +252,26 @@ def batch_span(
     kept: under ratio sampling most batch spans are dropped. A sampler that may look at links
     gets them at the start instead.
     """
+    span = _batch_span(name, first=first, others=others, attributes=attributes)
+    _batches.latest = (span, (first, *others))
+    return span
+
+
+def batch_records() -> tuple[Span, ...]:
+    """The spans of the records of the batch whose span is current, in the batch's order.
+
+    A batch handler that calls out per record (notify's webhooks) makes each call's span a
+    child of its own record's span, so every task's trace stays its own; empty outside a batch.
+    """
+    latest: tuple[Span, tuple[Span, ...]] | None = getattr(_batches, "latest", None)
+    if latest is None or latest[0] is not trace.get_current_span():
+        return ()
+    return latest[1]
+
+
+def _batch_span(
+    name: str, *, first: Span, others: Sequence[Span], attributes: Mapping[str, Any]
+) -> Span:
     parent = context_of(first)
     if not enabled():
         return start_span(name, parent=parent, attributes=attributes)
