@@ -15,7 +15,7 @@ import json
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode
 
 from conveyor.settings import StageSettings, store_url_field
 from conveyor.webhooks.policy import DestinationPolicy, allow_entries
@@ -24,8 +24,8 @@ from conveyor.webhooks.signing import SecretFormatError, secret_key
 
 
 class NotifySettings(StageSettings):
-    # A malformed secret map must not be echoed in the error that reports it.
-    model_config = SettingsConfigDict(**StageSettings.model_config, hide_input_in_errors=True)
+    # A malformed secret map must not be echoed in the error that reports it: every settings
+    # class inherits `hide_input_in_errors` from the shared settings.
 
     store_url: SecretStr = store_url_field()
     webhook_secrets: dict[str, list[SecretStr]] = Field(
