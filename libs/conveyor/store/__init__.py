@@ -10,8 +10,10 @@ backend is imported only when asked for. The status model and merge rules are in
 from __future__ import annotations
 
 from conveyor.store.base import (
+    REJECTED_RECORD,
     STATUSES,
     TERMINAL_STATUSES,
+    Applied,
     NotificationRecord,
     ResultStore,
     TaskEventRecord,
@@ -24,8 +26,10 @@ from conveyor.store.base import (
 )
 
 __all__ = [
+    "REJECTED_RECORD",
     "STATUSES",
     "TERMINAL_STATUSES",
+    "Applied",
     "NotificationRecord",
     "ResultStore",
     "TaskEventRecord",
