@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conveyor.events.model import ATTEMPT, FIRSTFAILEDAT, LASTERROR, STRUCTURED
-from conveyor.runtime.deadletter import ERROR_PREFIX, ORIGINAL_OFFSET, ORIGINAL_PARTITION
+from conveyor.events.model import ATTEMPT, FIRSTFAILEDAT, LASTERROR, RERUN, STRUCTURED
+from conveyor.runtime.deadletter import (
+    ERROR_PREFIX,
+    ORIGINAL_OFFSET,
+    ORIGINAL_PARTITION,
+    REDRIVEN_FROM,
+)
 from conveyor.runtime.deadletter import ORIGINAL_TOPIC as ORIGINAL_TOPIC_HEADER
 
 Headers = list[tuple[str, bytes]]
-REDRIVEN_FROM = "conveyor_redriven_from"
 # The trace context of the record before the redrive (the redrive span links to it).
 LINKED_TRACEPARENT = "conveyor_linked_traceparent"
 ORIGINAL_PREFIX = "conveyor_original_"
@@ -238,3 +242,27 @@ def _dropped(key: str) -> bool:
         or key in TRACE_HEADERS
         or key in (REDRIVEN_FROM, LINKED_TRACEPARENT)
     )
+
+
+def mark_rerun(
+    headers: Sequence[tuple[str, bytes | None]], value: bytes, action: str
+) -> tuple[Headers, bytes]:
+    """Mark a record an operator sends back as a re-run of its task (`action`, e.g.
+    `redrive <ref>`): the CloudEvents `rerun` attribute, a `ce_rerun` header in binary mode or a
+    member of the JSON body in structured mode, replacing an earlier one. Its outputs then carry
+    it to writeback, where it alone may replace the task's terminal status (with a newer event).
+    A record that is neither is returned as it is: it cannot decode, so it claims nothing."""
+    kept: Headers = [(k, v or b"") for k, v in headers if k != "ce_" + RERUN]
+    if any(k == "ce_specversion" for k, _ in kept):
+        return kept + [("ce_" + RERUN, action.encode())], value
+    content_type = next((v for k, v in kept if k == "content-type"), b"").decode("utf-8", "replace")
+    if not content_type.startswith(STRUCTURED):
+        return kept, value
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return kept, value
+    if not isinstance(doc, dict):
+        return kept, value
+    doc[RERUN] = action
+    return kept, json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
