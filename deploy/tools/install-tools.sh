@@ -4,6 +4,7 @@
 #   kubernetes-validate  -> into $PYTHON (default: <repo>/.venv/bin/python), pip
 #   promtool             -> Debian package `prometheus` (apt-get, only when running as root)
 #   PostgreSQL server    -> Debian package `postgresql` (initdb/pg_ctl for the store tests and e2e)
+#   kcat                 -> Debian package `kcat` (a non-Python Kafka client for the ingress e2e tests)
 # Idempotent: anything already present is left alone. Prints one line per tool it installs and
 # nothing else unless something fails; exits non-zero on failure. Versions are pinned here and nowhere else.
 set -euo pipefail
@@ -88,6 +89,19 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     quiet apt-get update -qq
     quiet apt-get install -y -qq --no-install-recommends postgresql
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || die "postgresql installed but no initdb"
+fi
+
+# --- kcat (Debian package kcat) ---------------------------------------------------------------
+if ! command -v kcat >/dev/null 2>&1; then
+    if [[ "$(id -u)" -ne 0 ]]; then
+        die "kcat missing; as root run: apt-get update && apt-get install -y kcat"
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "kcat missing and apt-get is not available"
+    log "installing kcat (apt-get install kcat)"
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -qq
+    quiet apt-get install -y -qq --no-install-recommends kcat
+    command -v kcat >/dev/null 2>&1 || die "kcat installed but not on PATH"
 fi
 
 exit 0
