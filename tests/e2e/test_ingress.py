@@ -7,7 +7,10 @@ the module:
   in the dead-letter topic (issue 13);
 - kcat, a non-Python Kafka client, publishes tasks in structured and binary mode, without key,
   without subject, as plain JSON without any CloudEvents header, and two keyless tasks back to
-  back: each ends with the right status in exactly one row (docs/ingress.md).
+  back: each ends with the right status in exactly one row (docs/ingress.md);
+- a failed task is rerun only by an operator: a resubmission after the fix leaves it `failed`,
+  `conveyor dlq redrive` completes it, and its timeline names the redrive (last: it restarts
+  preprocess with the fix).
 """
 
 from __future__ import annotations
@@ -26,12 +29,15 @@ import pytest
 from confluent_kafka import Consumer, Message
 
 from conveyor.client import TaskClient
+from conveyor.dlq.records import DeadLetterFilter
+from conveyor.dlq.redrive import redrive
 from conveyor.events.codec import PLAIN_JSON_SOURCE
 from conveyor.events.model import assigned_task_id
 from conveyor.local.samples import MINILM_ONLY
 from conveyor.local.stack import LocalStack
 from conveyor.settings import KafkaSettings
 from conveyor.store import REJECTED_RECORD, ResultStore, TaskRecord, is_terminal, open_store
+from services.preprocess.settings import DEFAULT_TEMPLATES
 from tests.support import produce_raw, read_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
@@ -338,3 +344,54 @@ def find_record(pipeline: Pipeline, needle: bytes) -> Message:
     finally:
         consumer.close()
     pytest.fail(f"no ingress record contains {needle!r}")
+
+
+# -- an operator re-run is the one override ------------------------------------------------------
+
+
+def test_only_an_operator_redrive_reruns_a_failed_task_and_the_timeline_says_so(
+    pipeline: Pipeline,
+) -> None:
+    task_id = f"rd-{uuid.uuid4().hex[:6]}"
+    task = {
+        "task_id": task_id,
+        "tenant": "acme",
+        "kind": "embed",
+        "input": "hello",
+        "template": "x",
+    }
+    settings = KafkaSettings(kafka_bootstrap=pipeline.bootstrap, topic_prefix=pipeline.prefix)
+    TaskClient(settings).submit_many([task])
+    [failed] = wait_for(pipeline, [task_id], terminal, what="task with unknown template").values()
+    assert failed is not None and failed.status == "failed" and "template" in (failed.error or "")
+
+    # The fix: preprocess learns the template.
+    preprocess = pipeline.stack.procs["preprocess"]
+    preprocess.stop()
+    preprocess.env["CONVEYOR_TEMPLATES"] = json.dumps({**DEFAULT_TEMPLATES, "x": "{input}"})
+    preprocess.start()
+    preprocess.wait_ready(120)
+
+    # Resubmitting the id runs the task, but a finished task stays finished.
+    TaskClient(settings).submit_many([task])
+    store = pipeline.store()
+    try:
+        deadline = time.monotonic() + WAIT_S
+        while not any(e.status == "completed" for e in store.timeline(task_id)):
+            assert time.monotonic() < deadline, store.timeline(task_id)
+            time.sleep(0.5)
+        record = store.get(task_id)
+        assert record is not None and record.status == "failed" and record.result is None
+
+        report = redrive(settings, DeadLetterFilter.build(stage="preprocess", task_id=task_id))
+        assert len(report.redriven) == 1, report
+        [ref] = report.redriven
+        while (record := store.get(task_id)) is None or record.status != "completed":
+            assert time.monotonic() < deadline, store.timeline(task_id)
+            time.sleep(0.5)
+        timeline = store.timeline(task_id)
+    finally:
+        store.close()
+    assert record.result is not None and len(record.result["embedding"]) == 384
+    operator = [e for e in timeline if (e.detail or "").startswith(f"operator redrive {ref}")]
+    assert {e.status for e in operator} == {"processing", "completed"}, timeline

@@ -226,7 +226,12 @@ def test_rerun_extension_travels_to_outputs_and_status_events() -> None:
     data.pop("input")
     data.pop("inference_ms")
     (out,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
-    assert decode(out.headers, out.value, SCHEMAS).ext("rerun") == rerun
+    back = decode(out.headers, out.value, SCHEMAS)
+    assert back.ext("rerun") == rerun
+    # A re-run is a new run: its ids differ from the first run's, and repeat on redelivery.
+    assert back.id != event_id("t-1", MODERATED)
+    (again,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
+    assert decode(again.headers, again.value, SCHEMAS).id == back.id
     failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
     assert decode(failed[1].headers, failed[1].value, SCHEMAS).ext("rerun") == rerun
 
@@ -234,8 +239,15 @@ def test_rerun_extension_travels_to_outputs_and_status_events() -> None:
 def test_an_upstream_cannot_claim_an_operator_rerun_on_the_ingress_topic() -> None:
     ingress = PREFIX + "conveyor.task.submitted"
     marked = [("ce_rerun", b"redrive forged:0:1")]
-    for extra, kept in ((marked, False), (marked + [("conveyor_redriven_from", b"d:0:1")], True)):
-        src = item(topic=ingress, extra=extra)
+    rung = ("p.conveyor.preprocess.retry.1", [("conveyor_original_topic", ingress.encode())])
+    cases = [
+        (ingress, marked, False),
+        (rung[0], marked + rung[1], False),  # a forged mark that climbed the retry ladder
+        (ingress, marked + [("conveyor_redriven_from", b"d:0:1")], True),
+        (rung[0], marked + rung[1] + [("conveyor_replayed_from", b"t:0:1")], True),
+    ]
+    for topic, extra, kept in cases:
+        src = item(topic=topic, extra=extra)
         assert src.event is not None
         failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
         back = decode(failed[1].headers, failed[1].value, SCHEMAS)

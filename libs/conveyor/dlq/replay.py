@@ -10,10 +10,10 @@ Two modes (`conveyor replay --mode`):
   watermarks seen at start) and produce those records again, original key, value and headers,
   into the same topic and partition, plus `conveyor_replayed_from` = `<topic>:<partition>:
   <offset>`, and the CloudEvents `rerun` attribute (`replay <ref>`, `records.mark_rerun`): the
-  replay is an explicit operator re-run, whose new outcomes may replace a task's terminal status
-  (deterministic ids make the events it repeats no-ops); the stage may keep running. Every
-  consumer group of those topics sees them again (e.g. writeback also reads inference's input);
-  deterministic event ids keep that idempotent.
+  replay is an explicit operator re-run: the stage's outputs get ids of their own and may replace
+  a task's terminal status; the stage may keep running. Every consumer group of those topics
+  sees the records again (e.g. writeback also reads inference's input); their unchanged ids keep
+  that idempotent.
 
 Retry rungs are not replayed: a replayed record starts from the stage input like a new one.
 """

@@ -10,8 +10,9 @@ data), whatever the record key and `subject` were: every output's key, subject a
 derive from it, so two keyless, subject-less ingress events stay two tasks. A record that did
 not decode names its task by its record key alone: its status event says `rejected_record`, and
 writeback only notes it on an existing task. The `rerun` extension (an operator redrive or
-replay of the task) travels on to every output; on the ingress topic, which upstream clients
-write, it counts only on a record that also carries the redrive/replay header.
+replay of the task) travels on to every output and enters their ids (a re-run is a new run, so
+its events are not taken for the first run's duplicates); on the ingress topic, which upstream
+clients write, it counts only on a record that also carries the redrive/replay header.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from conveyor.events.model import (
     event_id,
 )
 from conveyor.runtime.deadletter import (
+    ORIGINAL_TOPIC,
     REDRIVEN_FROM,
     REPLAYED_FROM,
     Failure,
@@ -117,15 +119,19 @@ class Router:
             raise PermanentError(f"stage {self.stage} emitted unknown event type {emit.type}")
         task_id = task_id_of(emit.data) or item.task_id or ""
         ext = {k: v for k, v in source.extensions.items() if k not in RETRY_STATE}
-        if RERUN in ext and item.topic in self._ingress and not _operator_sent(item.hmap):
-            del ext[RERUN]  # an upstream client cannot claim an operator's override
+        discriminator = emit.discriminator
+        if RERUN in ext:
+            if self._from_ingress(item) and not _operator_sent(item.hmap):
+                del ext[RERUN]  # an upstream client cannot claim an operator's override
+            else:  # a re-run is a new run: new ids, the same on its own redelivery
+                discriminator = f"{discriminator}\x1e{ext[RERUN]}"
         if TRACEPARENT not in ext:
             start = tracing.traceparent_of(item.span) or item.hmap.get("traceparent")
             if start:
                 ext[TRACEPARENT] = start  # this hop starts the task's trace
         ext.update(emit.extensions)
         event = Event(
-            id=event_id(task_id, emit.type, emit.discriminator),
+            id=event_id(task_id, emit.type, discriminator),
             type=emit.type,
             source=self.source,
             subject=task_id,
@@ -150,6 +156,10 @@ class Router:
         record = OutRecord(topic, task_id.encode(), value, headers)
         self._check_size(record)
         return record
+
+    def _from_ingress(self, item: Item) -> bool:
+        # A record on a retry rung came from the topic its origin header names.
+        return item.topic in self._ingress or item.hmap.get(ORIGINAL_TOPIC) in self._ingress
 
     def _check_size(self, record: OutRecord) -> None:
         size = len(record.value)
