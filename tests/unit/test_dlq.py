@@ -267,3 +267,18 @@ def test_redriven_record_is_marked_as_an_operator_rerun() -> None:
     record = _prepare(dl, trace.get_tracer("test"))
     assert dict(record.headers)["ce_rerun"] == f"redrive {dl.ref}".encode()
     assert record.value == dl.value
+
+
+def test_a_keyless_subjectless_dead_letter_is_found_by_the_task_id_in_its_data() -> None:
+    structured = json.dumps({"specversion": "1.0", "data": {"task_id": "t-7"}}).encode()
+    plain = json.dumps({"task_id": "t-8", "kind": "embed"}).encode()
+    cases = [
+        ([("content-type", b"application/cloudevents+json")], structured, "t-7"),
+        ([], plain, "t-8"),
+        ([("ce_specversion", b"1.0"), ("content-type", b"application/json")], plain, "t-8"),
+        ([("content-type", b"application/avro")], b"\x00\x01", ""),
+    ]
+    for headers, value, task_id in cases:
+        dl = DeadLetter("p.conveyor.preprocess.dlq", 0, 1, 0, None, value, headers)
+        assert dl.task_id == task_id
+        assert DeadLetterFilter(task_id="t-8").matches(dl) is (task_id == "t-8")

@@ -89,10 +89,16 @@ class DeadLetter:
 
     @property
     def task_id(self) -> str:
+        """Its subject, else its key, else the `task_id` of JSON task data (a keyless,
+        subject-less ingress record is still found by the id its task names)."""
         subject = self.hmap.get("ce_subject")
         if subject:
             return subject
-        return self.key.decode("utf-8", "replace") if self.key else ""
+        if self.key:
+            return self.key.decode("utf-8", "replace")
+        return _json_task_id(
+            self.value, structured=self.hmap.get("content-type", "").startswith(STRUCTURED)
+        )
 
     @property
     def original_topic(self) -> str:
@@ -125,6 +131,16 @@ class DeadLetter:
 
     def trace_ids(self) -> set[str]:
         return {t for t in (trace_id_of(p) for p in self.traceparents()) if t}
+
+
+def _json_task_id(value: bytes, *, structured: bool) -> str:
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return ""  # Avro, or not a task at all
+    data = doc.get("data") if structured and isinstance(doc, dict) else doc
+    task_id = data.get("task_id") if isinstance(data, dict) else None
+    return task_id if isinstance(task_id, str) else ""
 
 
 def stage_of_dlq(topic: str) -> str:
