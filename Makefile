@@ -40,7 +40,7 @@ $(BENCH_STAMP): bench/requirements-quix.txt
 jars: $(STAMP) ## Apache Kafka server jars into .cache/kafka (Maven)
 	$(BIN)/conveyor broker jars
 
-system: python ## Debian packages (PostgreSQL, promtool), helm and kubernetes-validate, when missing
+system: python ## Debian packages (PostgreSQL, promtool, kcat), helm and kubernetes-validate, when missing
 	bash deploy/tools/install-tools.sh
 
 models: $(STAMP) ## convert the packaged SmolLM2 once into .cache/models

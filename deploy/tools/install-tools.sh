@@ -5,6 +5,7 @@
 #   promtool             -> Debian package `prometheus` (apt-get, only when running as root)
 #   PostgreSQL server    -> Debian package `postgresql` (initdb/pg_ctl for the store tests and e2e)
 #   buildah, mmdebstrap  -> Debian packages (`make image` and tests/integration/test_image.py)
+#   kcat                 -> Debian package `kcat` (a non-Python Kafka client for the ingress e2e tests)
 # Idempotent: anything already present is left alone. Prints one line per tool it installs and
 # nothing else unless something fails; exits non-zero on failure. Versions are pinned here and nowhere else.
 set -euo pipefail
@@ -103,6 +104,19 @@ if ((${#missing[@]})); then
     export DEBIAN_FRONTEND=noninteractive
     quiet apt-get update -qq
     quiet apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# --- kcat (Debian package kcat) ---------------------------------------------------------------
+if ! command -v kcat >/dev/null 2>&1; then
+    if [[ "$(id -u)" -ne 0 ]]; then
+        die "kcat missing; as root run: apt-get update && apt-get install -y kcat"
+    fi
+    command -v apt-get >/dev/null 2>&1 || die "kcat missing and apt-get is not available"
+    log "installing kcat (apt-get install kcat)"
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -qq
+    quiet apt-get install -y -qq --no-install-recommends kcat
+    command -v kcat >/dev/null 2>&1 || die "kcat installed but not on PATH"
 fi
 
 exit 0

@@ -1,16 +1,23 @@
 """preprocess's decisions: what a valid task is, how its text is normalised and templated,
-how many tokens it has and which priority lane it takes."""
+how many tokens it has and which priority lane it takes.
+
+The task id in the data is the task's identity (the runtime derives every output's key, subject
+and event id from it). A task submitted without one takes the event's `subject`, else an id
+derived from the ingress event's source and id (`auto-...`, the same on a redelivery); its
+preprocessed event says so (`assignedid`), and writeback puts that in the timeline.
+"""
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from typing import Any
 
 from conveyor.errors import PermanentError
 from conveyor.events.ingress import param_text, parse_task
-from conveyor.events.model import Event
+from conveyor.events.model import ASSIGNED_ID, Event, assigned_task_id
 from conveyor.runtime import Emit, StageContext
 from conveyor.telemetry.tracing import span
 from services.preprocess.settings import PreprocessSettings
@@ -32,7 +39,8 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
     s = ctx.settings
     # A task the ingress contract refuses (params out of range, unknown template or model) is
     # permanent: it is dead-lettered and its caller sees `failed` with the reason.
-    task = parse_task(event.data, ctx.resources.get("rules"))
+    data, assigned_from = with_task_id(event)
+    task = parse_task(data, ctx.resources.get("rules"))
     if event.subject and event.subject != task.task_id:
         raise PermanentError(f"subject {event.subject!r} differs from task_id {task.task_id!r}")
     text = normalise(task.input)
@@ -68,11 +76,24 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
         "labels": task.labels,
     }
     ext = {"tenant": task.tenant, "priority": task.priority}
+    if assigned_from is not None:
+        ext[ASSIGNED_ID] = assigned_from
     if task.deadline is not None:
         ext["deadline"] = task.deadline.isoformat()
     return Emit(
         PREPROCESSED, data, topic=f"conveyor.task.preprocessed.{task.priority}", extensions=ext
     )
+
+
+def with_task_id(event: Event) -> tuple[Any, str | None]:
+    """The task data with an id, and what an assigned id was derived from (None: it had one)."""
+    data = event.data
+    if not isinstance(data, Mapping) or data.get("task_id") not in (None, ""):
+        return data, None  # not a task object (parse_task says why), or it names its id
+    if event.subject:
+        return {**data, "task_id": event.subject}, f"subject {event.subject}"
+    origin = f"event {event.source} {event.id}"
+    return {**data, "task_id": assigned_task_id(origin)}, origin
 
 
 def word_count(_kind: str, text: str) -> int:

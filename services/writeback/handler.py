@@ -1,4 +1,14 @@
-"""writeback's decisions: what each event means for the task's row, and when a task is done."""
+"""writeback's decisions: what each event means for the task's row, and when a task is done.
+
+The store's precedence rule decides which event sets a task's status (a finished task stays
+finished); writeback says what each event claims. A status event about a record rejected before
+it decoded (`rejected_record`) claims only a `failed` task that does not exist yet, and is a
+timeline note otherwise. An event carrying `rerun` belongs to an operator redrive or replay of
+the task: it may replace a terminal status, and its timeline entry names the operator action.
+`stored` is emitted when the task's stored status is terminal and is the one the event brought,
+so a note, or a failure that lost to an earlier outcome, notifies nobody; a redelivered event
+emits it again (same id: notify deduplicates).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +17,10 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from conveyor.events.model import Event
+from conveyor.events.model import ASSIGNED_ID, RERUN, Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
-from conveyor.store import TaskUpdate
+from conveyor.store import TaskRecord, TaskUpdate, is_terminal
 from conveyor.telemetry.tracing import span
 from services.writeback.settings import WritebackSettings
 
@@ -20,7 +30,6 @@ _STAGE_OF = {
     "conveyor.task.inferred.v1": "inference",
     "conveyor.task.moderated.v1": "moderation",
 }
-_TERMINAL = ("completed", "blocked", "failed", "expired")
 
 
 def handle_batch(
@@ -28,12 +37,18 @@ def handle_batch(
 ) -> list[BatchOutcome]:
     updates = [update_for(event) for event in events]
     todo = [u for u in updates if u is not None]
+    rows: list[TaskRecord] = []
     if todo:
         with span(
             "db upsert", {"db.operation.name": "upsert", "db.operation.batch.size": len(todo)}
         ):
-            ctx.resources["store"].apply_many(todo)  # one transaction; RetryableError if DB is down
-    return [_stored(event, update) for event, update in zip(events, updates, strict=True)]
+            # One transaction; RetryableError if the database is down.
+            rows = [applied.task for applied in ctx.resources["store"].apply_many(todo)]
+    found = iter(rows)
+    return [
+        _stored(event, update, next(found) if update is not None else None)
+        for event, update in zip(events, updates, strict=True)
+    ]
 
 
 def update_for(event: Event) -> TaskUpdate | None:
@@ -41,9 +56,16 @@ def update_for(event: Event) -> TaskUpdate | None:
     data = event.data
     time = _time(event.time)
     trace_id = _trace_id(event)
+    rerun = event.ext(RERUN)
     if event.type == "conveyor.task.status.v1":
         if data["stage"] == "notify":
             return None  # a notification failure is not a task failure
+        rejected = bool(data.get("rejected_record"))
+        reason = data.get("reason")
+        detail = f"attempt {data['attempt']}: {reason or data['status']}"
+        if rejected:
+            detail = f"record rejected before decoding, keyed with this task id: {reason}"
+        detail = _with_rerun(detail, rerun) or detail
         return TaskUpdate(
             task_id=data["task_id"],
             event_id=event.id,
@@ -55,8 +77,10 @@ def update_for(event: Event) -> TaskUpdate | None:
             kind=data.get("kind"),
             trace_id=trace_id,
             callback_url=data.get("callback_url"),
-            error=data.get("reason") if data["status"] in ("failed", "expired") else None,
-            detail=f"attempt {data['attempt']}: {data.get('reason') or data['status']}"[:500],
+            error=reason if data["status"] in ("failed", "expired") else None,
+            detail=detail[:500],
+            override=rerun,
+            rejected_record=rejected,
         )
     task = data["task"]
     common = {
@@ -69,18 +93,36 @@ def update_for(event: Event) -> TaskUpdate | None:
         "kind": task["kind"],
         "trace_id": trace_id,
         "callback_url": task.get("callback_url"),
+        "override": rerun,
     }
     if event.type != "conveyor.task.moderated.v1":
-        return TaskUpdate(status="processing", **common)
+        return TaskUpdate(
+            status="processing", detail=_with_rerun(_assigned(event), rerun), **common
+        )
     blocked = data["verdict"] == "block"
     return TaskUpdate(
         status="blocked" if blocked else "completed",
         result=None if blocked else result_of(data),
         verdict=data["verdict"],
         moderation={"scores": data["scores"], "reasons": data["reasons"]},
-        detail=f"verdict {data['verdict']}",
+        detail=_with_rerun(f"verdict {data['verdict']}", rerun),
         **common,
     )
+
+
+def _assigned(event: Event) -> str | None:
+    """A task submitted without an id says, in its timeline, that preprocess gave it one."""
+    origin = event.ext(ASSIGNED_ID)
+    if origin is None or event.type != "conveyor.task.preprocessed.v1":
+        return None
+    return f"task id assigned by preprocess (submitted without one; derived from {origin})"
+
+
+def _with_rerun(detail: str | None, rerun: str | None) -> str | None:
+    """The timeline names the operator action an event belongs to."""
+    if rerun is None:
+        return detail
+    return f"operator {rerun}: {detail}" if detail else f"operator {rerun}"
 
 
 def result_of(data: Mapping[str, Any]) -> dict[str, Any]:
@@ -96,16 +138,19 @@ def result_of(data: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _stored(event: Event, update: TaskUpdate | None) -> Emit | None:
-    if update is None or update.status not in _TERMINAL:
+def _stored(event: Event, update: TaskUpdate | None, row: TaskRecord | None) -> Emit | None:
+    """`stored` when the event's status is the task's stored terminal status (see module doc)."""
+    if update is None or row is None or not is_terminal(row.status):
         return None
+    if row.status != update.status:
+        return None  # a note, or an outcome that lost to the task's earlier one
     data = event.data
     task = data.get("task") or {
-        "task_id": update.task_id,
-        "tenant": update.tenant or "",
-        "kind": update.kind or "unknown",
+        "task_id": row.task_id,
+        "tenant": row.tenant or "",
+        "kind": row.kind or "unknown",
         "priority": event.ext("priority") or "normal",
-        "callback_url": update.callback_url,
+        "callback_url": row.callback_url,
         "deadline": event.ext("deadline"),
         "submitted_at": data.get("time") or update.time.isoformat(),
         "model": None,
@@ -115,10 +160,10 @@ def _stored(event: Event, update: TaskUpdate | None) -> Emit | None:
         STORED,
         {
             "task": task,
-            "status": update.status,
-            "verdict": update.verdict,
-            "result": json.dumps(update.result) if update.result is not None else None,
-            "error": update.error,
+            "status": row.status,
+            "verdict": row.verdict,
+            "result": json.dumps(row.result) if row.result is not None else None,
+            "error": row.error,
         },
     )
 

@@ -12,11 +12,11 @@ from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent as SdkEvent
 
 from conveyor.events.avro import SchemaError, default_schemas
-from conveyor.events.codec import DecodeError, decode, encode_binary
+from conveyor.events.codec import DecodeError, decode, decode_ingress, encode_binary, header_map
 from conveyor.events.model import AVRO, Event, event_id
 
 SCHEMAS = default_schemas()
-STATUS_URN = "urn:conveyor:schema:task-status:1"
+STATUS_URN = "urn:conveyor:schema:task-status:2"
 
 
 def status_event(**ext: str) -> Event:
@@ -31,6 +31,7 @@ def status_event(**ext: str) -> Event:
         "callback_url": None,
         "kind": "generate",
         "time": "2026-11-23T00:00:00Z",
+        "rejected_record": False,
     }
     return Event(
         id=event_id("t-1", "conveyor.task.status.v1"),
@@ -196,3 +197,24 @@ def test_event_id_is_the_rfc4122_uuid5_of_task_type_and_discriminator() -> None:
     for task_id in ("t", "task-1", "ünïcode", "x" * 200):
         expected = uuid.uuid5(_ID_NAMESPACE, f"{task_id}\x1ftype\x1fd")
         assert event_id(task_id, "type", "d") == str(expected)
+
+
+def test_ingress_takes_a_plain_json_task_as_a_submitted_event_named_by_its_coordinates() -> None:
+    body = {"task_id": "t-1", "tenant": "acme", "kind": "embed", "input": "hi"}
+    for headers in ([], [("content-type", b"application/json")]):
+        event = decode_ingress(header_map(headers), json.dumps(body).encode(), SCHEMAS, at="in:0:7")
+        assert (event.type, event.id, event.subject, event.data) == (
+            "conveyor.task.submitted.v1",
+            "in:0:7",
+            None,
+            body,
+        )
+    with pytest.raises(DecodeError, match="neither a CloudEvent nor a JSON object"):
+        decode_ingress({}, b"this is not a cloudevent", SCHEMAS, at="in:0:8")
+    with pytest.raises(DecodeError, match="neither a CloudEvent nor a JSON object"):
+        decode_ingress({}, b"[1, 2]", SCHEMAS, at="in:0:9")
+    with pytest.raises(DecodeError, match="no ce_specversion"):  # a broken CloudEvent stays one
+        decode_ingress({"ce_id": "x"}, json.dumps(body).encode(), SCHEMAS, at="in:0:10")
+    with pytest.raises(DecodeError, match="not JSON"):
+        structured = {"content-type": "application/cloudevents+json"}
+        decode_ingress(structured, b"{nope", SCHEMAS, at="in:0:11")

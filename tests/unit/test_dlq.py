@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -14,6 +15,7 @@ from conveyor.dlq.records import (
     DeadLetter,
     DeadLetterFilter,
     TimeSpecError,
+    mark_rerun,
     parse_time,
     redrive_headers,
     to_ms,
@@ -244,3 +246,39 @@ def test_refs_name_a_dlq_record_by_stage_or_topic() -> None:
     assert dlq_topics(settings, None)[0] == "p.conveyor.preprocess.dlq"
     with pytest.raises(ValueError):
         dlq_topics(settings, "nonsense")
+
+
+def test_mark_rerun_sets_the_cloudevents_attribute_in_either_mode() -> None:
+    binary = [("ce_specversion", b"1.0"), ("ce_rerun", b"old"), ("x", b"y")]
+    headers, value = mark_rerun(binary, b"avro", "redrive d:0:1")
+    assert headers == [("ce_specversion", b"1.0"), ("x", b"y"), ("ce_rerun", b"redrive d:0:1")]
+    assert value == b"avro"
+    structured = [("content-type", b"application/cloudevents+json")]
+    doc = {"specversion": "1.0", "id": "1", "data": {"task_id": "t"}}
+    headers, value = mark_rerun(structured, json.dumps(doc).encode(), "replay t:0:5")
+    assert headers == structured and json.loads(value) == {**doc, "rerun": "replay t:0:5"}
+    garbage = [("content-type", b"application/cloudevents+json")]
+    assert mark_rerun(garbage, b"{not json", "redrive d:0:2") == (garbage, b"{not json")
+    assert mark_rerun([], b"plain", "redrive d:0:3") == ([], b"plain")
+
+
+def test_redriven_record_is_marked_as_an_operator_rerun() -> None:
+    dl = letter()
+    record = _prepare(dl, trace.get_tracer("test"))
+    assert dict(record.headers)["ce_rerun"] == f"redrive {dl.ref}".encode()
+    assert record.value == dl.value
+
+
+def test_a_keyless_subjectless_dead_letter_is_found_by_the_task_id_in_its_data() -> None:
+    structured = json.dumps({"specversion": "1.0", "data": {"task_id": "t-7"}}).encode()
+    plain = json.dumps({"task_id": "t-8", "kind": "embed"}).encode()
+    cases = [
+        ([("content-type", b"application/cloudevents+json")], structured, "t-7"),
+        ([], plain, "t-8"),
+        ([("ce_specversion", b"1.0"), ("content-type", b"application/json")], plain, "t-8"),
+        ([("content-type", b"application/avro")], b"\x00\x01", ""),
+    ]
+    for headers, value, task_id in cases:
+        dl = DeadLetter("p.conveyor.preprocess.dlq", 0, 1, 0, None, value, headers)
+        assert dl.task_id == task_id
+        assert DeadLetterFilter(task_id="t-8").matches(dl) is (task_id == "t-8")

@@ -25,7 +25,7 @@ from services.moderation.settings import ModerationSettings, Threshold
 from services.notify.handler import handle_batch as notify_batch
 from services.notify.settings import NotifySettings
 from services.preprocess.handler import handle as preprocess
-from services.preprocess.handler import normalise, word_count
+from services.preprocess.handler import normalise, with_task_id, word_count
 from services.preprocess.settings import PreprocessSettings
 from services.writeback.handler import handle_batch as write_back
 from services.writeback.handler import update_for
@@ -104,6 +104,24 @@ def test_preprocess_normalises_templates_counts_and_routes_by_priority() -> None
 def test_preprocess_rejects_bad_tasks_permanently(data: dict[str, Any], reason: str) -> None:
     with pytest.raises(PermanentError, match=reason):
         preprocess(submitted(**data), ctx(PRE, count_tokens=word_count))
+
+
+def test_preprocess_gives_a_task_without_id_a_deterministic_one_and_says_so() -> None:
+    body = {"tenant": "acme", "kind": "embed", "input": "hi"}
+    keyless = Event(
+        id="e-1", type="conveyor.task.submitted.v1", source="/up", subject=None, data=body
+    )
+    out = preprocess(keyless, ctx(PRE, count_tokens=word_count))
+    assert isinstance(out, Emit)
+    task_id = out.data["task"]["task_id"]
+    assert task_id.startswith("auto-") and out.extensions["assignedid"] == "event /up e-1"
+    again = preprocess(keyless, ctx(PRE, count_tokens=word_count))  # a redelivery
+    assert isinstance(again, Emit) and again.data["task"]["task_id"] == task_id
+    other = with_task_id(Event(id="e-2", type="x", source="/up", subject=None, data=body))[0]
+    assert other["task_id"] != task_id
+    named = with_task_id(Event(id="e-3", type="x", source="/up", subject="sub-1", data=body))
+    assert named == ({**body, "task_id": "sub-1"}, "subject sub-1")
+    assert with_task_id(submitted()) == (submitted().data, None)  # it has one: unchanged
 
 
 def test_normalise_is_nfkc_and_collapses_whitespace() -> None:
@@ -244,7 +262,7 @@ def moderated(task_id: str, verdict: str) -> Event:
     )
 
 
-def status(task_id: str, value: str, stage: str) -> Event:
+def status(task_id: str, value: str, stage: str, **extra: Any) -> Event:
     data = {
         "task_id": task_id,
         "tenant": "acme",
@@ -256,8 +274,22 @@ def status(task_id: str, value: str, stage: str) -> Event:
         "callback_url": None,
         "kind": "embed",
         "time": "2026-11-23T00:00:01+00:00",
+        **extra,
     }
     return event("conveyor.task.status.v1", data, subject=task_id)
+
+
+def later(e: Event, seconds: int, **ext: str) -> Event:
+    """`e` emitted `seconds` later, under another id, with extra extensions."""
+    return Event(
+        id=f"{e.id}+{seconds}",
+        type=e.type,
+        source=e.source,
+        subject=e.subject,
+        data=e.data,
+        time=f"2026-11-23T00:00:{seconds:02d}+00:00",
+        extensions={**e.extensions, **ext},
+    )
 
 
 def test_writeback_stores_results_once_and_emits_stored_for_terminal_tasks() -> None:
@@ -287,6 +319,58 @@ def test_writeback_stores_results_once_and_emits_stored_for_terminal_tasks() -> 
     assert c is not None and c.status == "failed" and c.error == "boom"
     assert len(store.timeline("a")) == 2  # the notify failure is not in the task's row
     assert update_for(status("a", "failed", "notify")) is None
+
+
+def test_writeback_notes_a_rejected_record_on_an_existing_task_and_changes_nothing() -> None:
+    store = open_store("sqlite:///:memory:")
+    settings = WritebackSettings(stage="writeback")
+    write_back([moderated("a", "allow")], ctx(settings, store=store))
+    reason = "DecodeError: structured CloudEvent is not JSON"
+    rejected = later(status("a", "failed", "preprocess", reason=reason, rejected_record=True), 9)
+    fresh = status("z", "failed", "preprocess", reason=reason, rejected_record=True)
+    out = write_back([rejected, fresh], ctx(settings, store=store))
+    assert out[0] is None  # nothing to notify: the task did not change
+    assert isinstance(out[1], Emit) and out[1].data["status"] == "failed"
+    a, z = store.get("a"), store.get("z")
+    assert a is not None and (a.status, a.result, a.error) == (
+        "completed",
+        {"model": "tiny", "text": "x"},
+        None,
+    )
+    assert z is not None and (z.status, z.error) == ("failed", reason)
+    note = store.timeline("a")[-1]
+    assert note.status == "rejected-record" and reason in (note.detail or "")
+
+
+def test_writeback_a_late_failure_never_replaces_an_outcome_and_notifies_nobody() -> None:
+    store = open_store("sqlite:///:memory:")
+    settings = WritebackSettings(stage="writeback")
+    write_back([moderated("a", "allow")], ctx(settings, store=store))
+    out = write_back([later(status("a", "failed", "inference"), 30)], ctx(settings, store=store))
+    assert out == [None]
+    a = store.get("a")
+    assert a is not None and a.status == "completed" and a.error is None
+
+
+def test_writeback_lets_an_operator_rerun_replace_a_failure_and_the_timeline_says_so() -> None:
+    store = open_store("sqlite:///:memory:")
+    settings = WritebackSettings(stage="writeback")
+    write_back([status("a", "failed", "inference")], ctx(settings, store=store))
+    retry = later(moderated("a", "allow"), 20)  # no operator action: the failure stands
+    assert write_back([retry], ctx(settings, store=store)) == [None]
+    rerun = "redrive p.conveyor.inference.dlq:0:4"
+    out = write_back(
+        [
+            later(preprocessed("a"), 30, rerun=rerun),
+            later(moderated("a", "allow"), 40, rerun=rerun),
+        ],
+        ctx(settings, store=store),
+    )
+    assert out[0] is None and isinstance(out[1], Emit) and out[1].data["status"] == "completed"
+    a = store.get("a")
+    assert a is not None and a.status == "completed"
+    details = [e.detail or "" for e in store.timeline("a")]
+    assert details[-2] == f"operator {rerun}" and details[-1] == f"operator {rerun}: verdict allow"
 
 
 # -- notify -------------------------------------------------------------------------------------

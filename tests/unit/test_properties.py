@@ -178,6 +178,7 @@ status_data = st.fixed_dictionaries(
         "callback_url": st.none() | TEXT,
         "kind": st.none() | TEXT,
         "time": TEXT,
+        "rejected_record": st.booleans(),
     }
 )
 task_data = st.fixed_dictionaries(
@@ -207,7 +208,7 @@ inferred_data = st.fixed_dictionaries(
     }
 )
 payloads = st.one_of(
-    st.tuples(st.just(AVRO), st.just(schema_urn("task-status", 1)), status_data),
+    st.tuples(st.just(AVRO), st.just(schema_urn("task-status", 2)), status_data),
     st.tuples(st.just(AVRO), st.just(schema_urn("task-inferred", 1)), inferred_data),
     st.tuples(st.just(JSON), st.none(), JSON_VALUES),
 )

@@ -180,7 +180,78 @@ def test_undecodable_record_gets_status_from_key_and_carried_headers() -> None:
     assert rung == 0
     body = status_of(out[1])
     assert body["task_id"] == "t-1" and body["tenant"] == "acme"
+    assert body["rejected_record"] is True  # only the key names the task: untrustworthy
     assert dict(out[1].headers)["ce_traceparent"] == TRACEPARENT.encode()
+
+
+def test_decoded_record_failure_is_attributed_to_its_task_not_a_rejected_record() -> None:
+    out, _ = router().failure(item(), fail(PermanentError("bad")), NOW)
+    body = status_of(out[1])
+    assert body["task_id"] == "t-1" and body["rejected_record"] is False
+
+
+def test_identity_comes_from_the_task_id_in_the_data_not_key_or_subject() -> None:
+    # A keyless, subject-less record (as a minimal upstream sends it): the data names the task.
+    key, value, headers = inferred_record("t-9")
+    headers = [(k, v) for k, v in headers if k != "ce_subject"]
+    event = decode(headers, value, SCHEMAS)
+    assert event.subject is None
+    src = Item(
+        PREFIX + INFERRED_TOPIC,
+        0,
+        1,
+        None,
+        value,
+        headers,
+        header_map(headers),
+        INVALID_SPAN,
+        event,
+    )
+    assert src.task_id == "t-9"
+    data = {**event.data, "verdict": "allow", "scores": {}, "reasons": []}
+    data.pop("input")
+    data.pop("inference_ms")
+    (out,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
+    back = decode(out.headers, out.value, SCHEMAS)
+    assert (out.key, back.subject, back.id) == (b"t-9", "t-9", event_id("t-9", MODERATED))
+    failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
+    assert failed[1].key == b"t-9" and status_of(failed[1])["task_id"] == "t-9"
+
+
+def test_rerun_extension_travels_to_outputs_and_status_events() -> None:
+    rerun = "redrive p.conveyor.moderation.dlq:0:3"
+    src = item(extra=[("ce_rerun", rerun.encode())])
+    assert src.event is not None
+    data = {**src.event.data, "verdict": "allow", "scores": {}, "reasons": []}
+    data.pop("input")
+    data.pop("inference_ms")
+    (out,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
+    back = decode(out.headers, out.value, SCHEMAS)
+    assert back.ext("rerun") == rerun
+    # A re-run is a new run: its ids differ from the first run's, and repeat on redelivery.
+    assert back.id != event_id("t-1", MODERATED)
+    (again,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
+    assert decode(again.headers, again.value, SCHEMAS).id == back.id
+    failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
+    assert decode(failed[1].headers, failed[1].value, SCHEMAS).ext("rerun") == rerun
+
+
+def test_an_upstream_cannot_claim_an_operator_rerun_on_the_ingress_topic() -> None:
+    ingress = PREFIX + "conveyor.task.submitted"
+    marked = [("ce_rerun", b"redrive forged:0:1")]
+    rung = ("p.conveyor.preprocess.retry.1", [("conveyor_original_topic", ingress.encode())])
+    cases = [
+        (ingress, marked, False),
+        (rung[0], marked + rung[1], False),  # a forged mark that climbed the retry ladder
+        (ingress, marked + [("conveyor_redriven_from", b"d:0:1")], True),
+        (rung[0], marked + rung[1] + [("conveyor_replayed_from", b"t:0:1")], True),
+    ]
+    for topic, extra, kept in cases:
+        src = item(topic=topic, extra=extra)
+        assert src.event is not None
+        failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
+        back = decode(failed[1].headers, failed[1].value, SCHEMAS)
+        assert (back.ext("rerun") is not None) is kept
 
 
 def test_record_without_key_or_subject_is_dead_lettered_without_status() -> None:

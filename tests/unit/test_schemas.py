@@ -76,3 +76,25 @@ def test_internal_schemas_share_the_task_record() -> None:
     data = {"task": task, "input": "i", "prompt": "p", "token_count": 3, "labels": []}
     payload = SCHEMAS.encode("task-preprocessed", 1, data)
     assert SCHEMAS.decode_urn("urn:conveyor:schema:task-preprocessed:1", payload)[1] == data
+
+
+def test_status_v1_data_is_read_by_v2_as_not_a_rejected_record() -> None:
+    v1 = {
+        "task_id": "t1",
+        "tenant": "a",
+        "status": "failed",
+        "stage": "preprocess",
+        "reason": "DecodeError: x",
+        "error_class": "DecodeError",
+        "attempt": 1,
+        "callback_url": None,
+        "kind": None,
+        "time": "2026-11-23T00:00:00Z",
+    }
+    payload = SCHEMAS.encode("task-status", 1, v1)
+    name, record = SCHEMAS.decode_urn("urn:conveyor:schema:task-status:1", payload)
+    assert name == "task-status"
+    assert record == {**v1, "rejected_record": False}  # the v2 field, from its default
+    v2 = {**v1, "rejected_record": True}
+    payload = SCHEMAS.encode("task-status", 2, v2)
+    assert SCHEMAS.decode_urn("urn:conveyor:schema:task-status:2", payload)[1] == v2

@@ -17,7 +17,17 @@ from typing import Any
 import pytest
 
 from conveyor.errors import RetryableError
-from conveyor.store import ResultStore, TaskUpdate, merge_task, open_store, status_wins
+from conveyor.store import (
+    REJECTED_RECORD,
+    STATUSES,
+    ResultStore,
+    TaskStatus,
+    TaskUpdate,
+    is_terminal,
+    merge_task,
+    open_store,
+    status_wins,
+)
 from conveyor.store import sqlite as sqlite_backend
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -44,9 +54,10 @@ def update(task_id: str, event_id: str, status: str, seconds: float, **fields: A
         ("completed", 5, "processing", 9, False),  # late non-terminal never beats terminal
         ("failed", 5, "retrying", 9, False),
         ("processing", 9, "completed", 5, True),  # terminal beats non-terminal, whatever the time
-        ("failed", 5, "completed", 9, True),  # redrive: newer terminal wins
-        ("completed", 9, "failed", 5, False),  # older terminal loses
-        ("completed", 5, "expired", 5, False),  # same time: the stored terminal stays
+        ("failed", 5, "completed", 9, False),  # a finished task stays finished...
+        ("completed", 5, "failed", 9, False),  # ...whichever terminal came first
+        ("completed", 9, "failed", 5, False),
+        ("completed", 5, "expired", 5, False),
         ("retrying", 5, "processing", 3, False),  # non-terminal: newer wins
         ("processing", 3, "retrying", 5, True),
         ("pending", 5, "processing", 5, True),  # same time: work in progress beats pending
@@ -58,6 +69,47 @@ def test_status_precedence(
 ) -> None:
     current_time = None if current_s is None else at(current_s)
     assert status_wins(current, current_time, new, at(new_s)) is wins
+
+
+# Every (stored, incoming) pair of statuses, with the incoming event older, as old or newer, from
+# the pipeline or from an operator re-run (redrive/replay).
+ALL_PAIRS = [
+    (current, new, delta, override)
+    for current in sorted(STATUSES)
+    for new in sorted(STATUSES)
+    for delta in (-1, 0, 1)
+    for override in (False, True)
+]
+
+
+def expected_winner(current: str, new: str, delta: int, override: bool) -> str:
+    """The precedence rule as the issue states it, written independently of `status_wins`."""
+    if is_terminal(current):  # finished stays finished, but for a newer operator re-run
+        return new if override and delta > 0 else current
+    if is_terminal(new):  # a terminal status ends any work in progress, whatever the clocks say
+        return new
+    if delta == 0:
+        return new if current == "pending" and new in ("processing", "retrying") else current
+    return new if delta > 0 else current
+
+
+def test_terminal_statuses_are_exactly_the_five_final_ones() -> None:
+    assert {s for s in STATUSES if is_terminal(s)} == {
+        "completed",
+        "blocked",
+        "failed",
+        "expired",
+        "cancelled",
+    }
+    assert {s.value for s in TaskStatus} == STATUSES
+
+
+@pytest.mark.parametrize(("current", "new", "delta", "override"), ALL_PAIRS)
+def test_status_precedence_for_every_pair(
+    current: str, new: str, delta: int, override: bool
+) -> None:
+    wins = status_wins(current, at(5), new, at(5 + delta), override=override)
+    assert (new if wins else current) == expected_winner(current, new, delta, override)
 
 
 def test_merge_losing_update_fills_gaps_but_overwrites_nothing() -> None:
@@ -116,13 +168,96 @@ class StoreContract:
         assert task.completed_at == at(3) and task.updated_at == at(3)
 
     def test_redriven_failed_task_becomes_completed(self, store: ResultStore) -> None:
+        rerun = "redrive conveyor.inference.dlq:0:4"
         store.apply(update("t1", "e1", "failed", 5, error="dead-lettered: timeout"))
-        store.apply(update("t1", "e2", "completed", 50, result=[0.25, -1.5]))
+        store.apply(update("t1", "e2", "completed", 50, result=[1.0]))  # not a re-run: ignored
+        assert self.status_of(store, "t1") == "failed"
+        note = f"operator {rerun}"
+        store.apply(update("t1", "e3", "processing", 40, override=rerun, detail=note))
+        store.apply(update("t1", "e4", "completed", 60, result=[0.25, -1.5], override=rerun))
+        store.apply(update("t1", "e5", "retrying", 55, override=rerun))  # older than completed
         store.apply(update("t1", "e0", "expired", 1))  # older terminal: ignored
         task = store.get("t1")
         assert task is not None
-        assert (task.status, task.result, task.completed_at) == ("completed", [0.25, -1.5], at(50))
+        assert (task.status, task.result, task.completed_at) == ("completed", [0.25, -1.5], at(60))
         assert task.error == "dead-lettered: timeout"  # None never erases; the timeline tells
+        assert note in [e.detail for e in store.timeline("t1")]
+
+    def test_stale_or_duplicate_failure_never_overrides_a_terminal_outcome(
+        self, store: ResultStore
+    ) -> None:
+        store.apply(update("t1", "e1", "completed", 5, result={"text": "hi"}))
+        store.apply(update("t1", "e2", "failed", 9, stage="inference", error="late dead letter"))
+        store.apply(update("t1", "e3", "expired", 10))
+        task = store.get("t1")
+        assert task is not None
+        assert (task.status, task.result, task.error) == ("completed", {"text": "hi"}, None)
+        assert task.updated_at == task.completed_at == at(5)
+
+    def test_every_status_pair_follows_the_precedence_rule(self, store: ResultStore) -> None:
+        # One batch (one transaction): every pair on its own task, the stored status first.
+        batch = []
+        for n, (current, new, delta, override) in enumerate(ALL_PAIRS):
+            batch.append(update(f"p{n}", f"p{n}-a", current, 5))
+            rerun = "replay conveyor.task.inferred:0:1" if override else None
+            batch.append(update(f"p{n}", f"p{n}-b", new, 5 + delta, override=rerun))
+        applied = store.apply_many(batch)
+        assert all(a.new for a in applied)
+        wrong = {}
+        for n, pair in enumerate(ALL_PAIRS):
+            task = store.get(f"p{n}")
+            want = expected_winner(*pair)
+            if task is None or task.status != want or applied[2 * n + 1].task.status != want:
+                wrong[pair] = task.status if task else None
+        assert not wrong, wrong
+        assert len(store.timeline("p0")) == 2  # a losing event is still on the timeline
+
+    def test_rejected_record_is_a_note_on_an_existing_task(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "completed", 5, result={"text": "hi"}, trace_id="aa"))
+        note = update(
+            "t1",
+            "e2",
+            "failed",
+            9,
+            stage="preprocess",
+            tenant="globex",
+            error="DecodeError: not JSON",
+            callback_url="https://evil",
+            detail="rejected record: DecodeError: not JSON",
+            rejected_record=True,
+        )
+        [applied] = store.apply_many([note])
+        assert applied.new and applied.task.status == "completed"
+        task = store.get("t1")
+        assert task is not None
+        assert (task.status, task.result, task.error, task.tenant, task.callback_url) == (
+            "completed",
+            {"text": "hi"},
+            None,
+            "acme",
+            None,
+        )
+        assert task.updated_at == at(5) and task.stage is None
+        entries = [(e.status, e.detail) for e in store.timeline("t1")]
+        assert entries[-1] == (REJECTED_RECORD, "rejected record: DecodeError: not JSON")
+
+    def test_rejected_record_without_a_task_records_a_failed_task(self, store: ResultStore) -> None:
+        reason = "DecodeError: structured CloudEvent is not JSON"
+        note = update("t9", "e1", "failed", 3, error=reason, rejected_record=True)
+        [applied] = store.apply_many([note])
+        assert applied.new and applied.task.status == "failed"
+        task = store.get("t9")
+        assert task is not None and (task.status, task.error) == ("failed", reason)
+        assert [e.status for e in store.timeline("t9")] == [REJECTED_RECORD]
+        # A second rejected record for that id is a note on the failed task, like any other.
+        store.apply(update("t9", "e2", "failed", 4, error="other", rejected_record=True))
+        task = store.get("t9")
+        assert task is not None and task.error == reason
+
+    @staticmethod
+    def status_of(store: ResultStore, task_id: str) -> str | None:
+        task = store.get(task_id)
+        return None if task is None else task.status
 
     def test_none_fields_do_not_erase_stored_values(self, store: ResultStore) -> None:
         store.apply(update("t1", "e1", "pending", 0, callback_url="https://cb", kind="embed"))
@@ -197,6 +332,7 @@ class StoreContract:
             "blocked",
             "failed",
             "expired",
+            "cancelled",
         }
 
     def test_apply_many_dedupes_within_and_across_batches(self, store: ResultStore) -> None:
@@ -205,8 +341,11 @@ class StoreContract:
             update("t1", "e1", "pending", 0),
             update("t2", "e2", "completed", 1),
         ]
-        assert store.apply_many(batch) == [True, False, True]
-        assert store.apply_many([update("t2", "e2", "completed", 1)]) == [False]
+        applied = store.apply_many(batch)
+        assert [a.new for a in applied] == [True, False, True]
+        assert [a.task.status for a in applied] == ["pending", "pending", "completed"]
+        [again] = store.apply_many([update("t2", "e2", "completed", 1)])
+        assert again.new is False and again.task.status == "completed"  # the row, for a redelivery
 
     def test_failed_batch_rolls_back_entirely(self, store: ResultStore) -> None:
         unserialisable = update("t2", "e2", "completed", 1, result={"x": object()})

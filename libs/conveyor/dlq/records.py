@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from conveyor.events.model import ATTEMPT, FIRSTFAILEDAT, LASTERROR, STRUCTURED
-from conveyor.runtime.deadletter import ERROR_PREFIX, ORIGINAL_OFFSET, ORIGINAL_PARTITION
+from conveyor.events.model import ATTEMPT, FIRSTFAILEDAT, LASTERROR, RERUN, STRUCTURED
+from conveyor.runtime.deadletter import (
+    ERROR_PREFIX,
+    ORIGINAL_OFFSET,
+    ORIGINAL_PARTITION,
+    REDRIVEN_FROM,
+)
 from conveyor.runtime.deadletter import ORIGINAL_TOPIC as ORIGINAL_TOPIC_HEADER
 
 Headers = list[tuple[str, bytes]]
-REDRIVEN_FROM = "conveyor_redriven_from"
 # The trace context of the record before the redrive (the redrive span links to it).
 LINKED_TRACEPARENT = "conveyor_linked_traceparent"
 ORIGINAL_PREFIX = "conveyor_original_"
@@ -85,10 +89,16 @@ class DeadLetter:
 
     @property
     def task_id(self) -> str:
+        """Its subject, else its key, else the `task_id` of JSON task data (a keyless,
+        subject-less ingress record is still found by the id its task names)."""
         subject = self.hmap.get("ce_subject")
         if subject:
             return subject
-        return self.key.decode("utf-8", "replace") if self.key else ""
+        if self.key:
+            return self.key.decode("utf-8", "replace")
+        return _json_task_id(
+            self.value, structured=self.hmap.get("content-type", "").startswith(STRUCTURED)
+        )
 
     @property
     def original_topic(self) -> str:
@@ -121,6 +131,16 @@ class DeadLetter:
 
     def trace_ids(self) -> set[str]:
         return {t for t in (trace_id_of(p) for p in self.traceparents()) if t}
+
+
+def _json_task_id(value: bytes, *, structured: bool) -> str:
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return ""  # Avro, or not a task at all
+    data = doc.get("data") if structured and isinstance(doc, dict) else doc
+    task_id = data.get("task_id") if isinstance(data, dict) else None
+    return task_id if isinstance(task_id, str) else ""
 
 
 def stage_of_dlq(topic: str) -> str:
@@ -238,3 +258,27 @@ def _dropped(key: str) -> bool:
         or key in TRACE_HEADERS
         or key in (REDRIVEN_FROM, LINKED_TRACEPARENT)
     )
+
+
+def mark_rerun(
+    headers: Sequence[tuple[str, bytes | None]], value: bytes, action: str
+) -> tuple[Headers, bytes]:
+    """Mark a record an operator sends back as a re-run of its task (`action`, e.g.
+    `redrive <ref>`): the CloudEvents `rerun` attribute, a `ce_rerun` header in binary mode or a
+    member of the JSON body in structured mode, replacing an earlier one. Its outputs then carry
+    it to writeback, where it alone may replace the task's terminal status (with a newer event).
+    A record that is neither is returned as it is: it cannot decode, so it claims nothing."""
+    kept: Headers = [(k, v or b"") for k, v in headers if k != "ce_" + RERUN]
+    if any(k == "ce_specversion" for k, _ in kept):
+        return kept + [("ce_" + RERUN, action.encode())], value
+    content_type = next((v for k, v in kept if k == "content-type"), b"").decode("utf-8", "replace")
+    if not content_type.startswith(STRUCTURED):
+        return kept, value
+    try:
+        doc = json.loads(value)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return kept, value
+    if not isinstance(doc, dict):
+        return kept, value
+    doc[RERUN] = action
+    return kept, json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()

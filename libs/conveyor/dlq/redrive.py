@@ -5,7 +5,10 @@ failed on a retry rung still names the input it first came from), same key (= ta
 ORIGINAL value bytes, and the original CloudEvent headers minus `conveyor_error_*`,
 `conveyor_original_*` and the retry state, so it gets a fresh retry budget and keeps its task id
 and `ce_subject` (`records.redrive_headers`). It carries `conveyor_redriven_from`
-(`<dlq topic>:<partition>:<offset>`).
+(`<dlq topic>:<partition>:<offset>`) and the CloudEvents `rerun` attribute (`redrive <ref>`,
+`records.mark_rerun`; in structured mode a member of the JSON body): a redrive is an explicit
+operator re-run, the one thing that may replace the task's terminal status, and the task's
+timeline names it.
 
 Tracing: each redrive is a new root span (a new trace) with an OTel Link to the record's
 original trace context; the record carries the new span's `traceparent` (and, in binary mode,
@@ -36,7 +39,13 @@ from opentelemetry.trace import Link, Span, SpanKind
 
 from conveyor.dlq.ledger import ensure_ledger, ledger_entry, ledger_topic
 from conveyor.dlq.reader import open_reader
-from conveyor.dlq.records import DeadLetter, DeadLetterFilter, Headers, redrive_headers
+from conveyor.dlq.records import (
+    DeadLetter,
+    DeadLetterFilter,
+    Headers,
+    mark_rerun,
+    redrive_headers,
+)
 from conveyor.dlq.scan import scan
 from conveyor.errors import BrokerError
 from conveyor.kafka.config import common
@@ -66,6 +75,7 @@ class Redriven:
     topic: str
     headers: Headers
     traceparent: str | None
+    value: bytes = b""  # what is sent: the original bytes, marked as a re-run (`mark_rerun`)
 
 
 OnRecord = Callable[[Redriven], None]
@@ -174,7 +184,7 @@ def _send(
         for dl in part:
             pacer.wait()
             record = _prepare(dl, tracer)
-            producer.produce(record.topic, dl.value, dl.key, headers=record.headers)  # type: ignore[arg-type]
+            producer.produce(record.topic, record.value, dl.key, headers=record.headers)  # type: ignore[arg-type]
             entry = ledger_entry(
                 dl.ref, target=record.topic, task_id=dl.task_id, traceparent=record.traceparent
             )
@@ -212,9 +222,10 @@ def _prepare(dl: DeadLetter, tracer: trace.Tracer) -> Redriven:
         # No SDK: mint the ids, so the redriven run is still a trace of its own.
         trace_headers = [("traceparent", tracing.new_traceparent().encode())]
     headers = redrive_headers(dl.headers, ref=dl.ref, trace=trace_headers, linked=linked)
+    headers, value = mark_rerun(headers, dl.value, f"redrive {dl.ref}")
     tracing.end_span(span)
     started = dict(trace_headers)["traceparent"].decode()
-    return Redriven(dl, dl.original_topic, headers, started)
+    return Redriven(dl, dl.original_topic, headers, started, value)
 
 
 def _start_span(tracer: trace.Tracer, dl: DeadLetter, linked: str | None) -> Span:

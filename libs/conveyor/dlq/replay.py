@@ -9,8 +9,11 @@ Two modes (`conveyor replay --mode`):
 - `republish`: read [from, to) of the stage's input topics (bounded: `to` defaults to the high
   watermarks seen at start) and produce those records again, original key, value and headers,
   into the same topic and partition, plus `conveyor_replayed_from` = `<topic>:<partition>:
-  <offset>`; the stage may keep running. Every consumer group of those topics sees them again
-  (e.g. writeback also reads inference's input); deterministic event ids keep that idempotent.
+  <offset>`, and the CloudEvents `rerun` attribute (`replay <ref>`, `records.mark_rerun`): the
+  replay is an explicit operator re-run: the stage's outputs get ids of their own and may replace
+  a task's terminal status; the stage may keep running. Every consumer group of those topics
+  sees the records again (e.g. writeback also reads inference's input); their unchanged ids keep
+  that idempotent.
 
 Retry rungs are not replayed: a replayed record starts from the stage input like a new one.
 """
@@ -35,16 +38,16 @@ from confluent_kafka.admin import AdminClient
 
 from conveyor.dlq.reader import META_TIMEOUT_S, Ranges, offsets_at, open_reader, read_range
 from conveyor.dlq.reader import watermarks as read_watermarks
-from conveyor.dlq.records import parse_time, to_ms
+from conveyor.dlq.records import mark_rerun, parse_time, to_ms
 from conveyor.dlq.redrive import Pacer
 from conveyor.errors import BrokerError, ConveyorError
 from conveyor.events.catalog import load_catalog
 from conveyor.kafka.config import admin as admin_conf
 from conveyor.kafka.config import common
+from conveyor.runtime.deadletter import REPLAYED_FROM
 from conveyor.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
-REPLAYED_FROM = "conveyor_replayed_from"
 # Broker acks for the republished records.
 FLUSH_TIMEOUT_S = 60.0
 
@@ -202,8 +205,11 @@ def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
     topic, partition = str(msg.topic()), int(msg.partition() or 0)
     origin = f"{topic}:{partition}:{msg.offset()}"
     raw = cast(list[tuple[str, bytes]], msg.headers() or [])
-    headers: list[tuple[str, str | bytes | None]] = [h for h in raw if h[0] != REPLAYED_FROM]
-    headers.append((REPLAYED_FROM, origin.encode()))
+    # The replayed record is an operator re-run of its task: the stage's outputs carry `rerun`.
+    marked, value = mark_rerun(
+        [h for h in raw if h[0] != REPLAYED_FROM], msg.value() or b"", f"replay {origin}"
+    )
+    headers: list[tuple[str, str | bytes | None]] = [*marked, (REPLAYED_FROM, origin.encode())]
 
     def on_delivery(err: object, _msg: object) -> None:
         if err is not None:
@@ -213,7 +219,7 @@ def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
         try:
             producer.produce(
                 topic,
-                msg.value(),
+                value,
                 msg.key(),
                 partition=partition,
                 headers=headers,

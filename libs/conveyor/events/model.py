@@ -28,6 +28,11 @@ ATTEMPT = "attempt"
 FIRSTFAILEDAT = "firstfailedat"
 LASTERROR = "lasterror"
 RETRY_STATE = (ATTEMPT, FIRSTFAILEDAT, LASTERROR)
+# An explicit operator re-run of the task ("redrive <dlq ref>" / "replay <ref>"), set only by
+# `conveyor dlq redrive` and `conveyor replay`: it lets the re-run replace a terminal status.
+RERUN = "rerun"
+# Set by preprocess on a task submitted without an id: what its assigned id was derived from.
+ASSIGNED_ID = "assignedid"
 
 # Ids are deterministic per (task id, type[, discriminator]) so that a redelivered input yields
 # the same output id and every consumer can deduplicate by id.
@@ -45,6 +50,12 @@ def event_id(task_id: str, event_type: str, discriminator: str = "") -> str:
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
     h = digest.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def assigned_task_id(origin: str) -> str:
+    """The id of a task submitted without one: deterministic in `origin` (the ingress event's
+    source and id, or the record's coordinates), so a redelivery gets the same id."""
+    return "auto-" + hashlib.sha1(origin.encode()).hexdigest()[:24]
 
 
 @dataclass(frozen=True, slots=True)

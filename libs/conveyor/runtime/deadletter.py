@@ -12,6 +12,9 @@ from __future__ import annotations
 import traceback as tb
 from dataclasses import dataclass
 
+# Set by the operator tools on the records they send back (`<topic>:<partition>:<offset>`).
+REDRIVEN_FROM = "conveyor_redriven_from"
+REPLAYED_FROM = "conveyor_replayed_from"
 ORIGINAL_TOPIC = "conveyor_original_topic"
 ORIGINAL_PARTITION = "conveyor_original_partition"
 ORIGINAL_OFFSET = "conveyor_original_offset"

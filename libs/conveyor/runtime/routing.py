@@ -4,6 +4,15 @@ Pure functions of their inputs (no Kafka client here), so every routing rule has
 A record that succeeds yields its output events; one that fails climbs the retry ladder or goes
 to the dead-letter topic with a `failed` status event. Outputs that cannot be encoded, or are
 larger than the configured limit, fail their input permanently: they are never sent half-made.
+
+A task's identity is the task id in the data (`task.task_id`, or `task_id` of ingress and status
+data), whatever the record key and `subject` were: every output's key, subject and event id
+derive from it, so two keyless, subject-less ingress events stay two tasks. A record that did
+not decode names its task by its record key alone: its status event says `rejected_record`, and
+writeback only notes it on an existing task. The `rerun` extension (an operator redrive or
+replay of the task) travels on to every output and enters their ids (a re-run is a new run, so
+its events are not taken for the first run's duplicates); on the ingress topic, which upstream
+clients write, it counts only on a record that also carries the redrive/replay header.
 """
 
 from __future__ import annotations
@@ -18,8 +27,23 @@ from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaSet
 from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE, Catalog
 from conveyor.events.codec import encode_binary
-from conveyor.events.model import AVRO, FIRSTFAILEDAT, RETRY_STATE, TRACEPARENT, Event, event_id
-from conveyor.runtime.deadletter import Failure, dead_letter_headers, origin_headers
+from conveyor.events.model import (
+    AVRO,
+    FIRSTFAILEDAT,
+    RERUN,
+    RETRY_STATE,
+    TRACEPARENT,
+    Event,
+    event_id,
+)
+from conveyor.runtime.deadletter import (
+    ORIGINAL_TOPIC,
+    REDRIVEN_FROM,
+    REPLAYED_FROM,
+    Failure,
+    dead_letter_headers,
+    origin_headers,
+)
 from conveyor.runtime.handler import Emit
 from conveyor.runtime.ladder import RetryPolicy, retry_headers
 from conveyor.settings import StageSettings
@@ -53,8 +77,11 @@ class Item:
 
     @property
     def task_id(self) -> str | None:
-        if self.event is not None and self.event.subject:
-            return self.event.subject
+        """The data's task id, else the subject, else (an undecoded record) the record key."""
+        if self.event is not None:
+            named = task_id_of(self.event.data) or self.event.subject
+            if named:
+                return named
         return self.key.decode("utf-8", "replace") if self.key else None
 
     @property
@@ -77,6 +104,9 @@ class Router:
         self.source = f"/conveyor/{stage}"
         self.dlq_topic = settings.topic(catalog.dlq_topic(stage))
         self._specs = {spec.type: spec for spec in catalog.events}
+        self._ingress = frozenset(
+            settings.topic(t) for spec in catalog.events if spec.ingress for t in spec.topics
+        )
 
     def outputs(self, item: Item, emits: Sequence[Emit], now: str) -> list[OutRecord]:
         """Encode the handler's emits; raise PermanentError if one can't be sent."""
@@ -87,15 +117,21 @@ class Router:
         spec = self._specs.get(emit.type)
         if spec is None:
             raise PermanentError(f"stage {self.stage} emitted unknown event type {emit.type}")
-        task_id = source.subject or item.task_id or ""
+        task_id = task_id_of(emit.data) or item.task_id or ""
         ext = {k: v for k, v in source.extensions.items() if k not in RETRY_STATE}
+        discriminator = emit.discriminator
+        if RERUN in ext:
+            if self._from_ingress(item) and not _operator_sent(item.hmap):
+                del ext[RERUN]  # an upstream client cannot claim an operator's override
+            else:  # a re-run is a new run: new ids, the same on its own redelivery
+                discriminator = f"{discriminator}\x1e{ext[RERUN]}"
         if TRACEPARENT not in ext:
             start = tracing.traceparent_of(item.span) or item.hmap.get("traceparent")
             if start:
                 ext[TRACEPARENT] = start  # this hop starts the task's trace
         ext.update(emit.extensions)
         event = Event(
-            id=event_id(task_id, emit.type, emit.discriminator),
+            id=event_id(task_id, emit.type, discriminator),
             type=emit.type,
             source=self.source,
             subject=task_id,
@@ -120,6 +156,10 @@ class Router:
         record = OutRecord(topic, task_id.encode(), value, headers)
         self._check_size(record)
         return record
+
+    def _from_ingress(self, item: Item) -> bool:
+        # A record on a retry rung came from the topic its origin header names.
+        return item.topic in self._ingress or item.hmap.get(ORIGINAL_TOPIC) in self._ingress
 
     def _check_size(self, record: OutRecord) -> None:
         size = len(record.value)
@@ -160,7 +200,7 @@ class Router:
     ) -> list[OutRecord]:
         task_id = item.task_id
         if not task_id:
-            return []  # neither a subject nor a key: nothing to attach a status to
+            return []  # no task id in the data, no subject, no key: nothing to attach it to
         data = _task_fields(item.event.data if item.event is not None else None)
         # An undecodable record still names its tenant (and trace) in its ce_* headers.
         source = item.event or Event(
@@ -183,6 +223,8 @@ class Router:
             "callback_url": data.get("callback_url"),
             "kind": data.get("kind"),
             "time": now,
+            # Undecoded: the record key is all that names the task, which proves nothing.
+            "rejected_record": item.event is None,
         }
         emit = Emit(STATUS_TYPE, body, topic=STATUS_TOPIC, discriminator=f"{self.stage}.{where}")
         return [self._output(item, source, emit, now)]
@@ -202,3 +244,17 @@ def _task_fields(data: Any) -> Mapping[str, Any]:
         value = fields.get(key)
         out[key] = value if isinstance(value, str) else None
     return out
+
+
+def task_id_of(data: Any) -> str | None:
+    """The task id an event's data names: `task.task_id` (internal) or `task_id` (ingress,
+    status); None when the data names none."""
+    if not isinstance(data, Mapping):
+        return None
+    task = data.get("task")
+    value = (task if isinstance(task, Mapping) else data).get("task_id")
+    return value if isinstance(value, str) and value else None
+
+
+def _operator_sent(hmap: Mapping[str, str]) -> bool:
+    return REDRIVEN_FROM in hmap or REPLAYED_FROM in hmap

@@ -30,7 +30,7 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.events.avro import SchemaError, default_schemas
 from conveyor.events.catalog import load_catalog
-from conveyor.events.codec import DecodeError, decode_mapped, header_map
+from conveyor.events.codec import DecodeError, decode_ingress, decode_mapped, header_map
 from conveyor.events.model import AVRO
 from conveyor.kafka import config
 from conveyor.runtime.deadletter import Failure
@@ -288,7 +288,11 @@ class StageRunner:
                     f"record is {len(value)} bytes, over the "
                     f"{self.settings.max_record_bytes}-byte limit"
                 )
-            event = decode_mapped(hmap, value, self.schemas)
+            if topic in self.ingress_topics:  # also plain JSON tasks (docs/ingress.md)
+                at = f"{topic}:{partition}:{offset}"
+                event = decode_ingress(hmap, value, self.schemas, at=at)
+            else:
+                event = decode_mapped(hmap, value, self.schemas)
             if event.type not in self.accepts:
                 raise PermanentError(f"stage {self.stage} does not accept {event.type}")
             expected = self.topic_types.get(topic)

@@ -12,8 +12,10 @@ from __future__ import annotations
 from pydantic import SecretStr
 
 from conveyor.store.base import (
+    REJECTED_RECORD,
     STATUSES,
     TERMINAL_STATUSES,
+    Applied,
     NotificationRecord,
     ResultStore,
     TaskEventRecord,
@@ -26,8 +28,10 @@ from conveyor.store.base import (
 )
 
 __all__ = [
+    "REJECTED_RECORD",
     "STATUSES",
     "TERMINAL_STATUSES",
+    "Applied",
     "NotificationRecord",
     "ResultStore",
     "TaskEventRecord",

@@ -2,13 +2,20 @@
 
 A task's row in `tasks` is the merge of every event seen for it; `task_events` keeps each event
 once (primary key = CloudEvent id), which both deduplicates redelivered records and forms the
-timeline. Status precedence (`status_wins`) makes the merge independent of arrival order: a late
-non-terminal status (processing, retrying) never overwrites a terminal one; a terminal status
-overwrites a non-terminal one; between two terminal statuses, or two non-terminal ones, the newer
-event time wins (ties: `processing`/`retrying` beat `pending`, otherwise the stored row stays).
-Fields an update leaves as None never erase stored values; a losing update may still fill fields
-that are NULL (so a late event can add the trace id), but never overwrites them; `stage` is thus
-the stage of the event that set the status. `tenant`, `kind` and `callback_url` are fixed by the
+timeline. Status precedence is one function, `status_wins`, and makes the merge independent of
+arrival order. A finished task stays finished: a terminal status (completed, blocked, failed,
+expired, cancelled) is never replaced, except by an event of an explicit operator re-run of the
+task (`conveyor dlq redrive` / `conveyor replay`, carried as `TaskUpdate.override`) that is newer
+than the stored status; the timeline names the re-run. A terminal status replaces a
+non-terminal one whatever the times; between two non-terminal ones the newer event time wins
+(ties: `processing`/`retrying` beat `pending`, otherwise the stored row stays).
+A record rejected before it decoded names its task by its record key alone, which is not
+trustworthy (`TaskUpdate.rejected_record`): it becomes a `rejected-record` timeline note of an
+existing task and changes nothing else, or, when no task has that id, a `failed` task.
+Fields an update leaves as None never erase stored values; a losing update may still fill a NULL
+trace id, but never touches the outcome (`stage`, result, verdict, moderation, error), so a late
+failure leaves no error on a completed task; `stage` is the stage of the event that set the
+status. `tenant`, `kind` and `callback_url` are fixed by the
 first event that names them (no event can move a task to another tenant). The
 result of a `blocked` task is always withheld (NULL). All timestamps are event times (the
 CloudEvent `time`), timezone-aware UTC, so replays rebuild the same rows; `updated_at` is the time
@@ -28,7 +35,7 @@ from typing import Any, Protocol
 
 
 class TaskStatus(StrEnum):
-    """Lifecycle of a task; the four last values are terminal."""
+    """Lifecycle of a task; the five last values are terminal."""
 
     PENDING = "pending"
     PROCESSING = "processing"
@@ -37,10 +44,21 @@ class TaskStatus(StrEnum):
     BLOCKED = "blocked"
     FAILED = "failed"
     EXPIRED = "expired"
+    CANCELLED = "cancelled"  # reserved for cancellation; no stage emits it yet
 
 
 STATUSES: frozenset[str] = frozenset(s.value for s in TaskStatus)
-TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "blocked", "failed", "expired"})
+TERMINAL_STATUSES: frozenset[str] = frozenset(
+    {
+        TaskStatus.COMPLETED,
+        TaskStatus.BLOCKED,
+        TaskStatus.FAILED,
+        TaskStatus.EXPIRED,
+        TaskStatus.CANCELLED,
+    }
+)
+# The timeline entry of a record rejected before it decoded: a note, not a task status.
+REJECTED_RECORD = "rejected-record"
 VERDICTS: frozenset[str] = frozenset({"allow", "flag", "block"})
 
 # Notification claim states: a claim is taken before the webhook is sent, then completed.
@@ -50,7 +68,7 @@ NOTIFICATION_REJECTED = "rejected"  # 4xx/5xx answer recorded as final by the no
 
 
 def is_terminal(status: str) -> bool:
-    """True for completed, blocked, failed and expired."""
+    """True for completed, blocked, failed, expired and cancelled."""
     return status in TERMINAL_STATUSES
 
 
@@ -60,20 +78,27 @@ def _rank(status: str) -> int:
 
 
 def status_wins(
-    current_status: str | None, current_time: datetime | None, new_status: str, new_time: datetime
+    current_status: str | None,
+    current_time: datetime | None,
+    new_status: str,
+    new_time: datetime,
+    *,
+    override: bool = False,
 ) -> bool:
     """Whether an event with `new_status` at `new_time` replaces the stored status.
 
-    Terminal beats non-terminal regardless of time; otherwise the newer time wins, and on equal
-    times the stored status stays unless a `pending` is being superseded by work in progress.
+    The one precedence rule of both stores (see the module docstring): a terminal status is
+    final unless `override` (an operator re-run of the task) brings a newer event; terminal
+    beats non-terminal regardless of time; otherwise the newer time wins, and on equal times
+    the stored status stays unless a `pending` is being superseded by work in progress.
     """
     if current_status is None or current_time is None:
         return True
-    new_key = (is_terminal(new_status), new_time, _rank(new_status))
-    current_key = (is_terminal(current_status), current_time, _rank(current_status))
-    if new_key[0] != current_key[0]:
-        return new_key[0]
-    return new_key > current_key
+    if is_terminal(current_status):
+        return override and new_time > current_time
+    if is_terminal(new_status):
+        return True
+    return (new_time, _rank(new_status)) > (current_time, _rank(current_status))
 
 
 def _require_utc(name: str, value: datetime | None) -> None:
@@ -100,6 +125,12 @@ class TaskUpdate:
     error: str | None = None
     callback_url: str | None = None
     detail: str | None = None  # short timeline text, e.g. "attempt 2: timeout"
+    # The operator re-run this event belongs to (e.g. "redrive conveyor.inference.dlq:0:7"):
+    # only such an event may replace a terminal status, and only with a newer one.
+    override: str | None = None
+    # The event reports a record rejected before it decoded, attributed by its record key alone:
+    # a note on an existing task, a `failed` task only when no task has that id.
+    rejected_record: bool = False
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -107,6 +138,11 @@ class TaskUpdate:
         if self.verdict is not None and self.verdict not in VERDICTS:
             raise ValueError(f"unknown moderation verdict {self.verdict!r}")
         _require_utc("time", self.time)
+
+    @property
+    def entry_status(self) -> str:
+        """The status column of this event's timeline row."""
+        return REJECTED_RECORD if self.rejected_record else self.status
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +184,14 @@ class TaskEventRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class Applied:
+    """What `ResultStore.apply_many` did with one update."""
+
+    new: bool  # False: the event id was seen before, so nothing changed
+    task: TaskRecord  # the task's row after the update
+
+
+@dataclass(frozen=True, slots=True)
 class NotificationRecord:
     """The single terminal notification of a task: claimed, then delivered or rejected."""
 
@@ -167,8 +211,10 @@ def _fill(current: Any, new: Any, *, wins: bool) -> Any:
     return new if wins or current is None else current
 
 
-# Fields that follow the winning event, and fields fixed by the first event that names them.
-_STATE_FIELDS = ("stage", "result", "verdict", "moderation", "trace_id", "error")
+# Fields that follow the winning event only, fields any event may fill while NULL, and fields
+# fixed by the first event that names them.
+_OUTCOME_FIELDS = ("stage", "result", "verdict", "moderation", "error")
+_GAP_FIELDS = ("trace_id",)
 _IDENTITY_FIELDS = ("tenant", "kind", "callback_url")
 
 
@@ -177,13 +223,25 @@ def merge_task(current: TaskRecord | None, update: TaskUpdate) -> TaskRecord:
     if current is None:
         current = TaskRecord(update.task_id, update.status, update.time, update.time)
         wins = True
+    elif update.rejected_record:
+        return current  # untrustworthy attribution: a timeline note, nothing else
     else:
-        wins = status_wins(current.status, current.updated_at, update.status, update.time)
+        wins = status_wins(
+            current.status,
+            current.updated_at,
+            update.status,
+            update.time,
+            override=update.override is not None,
+        )
     status = update.status if wins else current.status
     fields: dict[str, Any] = {
-        name: _fill(getattr(current, name), getattr(update, name), wins=wins)
-        for name in _STATE_FIELDS
+        name: _fill(getattr(current, name), getattr(update, name), wins=True)
+        if wins
+        else getattr(current, name)
+        for name in _OUTCOME_FIELDS
     }
+    for name in _GAP_FIELDS:
+        fields[name] = _fill(getattr(current, name), getattr(update, name), wins=wins)
     for name in _IDENTITY_FIELDS:  # set once: a later event can never move a task to a tenant
         fields[name] = _fill(getattr(current, name), getattr(update, name), wins=False)
     if status == TaskStatus.BLOCKED:
@@ -279,8 +337,9 @@ class ResultStore(Protocol):
         """Record the event and merge it into the task; False if the event id was seen before."""
         ...
 
-    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[bool]:
-        """`apply` for a batch in one transaction (one commit/fsync per batch)."""
+    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[Applied]:
+        """`apply` for a batch in one transaction (one commit/fsync per batch), with each
+        update's task row as it stands after the update (also for a duplicate)."""
         ...
 
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:

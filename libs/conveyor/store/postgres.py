@@ -32,6 +32,7 @@ from conveyor.store.base import (
     NOTIFICATION_REJECTED,
     STATUSES,
     TASK_COLUMNS,
+    Applied,
     NotificationRecord,
     TaskEventRecord,
     TaskRecord,
@@ -174,20 +175,20 @@ class PostgresResultStore:
                 raise RetryableError(f"postgresql: {type(exc).__name__}: {exc}") from exc
 
     def apply(self, update: TaskUpdate) -> bool:
-        return self.apply_many([update])[0]
+        return self.apply_many([update])[0].new
 
-    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[bool]:
+    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[Applied]:
         with self._transaction() as cur:
             return [self._apply_one(cur, update) for update in updates]
 
-    def _apply_one(self, cur: psycopg.Cursor[Any], update: TaskUpdate) -> bool:
+    def _apply_one(self, cur: psycopg.Cursor[Any], update: TaskUpdate) -> Applied:
         cur.execute(
             _EVENT_INSERT,
             (
                 update.event_id,
                 update.task_id,
                 update.event_type,
-                update.status,
+                update.entry_status,
                 update.time,
                 update.stage,
                 update.detail,
@@ -197,7 +198,9 @@ class PostgresResultStore:
             log.debug(
                 "duplicate event skipped task_id=%s event_id=%s", update.task_id, update.event_id
             )
-            return False
+            row = cur.execute(f"{_TASK_SELECT} WHERE task_id = %s", (update.task_id,)).fetchone()
+            assert row is not None  # its event was recorded with the row, in one transaction
+            return Applied(False, task_from_row(row, _utc))
         # Two rounds at most: the first may lose a race to insert the row, the second then finds
         # it (committed) and locks it.
         for _ in range(2):
@@ -205,13 +208,15 @@ class PostgresResultStore:
                 f"{_TASK_SELECT} WHERE task_id = %s FOR UPDATE", (update.task_id,)
             ).fetchone()
             current = None if row is None else task_from_row(row, _utc)
-            params = task_params(merge_task(current, update), _utc)
+            merged = merge_task(current, update)
             if current is not None:
-                cur.execute(_TASK_UPDATE, (*params[1:], update.task_id))
-                return True
-            cur.execute(_TASK_INSERT, params)
+                if merged is not current:
+                    params = task_params(merged, _utc)
+                    cur.execute(_TASK_UPDATE, (*params[1:], update.task_id))
+                return Applied(True, merged)
+            cur.execute(_TASK_INSERT, task_params(merged, _utc))
             if cur.rowcount == 1:
-                return True
+                return Applied(True, merged)
         raise RetryableError(f"task row contention task_id={update.task_id}")
 
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:

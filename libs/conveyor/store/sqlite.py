@@ -30,6 +30,7 @@ from conveyor.store.base import (
     NOTIFICATION_REJECTED,
     STATUSES,
     TASK_COLUMNS,
+    Applied,
     NotificationRecord,
     TaskEventRecord,
     TaskRecord,
@@ -175,34 +176,38 @@ class SqliteResultStore:
                 cur.close()
 
     def apply(self, update: TaskUpdate) -> bool:
-        return self.apply_many([update])[0]
+        return self.apply_many([update])[0].new
 
-    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[bool]:
+    def apply_many(self, updates: Sequence[TaskUpdate]) -> list[Applied]:
         with self._transaction() as cur:
             return [self._apply_one(cur, update) for update in updates]
 
-    def _apply_one(self, cur: sqlite3.Cursor, update: TaskUpdate) -> bool:
+    def _apply_one(self, cur: sqlite3.Cursor, update: TaskUpdate) -> Applied:
         cur.execute(
             _EVENT_INSERT,
             (
                 update.event_id,
                 update.task_id,
                 update.event_type,
-                update.status,
+                update.entry_status,
                 _ts(update.time),
                 update.stage,
                 update.detail,
             ),
         )
-        if cur.rowcount == 0:
+        new = cur.rowcount == 1
+        row = cur.execute(f"{_TASK_SELECT} WHERE task_id = ?", (update.task_id,)).fetchone()
+        current = None if row is None else task_from_row(row, _dt)
+        if not new:
             log.debug(
                 "duplicate event skipped task_id=%s event_id=%s", update.task_id, update.event_id
             )
-            return False
-        row = cur.execute(f"{_TASK_SELECT} WHERE task_id = ?", (update.task_id,)).fetchone()
-        current = None if row is None else task_from_row(row, _dt)
-        cur.execute(_TASK_UPSERT, task_params(merge_task(current, update), _ts))
-        return True
+            assert current is not None  # its event was recorded with the row, in one transaction
+            return Applied(False, current)
+        merged = merge_task(current, update)
+        if merged is not current:
+            cur.execute(_TASK_UPSERT, task_params(merged, _ts))
+        return Applied(True, merged)
 
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
         sql, params = f"{_TASK_SELECT} WHERE task_id = ?", [task_id]
