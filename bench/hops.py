@@ -104,13 +104,20 @@ OUTPUT_DATA: Mapping[str, Mapping[str, Any]] = {
 }
 
 
+def output_for(event: Event, data: Mapping[str, Any]) -> dict[str, Any]:
+    """`data` (an `OUTPUT_DATA` entry) for `event`'s task: the task id in the data is the task's
+    identity (record key, subject, event ids), so each record keeps its own, as a real stage's
+    output would."""
+    return {**data, "task": {**_TASK, "task_id": event.subject or ""}}
+
+
 def relay_service(stage: str) -> StageService[StageSettings]:
     accepts, emits = CHAIN[stage]
     data = OUTPUT_DATA[emits]
     topic = "conveyor.task.preprocessed.normal" if stage == "preprocess" else None
 
-    def relay(_event: Event, _ctx: StageContext[Any]) -> Emit:
-        return Emit(emits, data, topic=topic)
+    def relay(event: Event, _ctx: StageContext[Any]) -> Emit:
+        return Emit(emits, output_for(event, data), topic=topic)
 
     return StageService(stage, StageSettings, handle=relay, accepts=(accepts,))
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from hops import OUTPUT_DATA
+from hops import OUTPUT_DATA, output_for
 
 from conveyor.events.model import Event
 from conveyor.runtime.handler import BatchOutcome, Emit, StageContext, StageService
@@ -56,7 +56,7 @@ def model_service(calls: Any, records: Any) -> StageService[StageSettings]:
         calls.value += 1
         records.value += len(events)
         model(len(events))
-        return [Emit(INFERRED, data) for _ in events]
+        return [Emit(INFERRED, output_for(event, data)) for event in events]
 
     return StageService(STAGE, StageSettings, handle_batch=infer, accepts=(PREPROCESSED,))
 

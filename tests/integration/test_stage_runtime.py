@@ -169,7 +169,12 @@ def test_bad_records_are_dead_lettered_with_reason_and_status_without_stalling(
         assert msg.value() == value  # the original bytes, untouched
         h = headers_of(msg)
         assert h["conveyor_error_stage"] == "preprocess"
-        assert h["conveyor_error_class"] in ("DecodeError", "PermanentError", "SchemaError")
+        assert h["conveyor_error_class"] in (
+            "DecodeError",
+            "PermanentError",
+            "SchemaError",
+            "InvalidTaskError",
+        )
         assert h["conveyor_error_message"]
         assert h["conveyor_original_topic"] == ingress
         assert h["conveyor_error_attempts"] == "1"
