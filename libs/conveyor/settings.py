@@ -77,7 +77,15 @@ class StageSettings(KafkaSettings):
     )
     metrics_port: int = Field(default=0, ge=0, description="0 picks a free port")
     health_stall_s: float = Field(
-        default=30.0, gt=0, description="/healthz fails if the loop stalls"
+        default=30.0,
+        gt=0,
+        description="/healthz fails if the loop makes no progress (no turn, no record "
+        "handled) for this long",
+    )
+    broker_down_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="/healthz fails once every Kafka broker has been unreachable this long",
     )
 
     @property
