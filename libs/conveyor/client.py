@@ -13,7 +13,6 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from confluent_kafka import Producer
 from opentelemetry.trace import SpanKind
 
 from conveyor.errors import BrokerError, PermanentError
@@ -23,6 +22,7 @@ from conveyor.events.codec import encode_binary
 from conveyor.events.ingress import parse_task
 from conveyor.events.model import AVRO, Event
 from conveyor.kafka.config import common
+from conveyor.kafka.producer import KafkaProducer
 from conveyor.settings import KafkaSettings, StageSettings
 from conveyor.telemetry import tracing
 
@@ -36,6 +36,7 @@ class TaskClient:
         *,
         source: str = "/conveyor/client",
         max_record_bytes: int | None = None,
+        producer: KafkaProducer | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -48,16 +49,25 @@ class TaskClient:
         assert spec is not None
         self.dataschema = spec.dataschema
         self.schemas = default_schemas()
-        self.producer = Producer({**common(settings), "linger.ms": 5, "enable.idempotence": True})
-        self.errors: list[str] = []
+        # 30 s: how long a full local queue is waited out, and a flush waits for acks.
+        self.producer = producer or KafkaProducer.open(
+            {**common(settings), "linger.ms": 5, "enable.idempotence": True},
+            delivery_timeout_s=30.0,
+        )
 
     def submit(
-        self, task: Mapping[str, Any], *, on_delivery: Callable[[Any, Any], None] | None = None
+        self,
+        task: Mapping[str, Any],
+        *,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+        queue_wait_s: float | None = None,
     ) -> tuple[str, str | None]:
         """Validate and send one task; returns (task id, trace id). Call `flush()` after.
 
         `on_delivery(err, msg)`, when given, gets this record's delivery report instead of the
-        client's error list, so an asynchronous caller can await each record's acknowledgement.
+        client's tracking, so an asynchronous caller can await each record's acknowledgement.
+        A full local queue is waited out for `queue_wait_s` (default: the delivery timeout),
+        then `BrokerError`.
         """
         data = normalise_request(task)
         span = tracing.start_span(
@@ -94,12 +104,13 @@ class TaskClient:
         else:
             headers.append(("traceparent", parent.encode()))
         self._check_size(data["task_id"], value, headers, span)
-        self.producer.produce(
+        self.producer.send(
             self.topic,
             value,
             data["task_id"].encode(),
-            headers=cast(Any, headers),  # stubs want str | bytes | None values
-            on_delivery=on_delivery or self._on_delivery,
+            cast(Any, headers),  # stubs want str | bytes | None values
+            on_delivery=on_delivery,
+            queue_wait_s=queue_wait_s,
         )
         self.producer.poll(0)
         tracing.end_span(span)
@@ -123,12 +134,11 @@ class TaskClient:
         return ids
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        if self.producer.flush(timeout_s) or self.errors:
-            raise BrokerError(f"submit failed: {self.errors[:3] or 'delivery timed out'}")
-
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self.errors.append(str(err))
+        """Wait for every submitted task's acknowledgement; `BrokerError` if one failed."""
+        try:
+            self.producer.wait(timeout_s=timeout_s)
+        except BrokerError as exc:
+            raise BrokerError(f"submit failed: {exc}") from exc
 
 
 def normalise_request(task: Mapping[str, Any]) -> dict[str, Any]:

@@ -64,9 +64,10 @@ class Acks:
             self.errors.append(err)
 
     def check(self) -> None:
-        """Raise `BrokerError` if a record of the group was not delivered."""
+        """Raise `BrokerError` if a record of the group was not delivered (once per error)."""
         if self.errors:
-            raise BrokerError(f"delivery failed errors={self.errors[:3]}")
+            errors, self.errors = self.errors, []
+            raise BrokerError(f"delivery failed errors={errors[:3]}")
 
 
 class TransactionAborted(BrokerError):
@@ -113,8 +114,10 @@ class KafkaProducer:
         partition: int = -1,
         acks: Acks | None = None,
         on_delivery: DeliveryCallback | None = None,
+        queue_wait_s: float | None = None,
     ) -> None:
-        """Queue one record; `on_delivery` replaces the group's tracking for it."""
+        """Queue one record; `on_delivery` replaces the group's tracking for it. A full local
+        queue is waited out for `queue_wait_s` (default: the delivery timeout)."""
         group = acks or self.acks
         callback = on_delivery or group.callback
         deadline = 0.0
@@ -127,10 +130,13 @@ class KafkaProducer:
             except BufferError:
                 # The local queue is full: serve delivery reports until it drains.
                 now = time.monotonic()
-                deadline = deadline or now + self.delivery_timeout_s
-                if now > deadline:
+                wait = self.delivery_timeout_s if queue_wait_s is None else queue_wait_s
+                deadline = deadline or now + wait
+                if now >= deadline:
                     raise BrokerError("producer queue stayed full") from None
-                self.client.poll(_DRAIN_POLL_S)
+                self.client.poll(min(_DRAIN_POLL_S, deadline - now))
+            except KafkaException as exc:  # e.g. fenced inside a transaction
+                raise BrokerError(f"produce failed: {exc}") from exc
         if on_delivery is None:
             group.pending += 1
             group.sent += 1
