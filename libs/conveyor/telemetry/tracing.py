@@ -29,7 +29,6 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind
 
@@ -37,8 +36,6 @@ from conveyor.telemetry.traceparent import format_traceparent, format_tracestate
 
 log = logging.getLogger(__name__)
 _TRACER_NAME = "conveyor"
-_PLAIN = frozenset((str, int, float, bool))  # attribute values the SDK stores as they are
-_STR = frozenset((str,))
 _enabled = False
 _tracer: trace.Tracer | None = None  # the SDK's, cached: get_tracer builds a new one per call
 # What the installed sampler does, read once (from the environment until the SDK is installed):
@@ -231,9 +228,11 @@ def start_span(
             return tracer().start_span(
                 name, context=context, kind=kind, attributes=attributes, links=links
             )
+        # The built-in samplers never look at attributes: set them only on a span the
+        # sampler kept (a dropped span would check and discard every one of them).
         span = tracer().start_span(name, context=context, kind=kind, links=links)
-        if span.is_recording():  # not for a span the sampler dropped
-            _set_attributes(span, attributes)
+        if span.is_recording():
+            span.set_attributes(attributes)
         return span
     except Exception:
         log.exception("span start failed name=%s", name)
@@ -263,30 +262,6 @@ def batch_span(
         except Exception:
             log.exception("span links failed name=%s", name)
     return span
-
-
-def _set_attributes(span: Span, attributes: Mapping[str, Any]) -> None:
-    """Attributes on a span just started, stored as the SDK would store them, without its
-    checks of every key and value (~1 µs each: more than a third of a consume span's cost).
-
-    Only for what those checks would pass unchanged: non-empty string keys, str/int/float/bool
-    values, no value length limit, room for all of them. Anything else, or a span that is not
-    the SDK's, takes the checked `set_attributes`. The built-in samplers never look at
-    attributes; a sampler that might gets them at the start (see `start_span`).
-    """
-    store = getattr(span, "_attributes", None)
-    if (
-        type(store) is BoundedAttributes
-        and store.max_value_len is None
-        and (store.maxlen is None or len(store) + len(attributes) <= store.maxlen)
-        and _PLAIN.issuperset(map(type, attributes.values()))
-        and _STR.issuperset(map(type, attributes))
-        and "" not in attributes
-    ):
-        with store._lock:
-            store._dict.update(attributes)
-    else:
-        span.set_attributes(attributes)
 
 
 def inject(span: Span) -> list[tuple[str, bytes]]:
