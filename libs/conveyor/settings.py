@@ -62,6 +62,17 @@ class StageSettings(KafkaSettings):
         "exactly-once uses transactional.id <group>.<slot> so a restart fences its "
         "predecessor's open transaction; default: the per-start instance id",
     )
+    pipelined: bool = Field(
+        default=False,
+        description="run the handler on a worker thread while the loop keeps polling, "
+        "producing and committing (slow stages: inference)",
+    )
+    max_in_flight: int = Field(
+        default=1000,
+        ge=1,
+        description="pipelined: records taken but not yet handled before the stage pauses its "
+        "partitions",
+    )
     priority_lanes: bool = Field(
         default=False, description="serve high before normal before low lane (inference)"
     )

@@ -3,11 +3,12 @@ per-record outcomes, failure isolation, hooks, commit order, liveness and broker
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from confluent_kafka import KafkaError
+from confluent_kafka import KafkaError, TopicPartition
 from opentelemetry.trace import INVALID_SPAN, Span
 
 from conveyor.errors import PermanentError
@@ -201,3 +202,53 @@ def test_every_broker_down_past_the_limit_fails_health_and_an_answer_restores_it
     assert not runner.healthy()
     runner.availability.on_commit(None, [])
     assert runner.healthy()
+
+
+def test_a_pipelined_stage_keeps_turning_while_its_handler_works_and_commits_in_order() -> None:
+    release = threading.Event()
+
+    def slow(event: Event, _ctx: Any) -> Emit:
+        release.wait(10)
+        return moderated(event)
+
+    runner, consumer, producer = make_runner(handle=slow, pipelined=True, max_in_flight=4)
+    consumer.assigned = [TopicPartition(INFERRED_TOPIC, 0)]
+    consumer.queued = msgs(2)
+    runner.turn()
+    consumer.queued = msgs(2, start=2)
+    runner.turn()  # the loop read on while the handler works on the first batch
+    assert producer.records == [] and consumer.commits == []
+    runner.turn()  # four records in flight: the partition is paused, the loop still turns
+    assert consumer.paused == [(INFERRED_TOPIC, 0)]
+    release.set()
+    deadline = time.monotonic() + 10
+    while (not consumer.commits or consumer.commits[-1][0].offset < 4) and (
+        time.monotonic() < deadline
+    ):
+        runner.turn()
+    assert [r.key for r in producer.records] == [b"t0-0", b"t0-1", b"t0-2", b"t0-3"]
+    offsets = [c[0].offset for c in consumer.commits]
+    assert offsets == sorted(offsets) and offsets[-1] == 4  # in order, up to the last one
+    runner.turn()
+    assert consumer.paused == []  # resumed once the pipeline drained
+
+
+def test_a_stuck_pipelined_handler_fails_liveness_although_the_loop_turns() -> None:
+    release = threading.Event()
+
+    def stuck(event: Event, _ctx: Any) -> Emit:
+        release.wait(10)
+        return moderated(event)
+
+    runner, consumer, _ = make_runner(handle=stuck, pipelined=True, health_stall_s=0.3)
+    consumer.queued = msgs(1)
+    runner.turn()
+    deadline = time.monotonic() + 5
+    while runner.healthy() and time.monotonic() < deadline:
+        runner.turn()  # the loop is fine; the handler is not
+    assert not runner.healthy()
+    release.set()
+    runner._drain()
+    runner.turn()
+    assert runner.healthy()
+    runner._close()

@@ -102,6 +102,11 @@ class KafkaConsumer:
         self.client.pause([part])
         self.client.seek(part)
 
+    def pause_all(self, tps: list[TP]) -> None:
+        """Pause partitions where they are (no rewind): backpressure."""
+        if tps:
+            self.client.pause([TopicPartition(t, p) for t, p in tps])
+
     def resume(self, tps: list[TP]) -> None:
         if tps:
             self.client.resume([TopicPartition(t, p) for t, p in tps])

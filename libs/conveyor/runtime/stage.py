@@ -38,6 +38,7 @@ from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
 from conveyor.runtime.lagreport import LagReporter
 from conveyor.runtime.lanes import LaneScheduler
+from conveyor.runtime.pipeline import Pipeline
 from conveyor.runtime.retrygate import RetryGate
 from conveyor.runtime.routing import OutRecord, Router
 from conveyor.runtime.step import BatchResult, BatchStep
@@ -53,6 +54,8 @@ LAG_INTERVAL_S = 10.0
 # keep the loop reading while the broker acknowledges, few enough to bound what a crash
 # redelivers.
 MAX_PENDING_BATCHES = 8
+# Pipelined: the idle poll while the worker has batches, so finished ones are delivered soon.
+_BUSY_POLL_S = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,14 +96,18 @@ class StageRunner:
             catalog=catalog,
             schemas=self.router.schemas,
             max_record_bytes=settings.max_record_bytes,
-            progress=self._beat,
+            progress=self._progress,
         )
+        # Pipelined: the step runs on a worker thread while this loop keeps turning.
+        self._pipeline = Pipeline(self.step, settings.max_in_flight) if settings.pipelined else None
+        self._held: list[TP] = []  # partitions paused because the pipeline is full
         self.instance = (
             os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
         )
         self.availability = BrokerAvailability(settings.broker_down_s)
         self.stopping = threading.Event()
-        self.heartbeat = time.monotonic()
+        self.heartbeat = time.monotonic()  # the loop's last turn
+        self.progress_at = self.heartbeat  # the handler's last record (pipelined)
         self.failed: str | None = None
         self.started = False
         self._pending: deque[_Pending] = deque()
@@ -172,7 +179,7 @@ class StageRunner:
         try:
             while not self.stopping.is_set():
                 self.turn()
-            self._settle(wait=True)  # graceful stop: emit, acknowledge, commit
+            self._drain()  # graceful stop: finish in-flight work, emit, acknowledge, commit
         except BaseException as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
             raise
@@ -186,18 +193,55 @@ class StageRunner:
         self.gate.resume_due()
         if self._lanes is not None:
             self._lanes.before_poll(time.monotonic(), set(self.gate.paused))
+        if self._pipeline is not None:
+            self._backpressure(self._pipeline)
         self.metrics.paused.set(len(self.gate.paused))
         s = self.settings
-        batch = self.consumer.poll_batch(
-            s.batch_max, s.poll_timeout_ms / 1000, s.batch_wait_ms / 1000
-        )
+        idle_s = s.poll_timeout_ms / 1000
+        if self._pipeline is not None and self._pipeline.busy:
+            idle_s = min(idle_s, _BUSY_POLL_S)  # results to deliver soon: don't block long
+        batch = self.consumer.poll_batch(s.batch_max, idle_s, s.batch_wait_ms / 1000)
         records = self.gate.admit(batch)
         self.metrics.paused.set(len(self.gate.paused))
         if records:
-            result = self.step(records, _now())
-            self.hooks.batch_finish(result)
-            self._deliver(result)
+            self._process(records)
+        if self._pipeline is not None:
+            for result in self._pipeline.finished():
+                self._complete(result)
         self._settle()
+
+    def _process(self, records: list[Any]) -> None:
+        if self._pipeline is not None:
+            self._pipeline.submit(records, _now())
+        else:
+            self._complete(self.step(records, _now()))
+
+    def _complete(self, result: BatchResult) -> None:
+        self.hooks.batch_finish(result)
+        self._deliver(result)
+
+    def _drain(self) -> None:
+        """Finish the work in flight, deliver it, and commit everything acknowledged."""
+        if self._pipeline is not None:
+            for result in self._pipeline.finished(wait=True):
+                self._complete(result)
+        self._settle(wait=True, sync=True)
+
+    def _backpressure(self, pipeline: Pipeline) -> None:
+        """Pause the partitions while the pipeline is full, resume them when it is not. The
+        loop keeps polling either way: the consumer stays in its group."""
+        assert self.consumer is not None and self.gate is not None
+        if pipeline.full and not self._held:
+            lanes = self._lanes.paused if self._lanes is not None else set()
+            self._held = [
+                tp
+                for tp in self.consumer.assignment()
+                if tp not in self.gate.paused and tp not in lanes
+            ]
+            self.consumer.pause_all(self._held)
+        elif not pipeline.full and self._held:
+            held, self._held = self._held, []
+            self.consumer.resume(held)
 
     def process(self, batch: list[Any]) -> None:
         """One batch through gate, step and delivery, acknowledged and committed before it
@@ -215,11 +259,20 @@ class StageRunner:
 
     def healthy(self) -> bool:
         """Liveness: not failed, the loop makes progress (a record handled or a turn taken
-        within `health_stall_s`; setup, e.g. model loading, counts) and a broker is reachable
-        (or was within `broker_down_s`)."""
+        within `health_stall_s`; setup, e.g. model loading, counts), a pipelined handler with
+        work makes progress too, and a broker is reachable (or was within `broker_down_s`).
+        A slow batch whose records keep completing is progress; a stuck handler is not."""
         if self.failed is not None or not self.availability.available():
             return False
-        return not self.started or time.monotonic() - self.heartbeat <= self.settings.health_stall_s
+        if not self.started:
+            return True
+        now, stall = time.monotonic(), self.settings.health_stall_s
+        if now - self.heartbeat > stall:
+            return False
+        pipeline = self._pipeline
+        if pipeline is None or not pipeline.busy:
+            return True
+        return now - max(self.progress_at, pipeline.started_at or now) <= stall
 
     def ready(self) -> bool:
         """Readiness: set up, subscribed and healthy."""
@@ -228,11 +281,19 @@ class StageRunner:
     def _beat(self) -> None:
         self.heartbeat = time.monotonic()
 
+    def _progress(self) -> None:
+        """A record (or batch) was handled: on the loop's thread, or the pipeline's worker."""
+        self.progress_at = now = time.monotonic()
+        if self._pipeline is None:
+            self.heartbeat = now
+
     def _close(self) -> None:
         # Graceful stop: the last batch is already emitted and committed; leave the group so
         # the partitions move at once, then release the handler's resources.
         if self._lag is not None:
             self._lag.stop()
+        if self._pipeline is not None:
+            self._pipeline.close()
         try:
             if self.producer is not None:
                 self.producer.flush()
@@ -257,9 +318,11 @@ class StageRunner:
         # librdkafka keeps a partition's pause across revoke and re-assign, so a paused
         # partition is resumed here, else it would come back paused with nothing to resume it.
         assert self.gate is not None and self.consumer is not None
-        self._settle(wait=True, sync=True)
+        self._drain()  # in-flight work of every partition: bounded by max_in_flight
         tps = [(tp.topic, tp.partition) for tp in partitions]
         paused = self.gate.on_revoke(tps)
+        paused += [tp for tp in tps if tp in self._held]
+        self._held = [tp for tp in self._held if tp not in tps]
         if self._lanes is not None:
             paused += [(tp.topic, tp.partition) for tp in self._lanes.on_revoke(partitions)]
         if self._lag is not None:
@@ -323,10 +386,21 @@ class StageRunner:
             self._failpoint()  # leaves the transaction open: the broker must abort it
             self.producer.commit()
         except TransactionAborted:
-            self.consumer.rewind(result.starts)  # the aborted batch is read and handled again
+            self._rewind(result)
             return
         self.hooks.delivered(result.outputs)
         self._committed.update(result.offsets)
+
+    def _rewind(self, aborted: BatchResult) -> None:
+        """Read the aborted batch again, and every batch after it still in flight (their
+        results are dropped: committing them would skip the aborted records)."""
+        assert self.consumer is not None
+        starts = dict(aborted.starts)
+        if self._pipeline is not None:
+            for later in self._pipeline.finished(wait=True):
+                for tp, offset in later.starts.items():
+                    starts.setdefault(tp, offset)
+        self.consumer.rewind(starts)
 
     def _failpoint(self) -> None:
         # Fault injection for tests: `CONVEYOR_FAILPOINT=exit-before-commit:N` ends the process
