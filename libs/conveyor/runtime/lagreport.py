@@ -55,7 +55,9 @@ class LagReporter:
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(PROBE_TIMEOUT_S * 4)
+            self._thread.join(PROBE_TIMEOUT_S * 2)
+        if self._thread.is_alive():
+            return  # still inside a probe call (broker away): never close a client in use
         try:
             self.probe.close()
         except Exception as exc:
@@ -95,6 +97,8 @@ class LagReporter:
         parts = [TopicPartition(t, p) for t, p in sorted(assigned)]
         out = {}
         for tp in self.probe.committed(parts, timeout=PROBE_TIMEOUT_S):
+            if self._stop.is_set():
+                break
             _, high = self.probe.get_watermark_offsets(
                 TopicPartition(tp.topic, tp.partition), timeout=PROBE_TIMEOUT_S, cached=False
             )
