@@ -39,6 +39,9 @@ class StageTelemetry:
     def record_start(self, msg: Message, headers: Mapping[str, str], event: Event | None) -> Span:
         if not tracing.enabled():
             return INVALID_SPAN
+        unsampled = tracing.unsampled_remote(headers)
+        if unsampled is not None:
+            return unsampled  # no span, no parsing: the parent is handed on as it came
         return tracing.record_span(
             f"process {msg.topic()}",
             parent=_parent(headers, event),

@@ -30,9 +30,21 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+)
 
-from conveyor.telemetry.traceparent import format_traceparent, format_tracestate, parse
+from conveyor.telemetry.traceparent import (
+    format_traceparent,
+    format_tracestate,
+    is_unsampled,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 _TRACER_NAME = "conveyor"
@@ -139,6 +151,39 @@ def unsampled_parent(parent: Span | None) -> Span | None:
         return None
     ctx = parent.get_span_context()
     return parent if ctx.is_valid and not ctx.trace_flags.sampled else None
+
+
+class DeferredRemoteSpan(NonRecordingSpan):
+    """The unsampled remote parent a `traceparent` names, parsed only if its context is asked
+    for (a handler span made under it, a log line's trace id). The next hop gets the incoming
+    header as it is (`carried`), so most unsampled records never parse it at all."""
+
+    def __init__(self, traceparent: str, tracestate: str | None) -> None:
+        self._header = traceparent
+        self._state = tracestate
+        self._parsed: SpanContext | None = None
+
+    def get_span_context(self) -> SpanContext:
+        if self._parsed is None:
+            self._parsed = parse(self._header, self._state) or INVALID_SPAN_CONTEXT
+        return self._parsed
+
+    def __repr__(self) -> str:
+        return f"DeferredRemoteSpan({self._header!r})"
+
+
+def unsampled_remote(headers: Mapping[str, str]) -> Span | None:
+    """The incoming parent as a `DeferredRemoteSpan` when it is unsampled and a parent-based
+    sampler would drop its child (the record then gets no span of its own); else None."""
+    if "traceparent" in headers:
+        parent, state = headers["traceparent"], headers.get("tracestate")
+    elif "ce_traceparent" in headers:
+        parent, state = headers["ce_traceparent"], headers.get("ce_tracestate")
+    else:
+        return None
+    if not _parent_based() or not is_unsampled(parent):
+        return None
+    return DeferredRemoteSpan(parent, state)
 
 
 def record_span(
