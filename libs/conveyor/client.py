@@ -3,7 +3,8 @@
 A task goes to `conveyor.task.submitted` as a binary-mode CloudEvent with Avro data
 (task-submitted, newest version), key = task id, and a new root trace context when tracing is
 on. Validation here is the same pydantic model preprocess applies, so callers get a clear error
-before anything is sent.
+before anything is sent; with `rules` (the pipeline's templates and models, e.g.
+`CatalogSettings().task_rules()`) an unknown template or model is refused here too.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from conveyor.errors import BrokerError, PermanentError
 from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import INGRESS_TOPIC, load_catalog
 from conveyor.events.codec import encode_binary
-from conveyor.events.ingress import parse_task
+from conveyor.events.ingress import TaskRules, parse_task
 from conveyor.events.model import AVRO, Event
 from conveyor.kafka.config import common
 from conveyor.kafka.producer import KafkaProducer
@@ -37,8 +38,10 @@ class TaskClient:
         source: str = "/conveyor/client",
         max_record_bytes: int | None = None,
         producer: KafkaProducer | None = None,
+        rules: TaskRules | None = None,
     ) -> None:
         self.settings = settings
+        self.rules = rules
         self.source = source
         # The stages dead-letter larger records; refuse them here, before anything is sent.
         self.max_record_bytes = max_record_bytes or getattr(
@@ -69,7 +72,7 @@ class TaskClient:
         A full local queue is waited out for `queue_wait_s` (default: the delivery timeout),
         then `BrokerError`.
         """
-        data = normalise_request(task)
+        data = normalise_request(task, self.rules)
         span = tracing.start_span(
             f"submit {self.topic}",
             parent=None,
@@ -141,8 +144,8 @@ class TaskClient:
             raise BrokerError(f"submit failed: {exc}") from exc
 
 
-def normalise_request(task: Mapping[str, Any]) -> dict[str, Any]:
+def normalise_request(task: Mapping[str, Any], rules: TaskRules | None = None) -> dict[str, Any]:
     """Check a task with the ingress model and shape it as task-submitted Avro data."""
     body = dict(task)
     body.setdefault("task_id", str(uuid.uuid4()))
-    return parse_task(body).avro()
+    return parse_task(body, rules).avro()

@@ -35,3 +35,31 @@ def cache_dir() -> Path:
 
 def var_dir() -> Path:
     return home() / "var"
+
+
+# Results, logs and broker state may hold tenants' data: only Conveyor's own user reads them.
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def restrict_new_files() -> None:
+    """Every file and folder this process (and its children, the broker's JVM included) creates
+    from now on is private to its user: 0600 files in 0700 folders, as a daemon's umask 077."""
+    os.umask(0o077)
+
+
+def private_dir(path: Path) -> Path:
+    """`path` as a folder only its owner may enter (created if missing, tightened if not)."""
+    path.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
+    path.chmod(PRIVATE_DIR_MODE)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """`path` as a file only its owner may read: created empty with mode 0600 if missing, in a
+    folder created private; an existing file keeps its content and is tightened to 0600."""
+    if not path.parent.exists():
+        private_dir(path.parent)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+    path.chmod(PRIVATE_FILE_MODE)
+    return path

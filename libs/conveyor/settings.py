@@ -7,14 +7,25 @@ given as JSON in the environment (e.g. `CONVEYOR_RETRY_DELAYS='[1, 10, 60]'`).
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import TYPE_CHECKING
+
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from conveyor.events.ingress import TaskRules
+
+# No setting's validation error may echo its input: a malformed token map or password would
+# otherwise land in the log of the process that failed to start.
+_CONFIG = SettingsConfigDict(
+    env_prefix="CONVEYOR_", frozen=True, extra="ignore", hide_input_in_errors=True
+)
 
 
 class KafkaSettings(BaseSettings):
     """How to reach the Kafka cluster (SASL/TLS for production clusters)."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore")
+    model_config = _CONFIG
 
     kafka_bootstrap: str = Field(default="127.0.0.1:9092", description="bootstrap.servers")
     kafka_security_protocol: str = Field(
@@ -22,10 +33,14 @@ class KafkaSettings(BaseSettings):
     )
     kafka_sasl_mechanism: str | None = Field(default=None, description="e.g. SCRAM-SHA-512")
     kafka_sasl_username: str | None = None
-    kafka_sasl_password: str | None = None
+    kafka_sasl_password: SecretStr | None = Field(
+        default=None, description="SASL password (a secret: never logged or printed)"
+    )
     kafka_ssl_ca_location: str | None = None
     kafka_extra: dict[str, str] = Field(
-        default_factory=dict, description="extra librdkafka properties, JSON object"
+        default_factory=dict,
+        repr=False,  # may carry credentials (ssl.key.password, ...): never printed
+        description="extra librdkafka properties, JSON object",
     )
     topic_prefix: str = Field(default="", description="prepended to every topic name")
 
@@ -110,9 +125,55 @@ def default_store_url() -> str:
     return f"sqlite:///{var_dir() / 'conveyor.db'}"
 
 
+def store_url_field() -> SecretStr:
+    """The `store_url` setting of every service that opens the store: a secret, since a
+    PostgreSQL URL may carry a password."""
+    return Field(
+        default_factory=lambda: SecretStr(default_store_url()),
+        description="result store URL: sqlite:///path or postgresql://user:password@host/db",
+    )
+
+
 class StoreSettings(BaseSettings):
     """Where results and timelines live: `sqlite:///path` (default) or `postgresql://...`."""
 
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore")
+    model_config = _CONFIG
 
-    store_url: str = Field(default_factory=default_store_url, description="result store URL")
+    store_url: SecretStr = store_url_field()
+
+
+DEFAULT_TEMPLATES = {
+    "plain": "{input}",
+    "summarize": "Summarize the following text in one sentence.\n\n{input}",
+    "answer": "Answer the question briefly and factually.\n\nQuestion: {input}",
+    "translate-fr": "Translate into French:\n\n{input}",
+}
+
+
+class CatalogSettings(BaseSettings):
+    """What the pipeline can run: prompt templates (preprocess) and models (inference).
+
+    Preprocess applies them; the gateway and `conveyor submit` read the same variables
+    (`CONVEYOR_TEMPLATES`, `CONVEYOR_MODELS`) to refuse an unknown template or model at once.
+    """
+
+    model_config = _CONFIG
+
+    templates: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_TEMPLATES),
+        description="template id -> text with an {input} placeholder (JSON)",
+    )
+    default_template: str = "plain"
+    models: str | None = Field(default=None, description="model registry JSON (CONVEYOR_MODELS)")
+
+    def task_rules(self) -> TaskRules:
+        from conveyor.events.ingress import TaskRules
+        from conveyor.ml.registry import ModelRegistry
+
+        names: dict[str, set[str]] = {}
+        for spec in ModelRegistry.from_json(self.models).specs:
+            names.setdefault(spec.kind, set()).add(spec.name)
+        return TaskRules(
+            templates=frozenset(self.templates),
+            models={kind: frozenset(found) for kind, found in names.items()},
+        )

@@ -21,11 +21,13 @@ from starlette.applications import Starlette
 from conveyor.client import TaskClient
 from conveyor.events.catalog import INGRESS_TOPIC
 from conveyor.kafka.lag import CachedLag, GroupLag
+from conveyor.paths import restrict_new_files
 from conveyor.publisher import AsyncTaskPublisher
 from conveyor.runtime.health import HealthServer
 from conveyor.store import open_store
 from conveyor.telemetry.logging import setup_logging
 from conveyor.telemetry.tracing import init_tracing, shutdown_tracing
+from conveyor.web import redact
 from services.gateway.handler import Gateway, build_app
 from services.gateway.settings import GatewaySettings
 
@@ -78,23 +80,26 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
 
 
 def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:
-    # log_config=None keeps Conveyor's log format; uvicorn's access log is off because it would
-    # print WebSocket URLs with their `?token=`: the app logs each request without the query.
+    # log_config=None keeps Conveyor's log format; uvicorn's access log is off because the app
+    # logs each request by route template, without the query string (and the redacting filter
+    # masks credentials in any line, should a library or an operator turn more logs on).
     return uvicorn.Config(
         app,
         host=settings.gateway_host,
         port=settings.gateway_port,
         log_config=None,
-        access_log=False,
+        access_log=settings.access_log,
         lifespan="on",
         timeout_graceful_shutdown=_GRACE_S,
     )
 
 
 def serve() -> int:
+    restrict_new_files()  # the SQLite store and anything else it creates: owner only
     setup_logging("gateway")
-    init_tracing("gateway")
     settings = GatewaySettings()
+    redact.install(token.get_secret_value() for token in settings.gateway_tokens)
+    init_tracing("gateway")
     app, gateway = build(settings)
     health = None
     if settings.metrics_port is not None:

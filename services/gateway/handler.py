@@ -1,21 +1,25 @@
 """gateway's routes and what they decide: who the caller is, what a task may say, what they see.
 
 The token names the tenant; a body naming another is 403, a known `task_id` 409 (ids are global:
-a second tenant's task would merge into the first one's row). POST answers 202 once the broker
-acknowledged the record. GET and the WebSocket read the result store, each tenant its own tasks
-only (another tenant's is 404, like an unknown id); a task submitted here and not yet in the store
-is `pending`, with a queue position estimate from the preprocess group's lag. The WebSocket polls
-the task's row every `ws_poll_s`, pushes each status or stage change, and closes (1000) after the
-terminal one. The full contract and the reasons: docs/gateway.md.
+a second tenant's task would merge into the first one's row). Every field and parameter is
+checked against the ingress contract and the pipeline's templates and models before anything is
+published (422 naming the fields). POST answers 202 once the broker acknowledged the record,
+with a status URL built on `public_base_url`, never on the request's Host header. GET and the
+WebSocket read the result store, each tenant its own tasks only (another tenant's is 404, like an
+unknown id); a task submitted here and not yet in the store is `pending`, with a queue position
+estimate from the preprocess group's lag. The WebSocket authenticates by header or subprotocol,
+never by URL (`conveyor.web.auth`), is capped per process and per tenant, polls the task's row
+every `ws_poll_s`, pushes each status or stage change, and closes (1000) after the terminal one.
+The full contract and the reasons: docs/gateway.md.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -31,10 +35,17 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from conveyor.errors import BrokerError, PermanentError, RetryableError
-from conveyor.events.ingress import parse_task
+from conveyor.events.ingress import InvalidTaskError, parse_task
 from conveyor.publisher import TaskPublisher
 from conveyor.store import ResultStore, is_terminal
-from conveyor.web.auth import TokenTable, bearer_token
+from conveyor.web.auth import (
+    SUBPROTOCOL,
+    TokenTable,
+    bearer_token,
+    offered_subprotocols,
+    subprotocol_token,
+)
+from conveyor.web.body import read_json_body
 from conveyor.web.expiring import ExpiringMap
 from conveyor.web.metrics import WEBSOCKETS, RequestMetricsMiddleware
 from conveyor.web.schema import (
@@ -63,6 +74,7 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.tokens = TokenTable(settings.gateway_tokens)
+        self.rules = settings.task_rules()
         self.publisher = publisher
         self.store = store
         self.queue_estimate = queue_estimate
@@ -73,6 +85,7 @@ class Gateway:
         self.started = False
         self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
         self.sockets = 0
+        self.sockets_by_tenant: Counter[str] = Counter()
 
     def healthy(self) -> bool:
         return time.monotonic() - self.heartbeat < self.settings.health_stall_s
@@ -138,25 +151,24 @@ def _tenant(request: Request) -> str:
     return tenant
 
 
-async def _json_body(request: Request, limit: int) -> Any:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body larger than {limit} bytes")
-    body = bytearray()
-    async for chunk in request.stream():  # counted as it arrives: Content-Length may lie
-        body += chunk
-        if len(body) > limit:
-            raise HTTPException(413, f"body larger than {limit} bytes")
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise HTTPException(400, "body is not valid JSON") from None
+def _invalid(exc: InvalidTaskError) -> Response:
+    return JSONResponse({"error": str(exc), "fields": list(exc.fields)}, 422)
+
+
+def status_url(settings: GatewaySettings, request: Request, task_id: str) -> str:
+    """Where the task's status is read: on the configured public base URL, else a relative path
+    (valid in `Location`); never built from the Host header, which any client can set."""
+    path = request.app.url_path_for("task_status", task_id=task_id)
+    return f"{settings.public_base_url or ''}{path}"
 
 
 async def submit_task(request: Request) -> Response:
     gateway = _gateway(request)
+    settings = gateway.settings
     tenant = _tenant(request)
-    body = await _json_body(request, gateway.settings.max_body_bytes)
+    body = await read_json_body(
+        request, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s
+    )
     if not isinstance(body, dict):
         raise HTTPException(400, "task data must be a JSON object")
     if body.get("tenant") not in (None, tenant):
@@ -165,9 +177,9 @@ async def submit_task(request: Request) -> Response:
     if body.get("task_id") is None:
         body["task_id"] = str(uuid.uuid4())
     try:
-        task_id = parse_task(body).task_id
-    except PermanentError as exc:
-        raise HTTPException(422, str(exc)) from None
+        task_id = parse_task(body, gateway.rules).task_id
+    except InvalidTaskError as exc:
+        return _invalid(exc)
     if await gateway.exists(task_id):
         raise HTTPException(409, f"task {task_id} already exists")
     try:
@@ -175,7 +187,7 @@ async def submit_task(request: Request) -> Response:
     except PermanentError as exc:  # e.g. the encoded record is over the stages' size limit
         raise HTTPException(422, str(exc)) from None
     gateway.recent.put(task_id, Submitted(tenant, trace_id, time.time()))
-    url = str(request.url_for("task_status", task_id=task_id))
+    url = status_url(settings, request, task_id)
     log.info("task accepted task_id=%s tenant=%s trace_id=%s", task_id, tenant, trace_id)
     return JSONResponse(
         {"task_id": task_id, "status": "pending", "status_url": url, "trace_id": trace_id},
@@ -194,7 +206,15 @@ async def task_status(request: Request) -> Response:
 
 async def task_events(ws: WebSocket) -> None:
     gateway = _gateway(ws)
-    token = bearer_token(ws.headers.get("authorization")) or ws.query_params.get("token")
+    if "token" in ws.query_params:
+        return await _deny(
+            ws,
+            401,
+            "tokens in URLs are refused: use the Authorization header "
+            f"or the {SUBPROTOCOL} + bearer.<base64url token> subprotocols",
+        )
+    offered = offered_subprotocols(ws.headers.get("sec-websocket-protocol"))
+    token = bearer_token(ws.headers.get("authorization")) or subprotocol_token(offered)
     tenant = gateway.tokens.tenant_for(token)
     if tenant is None:
         return await _deny(ws, 401, "missing or unknown bearer token")
@@ -202,25 +222,34 @@ async def task_events(ws: WebSocket) -> None:
     view = await gateway.view(task_id, tenant, timeline=False)
     if view is None:
         return await _deny(ws, 404, "task not found")
+    if gateway.sockets_by_tenant[tenant] >= gateway.settings.ws_max_per_tenant:
+        return await _deny(ws, 429, "too many open WebSockets for this tenant")
     if gateway.sockets >= gateway.settings.ws_max_connections:
         return await _deny(ws, 503, "too many open WebSockets")
-    await ws.accept()
-    gateway.sockets += 1
-    WEBSOCKETS.inc()
+    _opened(gateway, tenant, +1)  # the slot is taken before the next await: no overshoot
     try:
+        # The token's subprotocol is never selected: the answer would echo it.
+        await ws.accept(subprotocol=SUBPROTOCOL if SUBPROTOCOL in offered else None)
         await _follow(ws, gateway, task_id, tenant, view)
     except WebSocketDisconnect:
         pass  # the client left
     finally:
-        gateway.sockets -= 1
-        WEBSOCKETS.dec()
+        _opened(gateway, tenant, -1)
+
+
+def _opened(gateway: Gateway, tenant: str, delta: int) -> None:
+    gateway.sockets += delta
+    gateway.sockets_by_tenant[tenant] += delta
+    if not gateway.sockets_by_tenant[tenant]:
+        del gateway.sockets_by_tenant[tenant]
+    WEBSOCKETS.inc(delta)
 
 
 async def _deny(ws: WebSocket, status: int, message: str) -> None:
     if "websocket.http.response" in ws.scope.get("extensions", {}):
         await ws.send_denial_response(JSONResponse({"error": message}, status_code=status))
     else:  # a server without denial responses: close the handshake (policy / try again later)
-        await ws.close(1013 if status == 503 else 1008, message)
+        await ws.close(1013 if status in (429, 503) else 1008, message)
 
 
 async def _follow(

@@ -1,23 +1,43 @@
-"""gateway settings (`CONVEYOR_*`): where it listens, the tenants' tokens, store, estimates."""
+"""gateway settings (`CONVEYOR_*`): where it listens, the tenants' tokens, store, estimates.
+
+The templates and models it checks tasks against (`CONVEYOR_TEMPLATES`, `CONVEYOR_MODELS`) are
+`CatalogSettings`, shared with preprocess: give the gateway the same values as the pipeline.
+"""
 
 from __future__ import annotations
 
-from pydantic import Field
+import json
+from collections.abc import Mapping
+from typing import Any
 
-from conveyor.settings import KafkaSettings, default_store_url
+from pydantic import Field, SecretStr, field_validator
+
+from conveyor.settings import CatalogSettings, KafkaSettings, store_url_field
 
 
-class GatewaySettings(KafkaSettings):
+class GatewaySettings(KafkaSettings, CatalogSettings):
     gateway_host: str = Field(default="127.0.0.1", description="bind address of the HTTP API")
     gateway_port: int = Field(
         default=8080, ge=0, le=65535, description="HTTP port; 0 picks a free one"
     )
-    gateway_tokens: dict[str, str] = Field(
+    gateway_tokens: dict[SecretStr, str] = Field(
         default_factory=dict,
         repr=False,
         description="bearer tokens, JSON object {token: tenant}; no tokens: every call is 401",
     )
-    store_url: str = Field(default_factory=default_store_url, description="result store URL")
+    store_url: SecretStr = store_url_field()
+    public_base_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="base of the `status_url` and `Location` answers, e.g. "
+        "https://conveyor.example.com; unset: they are relative paths (/v1/tasks/<id>). Never "
+        "taken from the request's Host header, which the client controls",
+    )
+    # A client sending its body a byte at a time must not hold a connection for ever; 10 s is
+    # ample for a 1 MB body on any working link.
+    body_timeout_s: float = Field(
+        default=10.0, gt=0, description="the whole request body must arrive within this"
+    )
     preprocess_group: str | None = Field(
         default=None,
         description="consumer group whose lag estimates the queue; default the "
@@ -34,6 +54,10 @@ class GatewaySettings(KafkaSettings):
     ws_poll_s: float = Field(default=0.25, gt=0, description="WebSocket: store poll interval")
     ws_max_s: float = Field(default=3600.0, gt=0, description="WebSocket: longest a socket lives")
     ws_max_connections: int = Field(default=1000, ge=1, description="WebSockets per process")
+    # One tenant opening sockets in a loop must not take every slot of the process.
+    ws_max_per_tenant: int = Field(
+        default=100, ge=1, description="WebSockets per tenant per process"
+    )
     recent_ttl_s: float = Field(
         default=600.0,
         gt=0,
@@ -41,6 +65,11 @@ class GatewaySettings(KafkaSettings):
     )
     recent_max: int = Field(default=100_000, ge=1, description="tasks remembered as submitted")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger POSTs get 413")
+    access_log: bool = Field(
+        default=False,
+        description="uvicorn's access log too (the app already logs each request by route "
+        "template); credentials in any line are masked either way",
+    )
     metrics_host: str = Field(default="127.0.0.1", description="bind address of metrics_port")
     metrics_port: int | None = Field(
         default=None,
@@ -53,3 +82,25 @@ class GatewaySettings(KafkaSettings):
     @property
     def lag_group(self) -> str:
         return self.preprocess_group or f"{self.topic_prefix}conveyor.preprocess"
+
+    @field_validator("public_base_url")
+    @classmethod
+    def _no_trailing_slash(cls, value: str | None) -> str | None:
+        return value.rstrip("/") if value else value
+
+    @field_validator("gateway_tokens", mode="before")
+    @classmethod
+    def _token_map(cls, value: Any) -> dict[SecretStr, str]:
+        # Checked here, with messages that name no part of the value: pydantic's own errors
+        # would put a bad entry's key, the token, in their location.
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except ValueError:
+                raise ValueError("gateway_tokens is not valid JSON") from None
+        if not isinstance(value, Mapping) or not all(
+            isinstance(token, str | SecretStr) and isinstance(tenant, str)
+            for token, tenant in value.items()
+        ):
+            raise ValueError("gateway_tokens must be a JSON object {token: tenant} of strings")
+        return {SecretStr(t) if isinstance(t, str) else t: tenant for t, tenant in value.items()}

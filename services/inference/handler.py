@@ -1,4 +1,12 @@
-"""inference's decisions: which model serves a task, how a batch is grouped, what expires."""
+"""inference's decisions: which model serves a task, how a batch is grouped, what expires.
+
+Failures stay with the records that caused them. A batch is grouped by model, and generation
+within a model by decoding parameters; a group that raises is re-run record by record, and a
+generation group that raises fails only its own records, so one tenant's seed or parameter never
+fails another tenant's task. Parameters are re-checked with the ingress models
+(`conveyor.events.params`): a record that slipped past an older edge fails alone, with the
+parameter named.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ from typing import Any
 from conveyor.errors import PermanentError
 from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE
 from conveyor.events.model import Event
+from conveyor.events.params import parse_params
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.telemetry.tracing import span
@@ -40,13 +49,8 @@ def handle_batch(
     for (kind, name), indices in groups.items():
         batch = [events[i].data for i in indices]
         started = time.perf_counter()
-        try:
-            with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
-                results = _RUNNERS[kind](registry.for_kind(kind, name), batch)
-        except Exception as exc:  # the whole group failed: each record takes the ladder
-            for i in indices:
-                outcomes[i] = exc
-            continue
+        with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
+            results = _run_isolated(kind, registry, name, batch)
         per_record_ms = (time.perf_counter() - started) * 1000 / len(indices)
         for i, result in zip(indices, results, strict=True):
             if isinstance(result, BaseException):
@@ -66,8 +70,35 @@ def handle_batch(
     return outcomes
 
 
-def _generate(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any] | BaseException]:
-    out: list[dict[str, Any] | BaseException] = []
+Results = list[dict[str, Any] | BaseException]
+
+
+def _run_isolated(kind: str, registry: Any, name: str, batch: list[Mapping[str, Any]]) -> Results:
+    """The model group's results; if the group call raises, each record is run alone, so the
+    error lands on the record that causes it (and every record still gets an outcome)."""
+    runner = _RUNNERS[kind]
+    try:
+        model = registry.for_kind(kind, name)
+    except Exception as exc:  # the model does not load: no record of the group can run
+        return [exc] * len(batch)
+    try:
+        return runner(model, batch)
+    except Exception as exc:
+        if len(batch) == 1:
+            return [exc]
+    out: Results = []
+    for data in batch:
+        try:
+            out.extend(runner(model, [data]))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def _generate(model: Any, batch: list[Mapping[str, Any]]) -> Results:
+    from conveyor.ml.generator import decoding_groups
+
+    out: Results = []
     runnable: list[tuple[int, Any]] = []
     for i, data in enumerate(batch):
         try:
@@ -75,10 +106,18 @@ def _generate(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any]
             out.append({})
         except PermanentError as exc:  # one bad record does not fail its batch
             out.append(exc)
-    if runnable:
-        texts = model.generate([batch[i]["prompt"] for i, _ in runnable], [p for _, p in runnable])
-        for (i, _), text in zip(runnable, texts, strict=True):
-            out[i] = {"text": text}
+    params = [p for _, p in runnable]
+    # One call per decoding group: a group that raises fails its own records, not the others.
+    for group in decoding_groups(params).values():
+        records = [runnable[g][0] for g in group]
+        try:
+            texts: list[Any] = model.generate(
+                [batch[i]["prompt"] for i in records], [params[g] for g in group]
+            )
+        except Exception as exc:
+            texts = [exc] * len(records)
+        for i, text in zip(records, texts, strict=True):
+            out[i] = text if isinstance(text, BaseException) else {"text": text}
     return out
 
 
@@ -86,24 +125,25 @@ def _gen_params(raw: Mapping[str, str]) -> Any:
     from conveyor.ml.generator import GenParams
 
     try:
+        typed = parse_params("generate", raw)
         return GenParams(
-            max_new_tokens=int(raw["max_new_tokens"]) if "max_new_tokens" in raw else None,
-            do_sample=raw.get("do_sample", "false").lower() == "true",
-            temperature=float(raw.get("temperature", 1.0)),
-            top_p=float(raw.get("top_p", 1.0)),
-            seed=int(raw["seed"]) if "seed" in raw else None,
+            max_new_tokens=typed.max_new_tokens,
+            do_sample=typed.do_sample,
+            temperature=typed.temperature,
+            top_p=typed.top_p,
+            seed=typed.seed,
         )
     except ValueError as exc:
         raise PermanentError(f"invalid generation parameter: {exc}") from None
 
 
-def _embed(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any] | BaseException]:
+def _embed(model: Any, batch: list[Mapping[str, Any]]) -> Results:
     vectors = model.embed([d["input"] for d in batch])
     return [{"embedding": vector} for vector in vectors]
 
 
-def _classify(model: Any, batch: list[Mapping[str, Any]]) -> list[dict[str, Any] | BaseException]:
-    out: list[dict[str, Any] | BaseException] = []
+def _classify(model: Any, batch: list[Mapping[str, Any]]) -> Results:
+    out: Results = []
     runnable = []
     for data in batch:
         labels = data.get("labels") or _labels_param(data["task"]["params"])

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from conveyor.settings import StageSettings, default_store_url
+from conveyor.settings import StageSettings, store_url_field
 
 
 class NotifySettings(StageSettings):
-    store_url: str = Field(default_factory=default_store_url, description="result store URL")
+    store_url: SecretStr = store_url_field()
     webhook_secrets: dict[str, str] = Field(
         default_factory=dict, description="tenant -> HMAC secret (JSON)"
     )

@@ -11,8 +11,9 @@ from services.preprocess.settings import PreprocessSettings
 
 
 def setup(settings: PreprocessSettings) -> dict[str, Any]:
+    rules = settings.task_rules()
     if not settings.tokenizers:
-        return {"count_tokens": word_count}
+        return {"count_tokens": word_count, "rules": rules}
     from conveyor.ml.registry import ModelRegistry
 
     registry = ModelRegistry.from_json(settings.models)
@@ -20,7 +21,7 @@ def setup(settings: PreprocessSettings) -> dict[str, Any]:
     def count_tokens(kind: str, text: str) -> int:
         return registry.count_tokens(registry.spec(kind).name, text)  # type: ignore[arg-type]
 
-    return {"count_tokens": count_tokens}
+    return {"count_tokens": count_tokens, "rules": rules}
 
 
 SERVICE = StageService("preprocess", PreprocessSettings, handle=handle, setup=setup)

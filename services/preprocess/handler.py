@@ -30,7 +30,9 @@ def normalise(text: str) -> str:
 
 def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
     s = ctx.settings
-    task = parse_task(event.data)
+    # A task the ingress contract refuses (params out of range, unknown template or model) is
+    # permanent: it is dead-lettered and its caller sees `failed` with the reason.
+    task = parse_task(event.data, ctx.resources.get("rules"))
     if event.subject and event.subject != task.task_id:
         raise PermanentError(f"subject {event.subject!r} differs from task_id {task.task_id!r}")
     text = normalise(task.input)

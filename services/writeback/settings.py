@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
-from conveyor.settings import StageSettings, default_store_url
+from conveyor.settings import StageSettings, store_url_field
 
 
 class WritebackSettings(StageSettings):
-    store_url: str = Field(default_factory=default_store_url, description="result store URL")
+    store_url: SecretStr = store_url_field()
     # One store transaction per poll batch: 200 records keep a transaction short.
     batch_max: int = Field(default=200, ge=1, description="records per store transaction")

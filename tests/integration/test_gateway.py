@@ -27,6 +27,7 @@ from conveyor.events.codec import decode
 from conveyor.local.process import ServiceProcess
 from conveyor.net import free_ports
 from conveyor.store import ResultStore, TaskUpdate, open_store
+from conveyor.web.auth import SUBPROTOCOL, token_subprotocol
 from services.gateway.__main__ import build, uvicorn_config
 from services.gateway.settings import GatewaySettings
 from tests.support import apply, read_topics
@@ -99,7 +100,7 @@ def test_posted_task_is_a_cloudevent_on_the_ingress_topic_keyed_by_task_id(
             "/v1/tasks", headers=ACME, json={"task_id": "gw-1", "kind": "embed", "input": "hello"}
         )
     assert answer.status_code == 202, answer.text
-    assert answer.json()["status_url"] == f"{gateway.url}/v1/tasks/gw-1"
+    assert answer.json()["status_url"] == "/v1/tasks/gw-1"  # no public_base_url: relative
     [msg] = read_topics(kafka_bootstrap, [ingress(gateway.settings)], expect=1, settle_s=0.5)
     headers = msg.headers() or []
     assert isinstance(headers, list)  # confluent-kafka returns a list of (key, value)
@@ -196,11 +197,18 @@ def test_websocket_pushes_store_changes_and_closes_after_the_terminal_status(
 
 def test_websocket_handshake_without_a_valid_token_is_refused_with_401(gateway: Running) -> None:
     gateway.store.apply(task_update("ws-2", "processing", 0, stage="preprocess"))
-    ws_url = gateway.url.replace("http://", "ws://") + "/v1/tasks/ws-2/events?token=wrong"
-    with pytest.raises(InvalidStatus) as refused:
-        connect(ws_url, open_timeout=10)
-    assert refused.value.response.status_code == 401
-    with connect(ws_url.replace("wrong", "tok-acme"), open_timeout=10) as ws:
+    ws_url = gateway.url.replace("http://", "ws://") + "/v1/tasks/ws-2/events"
+    for url, protocols in (
+        (ws_url, [SUBPROTOCOL, token_subprotocol("wrong")]),
+        (ws_url + "?token=tok-acme", None),  # a valid token, but in the URL: refused
+    ):
+        with pytest.raises(InvalidStatus) as refused:
+            connect(url, subprotocols=protocols, open_timeout=10)  # type: ignore[arg-type]
+        assert refused.value.response.status_code == 401
+    # A browser's way: the token as a subprotocol; the server selects conveyor.v1, not the token.
+    offered = [SUBPROTOCOL, token_subprotocol("tok-acme")]
+    with connect(ws_url, subprotocols=offered, open_timeout=10) as ws:  # type: ignore[arg-type]
+        assert ws.subprotocol == SUBPROTOCOL
         assert decoded(ws.recv(timeout=10))["task_id"] == "ws-2"
 
 

@@ -15,6 +15,7 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 from conveyor.client import normalise_request
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.store import ResultStore, TaskUpdate, open_store
+from conveyor.web.auth import token_subprotocol
 from services.gateway.handler import Gateway, build_app
 from services.gateway.settings import GatewaySettings
 
@@ -135,9 +136,9 @@ def test_submit_publishes_with_token_tenant_and_answers_202(
         "task_id": "t-1",
         "status": "pending",
         "trace_id": TRACE,
-        "status_url": "http://testserver/v1/tasks/t-1",
+        "status_url": "/v1/tasks/t-1",
     }
-    assert answer.headers["location"] == "http://testserver/v1/tasks/t-1"
+    assert answer.headers["location"] == "/v1/tasks/t-1"
     assert [(t["task_id"], t["tenant"]) for t in publisher.sent] == [("t-1", "acme")]
 
 
@@ -176,7 +177,8 @@ def test_invalid_task_is_422_with_the_validation_text(
 
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"\xff\xfe"])
 def test_body_that_is_not_a_json_object_is_400(client: TestClient, body: bytes) -> None:
-    answer = client.post("/v1/tasks", content=body, headers=ACME)
+    headers = {**ACME, "Content-Type": "application/json"}
+    answer = client.post("/v1/tasks", content=body, headers=headers)
     assert answer.status_code == 400
     assert answer.json()["error"]
 
@@ -298,11 +300,13 @@ def test_websocket_pushes_each_status_change_and_closes_after_the_terminal_one(
     assert closing["type"] == "websocket.close" and closing["code"] == 1000
 
 
-def test_websocket_accepts_token_in_query_and_ends_at_once_for_a_finished_task(
+def test_websocket_accepts_token_as_subprotocol_and_ends_at_once_for_a_finished_task(
     client: TestClient, store: ResultStore
 ) -> None:
     completed(store, "ws-done")
-    with client.websocket_connect("/v1/tasks/ws-done/events?token=tok-acme") as ws:
+    offered = ["conveyor.v1", token_subprotocol("tok-acme")]
+    with client.websocket_connect("/v1/tasks/ws-done/events", subprotocols=offered) as ws:
+        assert ws.accepted_subprotocol == "conveyor.v1"  # never the token's own
         message = ws.receive_json()
         assert (message["status"], message["final"], message["result"]["label"]) == (
             "completed",
@@ -347,6 +351,9 @@ def test_websockets_beyond_the_limit_are_refused_with_503(store: ResultStore) ->
     [
         ("/v1/tasks/ws-x/events", {}, 401),
         ("/v1/tasks/ws-x/events?token=wrong", {}, 401),
+        ("/v1/tasks/ws-x/events?token=tok-acme", {}, 401),  # valid, but never in a URL
+        ("/v1/tasks/ws-x/events?token=tok-acme", ACME, 401),
+        ("/v1/tasks/ws-x/events", {"Sec-WebSocket-Protocol": "conveyor.v1, bearer.!!"}, 401),
         ("/v1/tasks/ws-x/events", BETA, 404),
         ("/v1/tasks/unknown/events", ACME, 404),
     ],

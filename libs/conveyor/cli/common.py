@@ -53,4 +53,4 @@ def store_url() -> str:
     except (OSError, ValueError, KeyError):
         from conveyor.settings import StoreSettings
 
-        return StoreSettings().store_url
+        return StoreSettings().store_url.get_secret_value()

@@ -11,6 +11,8 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from conveyor.paths import restrict_new_files
+
 # subcommand -> (module under conveyor.cli, one-line help)
 COMMANDS = {
     "broker": ("broker", "start, stop or show the local single-node Kafka broker"),
@@ -37,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restrict_new_files()  # databases, logs, broker data and state under var/: owner only
     args = build_parser().parse_args(argv)
     code: int = args.func(args)
     return code

@@ -22,6 +22,15 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--priority", choices=["high", "normal", "low"], default="normal")
         parser.add_argument("--callback-url")
         parser.add_argument("--label", action="append", dest="labels", default=[])
+        parser.add_argument("--model", help="a configured model of the kind")
+        parser.add_argument(
+            "--param",
+            action="append",
+            dest="params",
+            default=[],
+            metavar="NAME=VALUE",
+            help="a parameter of the kind, e.g. max_new_tokens=32 (checked before sending)",
+        )
         parser.set_defaults(func=submit)
     else:
         parser.add_argument("task_id")
@@ -41,7 +50,9 @@ def _tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
         "input": args.input,
         "priority": args.priority,
     }
-    for key in ("template", "callback_url"):
+    if args.params:
+        task["params"] = dict(_param(text) for text in args.params)
+    for key in ("template", "callback_url", "model"):
         if getattr(args, key):
             task[key] = getattr(args, key)
     if args.labels:
@@ -49,11 +60,21 @@ def _tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
     return [task]
 
 
+def _param(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--param {text!r}: give NAME=VALUE")
+    return name.strip(), value.strip()
+
+
 def submit(args: argparse.Namespace) -> int:
     from conveyor.client import TaskClient
+    from conveyor.settings import CatalogSettings
 
     tasks = _tasks(args)
-    client = TaskClient(kafka_settings(), source="/conveyor/cli")
+    # The same templates and models as the pipeline (CONVEYOR_TEMPLATES, CONVEYOR_MODELS).
+    rules = CatalogSettings().task_rules()
+    client = TaskClient(kafka_settings(), source="/conveyor/cli", rules=rules)
     bad = 0
     for n, task in enumerate(tasks, 1):
         try:

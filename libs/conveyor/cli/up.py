@@ -20,7 +20,7 @@ from pathlib import Path
 from conveyor.cli.common import up_state_path
 from conveyor.local.process import SERVICES
 from conveyor.local.stack import LocalStack
-from conveyor.paths import repo_root, var_dir
+from conveyor.paths import private_dir, repo_root, var_dir
 from conveyor.settings import default_store_url
 
 log = logging.getLogger("conveyor.up")
@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
+    private_dir(var_dir())  # store, logs, broker data: tightened even if an older run made it
     workdir = var_dir() / "up"
     broker = None
     bootstrap = os.environ.get("CONVEYOR_KAFKA_BOOTSTRAP")

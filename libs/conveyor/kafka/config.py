@@ -18,7 +18,8 @@ def common(settings: KafkaSettings) -> dict[str, Any]:
     if settings.kafka_sasl_mechanism:
         conf["sasl.mechanism"] = settings.kafka_sasl_mechanism
         conf["sasl.username"] = settings.kafka_sasl_username or ""
-        conf["sasl.password"] = settings.kafka_sasl_password or ""
+        password = settings.kafka_sasl_password
+        conf["sasl.password"] = password.get_secret_value() if password else ""
     if settings.kafka_ssl_ca_location:
         conf["ssl.ca.location"] = settings.kafka_ssl_ca_location
     conf.update(settings.kafka_extra)

@@ -17,6 +17,8 @@ import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 
+from conveyor.paths import private_dir, private_file
+
 SERVICES = ("preprocess", "inference", "moderation", "writeback", "notify")
 
 
@@ -33,7 +35,7 @@ class ServiceProcess:
         self.starts = 0
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workdir)
         self.port_file.unlink(missing_ok=True)
         env = {
             **os.environ,
@@ -43,7 +45,7 @@ class ServiceProcess:
             "CONVEYOR_INSTANCE_SLOT": self.label,
         }  # stable across restarts (transactions)
         env.setdefault("CONVEYOR_METRICS_PORT", "0")
-        log = self.log_path.open("ab")
+        log = private_file(self.log_path).open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", f"services.{self.name}"],
             env=env,

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig
 
+from conveyor.events.params import MAX_NEW_TOKENS
 from conveyor.ml.batching import run_batched
 from conveyor.ml.device import resolve_device, resolve_dtype
 from conveyor.ml.loading import load_model, load_tokenizer, max_input_tokens
@@ -38,9 +39,6 @@ from conveyor.ml.registry import ModelSpec
 from conveyor.ml.sources import resolve_source
 
 logger = logging.getLogger(__name__)
-
-# A hard ceiling whatever a task asks: one record must not hold a batch for minutes.
-MAX_NEW_TOKENS = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,22 +105,48 @@ class Generator:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def generate(self, prompts: Sequence[str], params: Sequence[GenParams]) -> list[str]:
-        """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``."""
+        """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``.
+
+        Raises the first group's error; ``generate_each`` keeps the other groups' texts.
+        """
+        outputs = self.generate_each(prompts, params)
+        for out in outputs:
+            if isinstance(out, Exception):
+                raise out
+        return [str(out) for out in outputs]
+
+    def generate_each(
+        self, prompts: Sequence[str], params: Sequence[GenParams]
+    ) -> list[str | Exception]:
+        """Like ``generate``, but a decoding group that raises (a seed torch refuses, a
+        temperature that turns the distribution into NaN) yields its error for its own records
+        only: the other groups' texts are kept, so one task's parameters never fail another's."""
         if len(prompts) != len(params):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} params")
-        outputs = [""] * len(prompts)
-        for key, group in _groups(params).items():
-            # Similar budgets side by side, so a chunk rarely waits on one long record.
-            items = sorted(
-                (self._item(i, prompts[i], params[i]) for i in group),
-                key=lambda item: item.max_new_tokens,
-            )
-            first = params[group[0]]
-            texts = run_batched(partial(self._run, params=first), items, self.max_batch_size)
-            for item, text in zip(items, texts, strict=True):
-                outputs[item.index] = text
-            logger.debug("generated group key=%s size=%d", key, len(items))
+        outputs: list[str | Exception] = [""] * len(prompts)
+        for key, group in decoding_groups(params).items():
+            try:
+                texts = self._generate_group(prompts, params, group)
+            except Exception as exc:  # isolated per group, reported per record
+                logger.warning(
+                    "generation group failed key=%s size=%d error=%r", key, len(group), exc
+                )
+                texts = {i: exc for i in group}
+            for i, text in texts.items():
+                outputs[i] = text
         return outputs
+
+    def _generate_group(
+        self, prompts: Sequence[str], params: Sequence[GenParams], group: list[int]
+    ) -> dict[int, str | Exception]:
+        # Similar budgets side by side, so a chunk rarely waits on one long record.
+        items = sorted(
+            (self._item(i, prompts[i], params[i]) for i in group),
+            key=lambda item: item.max_new_tokens,
+        )
+        first = params[group[0]]
+        texts = run_batched(partial(self._run, params=first), items, self.max_batch_size)
+        return {item.index: text for item, text in zip(items, texts, strict=True)}
 
     def _item(self, index: int, prompt: str, params: GenParams) -> _Item:
         budget = params.max_new_tokens or self.default_max_new_tokens
@@ -185,7 +209,7 @@ class Generator:
         )
 
 
-def _groups(params: Sequence[GenParams]) -> dict[tuple[Any, ...], list[int]]:
+def decoding_groups(params: Sequence[GenParams]) -> dict[tuple[Any, ...], list[int]]:
     """Indices of ``params`` grouped by decoding settings that may share one batch."""
     groups: dict[tuple[Any, ...], list[int]] = {}
     for i, p in enumerate(params):

@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from conveyor.errors import BrokerError
+from conveyor.paths import restrict_new_files
 from conveyor.runtime.handler import StageService
 from conveyor.runtime.health import HealthServer
 from conveyor.runtime.stage import StageRunner
@@ -59,4 +60,5 @@ def run_service(service: StageService[Any]) -> int:
 
 
 def main(service: StageService[Any]) -> None:
+    restrict_new_files()  # what a stage creates (its store, state) is its user's alone
     sys.exit(run_service(service))

@@ -9,6 +9,8 @@ backend is imported only when asked for. The status model and merge rules are in
 
 from __future__ import annotations
 
+from pydantic import SecretStr
+
 from conveyor.store.base import (
     STATUSES,
     TERMINAL_STATUSES,
@@ -42,8 +44,12 @@ _SQLITE_PREFIX = "sqlite:///"
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
-def open_store(url: str) -> ResultStore:
-    """Open (and create the schema of) the store at `url`; raises ValueError for other schemes."""
+def open_store(url: str | SecretStr) -> ResultStore:
+    """Open (and create the schema of) the store at `url`; raises ValueError for other schemes.
+
+    The URL may be the `store_url` setting itself, a `SecretStr` (it may hold a password)."""
+    if isinstance(url, SecretStr):
+        url = url.get_secret_value()
     if url.startswith(_SQLITE_PREFIX):
         from conveyor.store.sqlite import SqliteResultStore
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from conveyor.errors import RetryableError
+from conveyor.paths import private_file
 from conveyor.store.base import (
     EVENT_COLUMNS,
     NOTIFICATION_CLAIMED,
@@ -126,7 +127,7 @@ class SqliteResultStore:
 
     def __init__(self, path: str) -> None:
         if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(path))  # results may be private; SQLite's -wal/-shm copy the mode
         self._path = path
         self._lock = threading.Lock()
         try:

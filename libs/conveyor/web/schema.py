@@ -88,10 +88,17 @@ def _nullable(kind: str, description: str = "", **extra: Any) -> dict[str, Any]:
 
 def _task_request_schema() -> dict[str, Any]:
     schema = TaskRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-    # The gateway fills both: the tenant from the token, the id with a UUID.
+    # The gateway fills both, absent or null: the tenant from the token, the id with a UUID.
     schema["required"] = [name for name in schema["required"] if name not in ("tenant", "task_id")]
-    schema["properties"]["tenant"]["description"] = "defaults to the token's tenant; another: 403"
-    schema["properties"]["task_id"]["description"] = "defaults to a new UUID; must be unused"
+    for name, description in (
+        ("tenant", "defaults to the token's tenant; another: 403"),
+        ("task_id", "defaults to a new UUID; must be unused"),
+    ):
+        prop = schema["properties"][name]
+        schema["properties"][name] = {
+            "anyOf": [{k: v for k, v in prop.items() if k != "title"}, {"type": "null"}],
+            "description": description,
+        }
     return schema
 
 
@@ -131,7 +138,18 @@ _EVENT: dict[str, Any] = {
         "detail": _nullable("string"),
     },
 }
-_ERROR = {"type": "object", "properties": {"error": {"type": "string"}}, "required": ["error"]}
+_ERROR = {
+    "type": "object",
+    "properties": {
+        "error": {"type": "string"},
+        "fields": {
+            "type": "array",
+            "items": {"type": "string"},
+            "description": "422 only: each invalid field, e.g. params.seed",
+        },
+    },
+    "required": ["error"],
+}
 
 
 def _answer(description: str, schema: str = "Error") -> dict[str, Any]:
@@ -164,12 +182,14 @@ _PATHS: dict[str, Any] = {
             },
             "responses": {
                 "202": _answer("accepted: the broker holds the task", "TaskAccepted"),
-                "400": _answer("body is not a JSON object"),
+                "400": _answer("body is not a JSON object, or nests too deeply"),
                 **_AUTH_ERRORS,
                 "403": _answer("the body names another tenant"),
+                "408": _answer("the body did not arrive within the read timeout"),
                 "409": _answer("the task id is already in use"),
                 "413": _answer("body too large"),
-                "422": _answer("invalid task (reason in `error`)"),
+                "415": _answer("the body is not application/json"),
+                "422": _answer("invalid task (reason in `error`, invalid fields in `fields`)"),
                 "503": _answer("broker did not acknowledge in time; retry with the same task_id"),
             },
         }
@@ -190,10 +210,12 @@ _PATHS: dict[str, Any] = {
         "get": {
             "summary": "WebSocket: one message per status change, closed after the terminal one",
             "description": "Upgrade to a WebSocket. Every message is a `TaskMessage`; after the "
-            "message with `final: true` the server closes the socket (1000). Token in the "
-            "`Authorization` header or the `token` query parameter.",
+            "message with `final: true` the server closes the socket (1000). The token goes in "
+            "the `Authorization` header or, from a browser, as the subprotocol "
+            "`bearer.<base64url(token), no padding>` offered together with `conveyor.v1` "
+            "(which the server selects). A token in the URL is refused (401).",
             "operationId": "followTask",
-            "security": [{"bearerAuth": []}, {"queryToken": []}],
+            "security": [{"bearerAuth": []}, {"subprotocolToken": []}],
             "parameters": [_TASK_ID],
             "responses": {
                 "101": {
@@ -204,6 +226,8 @@ _PATHS: dict[str, Any] = {
                 },
                 **_AUTH_ERRORS,
                 "404": _answer("no such task for this tenant"),
+                "429": _answer("the tenant has too many open WebSockets"),
+                "503": _answer("the process has too many open WebSockets"),
             },
         }
     },
@@ -234,7 +258,11 @@ def _document() -> dict[str, Any]:
         "properties": {
             "task_id": {"type": "string"},
             "status": {"const": "pending"},
-            "status_url": {"type": "string", "format": "uri"},
+            "status_url": {
+                "type": "string",
+                "format": "uri-reference",
+                "description": "on the configured public base URL, else a relative path",
+            },
             "trace_id": _nullable("string", "null when tracing is off"),
         },
     }
@@ -255,11 +283,12 @@ def _document() -> dict[str, Any]:
                     "scheme": "bearer",
                     "description": "per-tenant token (CONVEYOR_GATEWAY_TOKENS)",
                 },
-                "queryToken": {
+                "subprotocolToken": {
                     "type": "apiKey",
-                    "in": "query",
-                    "name": "token",
-                    "description": "WebSocket only, for clients that cannot set headers",
+                    "in": "header",
+                    "name": "Sec-WebSocket-Protocol",
+                    "description": "WebSocket only, for clients that cannot set headers "
+                    "(browsers): `conveyor.v1, bearer.<base64url(token)>`",
                 },
             },
             "schemas": {
