@@ -15,8 +15,6 @@ Retry rungs are consumed by the same consumer: a record not yet due pauses only 
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 from datetime import UTC, datetime
@@ -42,6 +40,7 @@ from conveyor.runtime.step import BatchResult, BatchStep
 from conveyor.runtime.telemetry import StageTelemetry
 from conveyor.runtime.topics import StageTopics
 from conveyor.settings import StageSettings
+from conveyor.telemetry import tracing
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -65,7 +64,13 @@ class StageRunner:
         catalog = load_catalog()
         self.router = Router(self.stage, settings, catalog, default_schemas())
         self.topics = StageTopics.of(self.stage, service.accepts, settings, catalog)
-        self.telemetry = StageTelemetry(self.stage, settings.group)
+        self.instance = tracing.instance_id()
+        self.telemetry = StageTelemetry(
+            self.stage,
+            settings.group,
+            client_id=f"conveyor-{self.stage}-{self.instance}",
+            bootstrap=settings.kafka_bootstrap,
+        )
         self.metrics = self.telemetry.metrics
         self.hooks: StageHooks = hooks or self.telemetry
         self.ctx: StageContext[Any] = StageContext(
@@ -85,9 +90,6 @@ class StageRunner:
         # Pipelined: the step runs on a worker thread while this loop keeps turning.
         self._pipeline = Pipeline(self.step, settings.max_in_flight) if settings.pipelined else None
         self._held: list[TP] = []  # partitions paused because the pipeline is full
-        self.instance = (
-            os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
-        )
         self.availability = BrokerAvailability(settings.broker_down_s)
         self.stopping = threading.Event()
         self.heartbeat = time.monotonic()  # the loop's last turn

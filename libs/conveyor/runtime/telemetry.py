@@ -18,6 +18,7 @@ from typing import Any
 
 from opentelemetry.trace import INVALID_SPAN, Span
 
+from conveyor.events.catalog import INGRESS_TYPE as SUBMITTED
 from conveyor.events.model import Event
 from conveyor.kafka.protocols import Message
 from conveyor.runtime.routing import Item, OutRecord
@@ -29,10 +30,24 @@ log = logging.getLogger("conveyor.runtime.stage")
 
 
 class StageTelemetry:
-    def __init__(self, stage: str, group: str, metrics: StageMetrics | None = None) -> None:
+    def __init__(
+        self,
+        stage: str,
+        group: str,
+        metrics: StageMetrics | None = None,
+        *,
+        client_id: str = "",
+        bootstrap: str = "",
+    ) -> None:
         self.stage = stage
         self.group = group
         self.metrics = metrics or StageMetrics(stage)
+        # Every consume span names the client and the broker it read from (the first
+        # bootstrap address: which broker served a fetch is not known to the client API).
+        self._client: dict[str, Any] = {"messaging.consumer.group.name": group}
+        if client_id:
+            self._client["messaging.client.id"] = client_id
+        self._client.update(tracing.server_attributes(bootstrap))
 
     # -- records ---------------------------------------------------------------------------
 
@@ -52,6 +67,8 @@ class StageTelemetry:
         item = outcome.item
         if outcome.failure is None:
             self._observe_e2e(item, time.time())
+        elif item.span.is_recording():
+            tracing.set_attributes(item.span, _failure_attributes(outcome))
         self._log_outcome(outcome)
         tracing.end_span(item.span, error)
 
@@ -116,23 +133,25 @@ class StageTelemetry:
         event_id = event.id if event is not None else hmap.get("ce_id", "")
         event_type = event.type if event is not None else hmap.get("ce_type", "")
         subject = event.subject if event is not None else hmap.get("ce_subject")
-        key = msg.key()
-        if not subject and isinstance(key, bytes):
-            subject = key.decode("utf-8", "replace")
-        return {
+        raw = msg.key()
+        key = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else ""
+        attributes = {
             "messaging.system": "kafka",
             "messaging.operation.type": "process",
             "messaging.operation.name": "process",
             "messaging.destination.name": msg.topic(),
             "messaging.destination.partition.id": str(msg.partition()),
             "messaging.kafka.offset": msg.offset(),
-            "messaging.consumer.group.name": self.group,
             "messaging.message.id": event_id,
             "cloudevents.event_id": event_id,
             "cloudevents.event_type": event_type,
             "conveyor.stage": self.stage,
-            "conveyor.task_id": subject or "",
+            "conveyor.task_id": subject or key,
+            **self._client,
         }
+        if key:
+            attributes["messaging.kafka.message.key"] = key
+        return attributes
 
     def _batch_attributes(self, items: Sequence[Item]) -> dict[str, Any]:
         return {
@@ -146,9 +165,12 @@ class StageTelemetry:
         }
 
     def _observe_e2e(self, item: Item, now_s: float) -> None:
-        data = item.event.data if item.event is not None else None
+        event = item.event
+        data = event.data if event is not None else None
         task = data.get("task") if isinstance(data, dict) else None
         submitted = task.get("submitted_at") if isinstance(task, dict) else None
+        if submitted is None and event is not None and event.type == SUBMITTED:
+            submitted = event.time  # the ingress event: the time it was submitted
         if isinstance(submitted, str):
             try:
                 start = datetime.fromisoformat(submitted)
@@ -182,6 +204,20 @@ class StageTelemetry:
                 failure.error_class,
                 failure.message[:200],
             )
+
+
+def _failure_attributes(outcome: RecordOutcome) -> dict[str, Any]:
+    """Where a failed record went: retry rung n or the dead-letter topic."""
+    assert outcome.failure is not None
+    out: dict[str, Any] = {
+        "conveyor.outcome": outcome.name,
+        "error.type": outcome.failure.error_class,
+    }
+    if outcome.records:  # the retry or dead-letter record comes first
+        out["conveyor.failure.destination"] = outcome.records[0].topic
+    if outcome.rung:
+        out["conveyor.retry.rung"] = outcome.rung
+    return out
 
 
 @dataclass(frozen=True, slots=True)

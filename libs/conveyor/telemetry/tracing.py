@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import secrets
+import socket
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -78,10 +80,7 @@ def init_tracing(service: str) -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        resource = Resource.create(
-            {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"conveyor-{service}")}
-        )
-        provider = TracerProvider(resource=resource)
+        provider = TracerProvider(resource=Resource.create(resource_attributes(service)))
         provider.add_span_processor(BatchSpanProcessor(_exporter()))
         trace.set_tracer_provider(provider)
         _tracer = provider.get_tracer(_TRACER_NAME)
@@ -90,6 +89,38 @@ def init_tracing(service: str) -> bool:
     except Exception:
         log.exception("tracing setup failed service=%s; continuing without export", service)
     return _enabled
+
+
+def instance_id() -> str:
+    """This process's identity: `CONVEYOR_INSTANCE_ID` (a pod name), else host and pid. The
+    stage's Kafka client id and the `service.instance.id` resource attribute both use it."""
+    return os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def resource_attributes(service: str) -> dict[str, str]:
+    """The resource: service name, instance and host. `OTEL_RESOURCE_ATTRIBUTES` may set any
+    of them except `service.name`, which `OTEL_SERVICE_NAME` sets (the SDK's own precedence)."""
+    ours = {
+        "service.name": os.environ.get("OTEL_SERVICE_NAME", f"conveyor-{service}"),
+        "service.namespace": "conveyor",
+        "service.instance.id": instance_id(),
+        "host.name": socket.gethostname(),
+        "host.arch": platform.machine().lower(),
+    }
+    given = _resource_env()
+    return {**ours, **{k: v for k, v in given.items() if k != "service.name"}}
+
+
+def _resource_env() -> dict[str, str]:
+    """`OTEL_RESOURCE_ATTRIBUTES` (`key=value,...`, values percent-encoded), as the SDK reads it."""
+    from urllib.parse import unquote
+
+    out = {}
+    for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = unquote(value.strip())
+    return out
 
 
 def _exporter() -> Any:
@@ -111,6 +142,17 @@ def _read_sampler(sampler: Any) -> None:
     _custom_sampler = not isinstance(sampler, (ParentBased, StaticSampler, TraceIdRatioBased))
 
 
+def flush_tracing(timeout_s: float = 10.0) -> None:
+    """Export the spans ended so far (a short-lived process, e.g. `conveyor submit`)."""
+    provider = trace.get_tracer_provider()
+    try:
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is not None:
+            force_flush(int(timeout_s * 1000))
+    except Exception:
+        log.exception("tracing flush failed")
+
+
 def shutdown_tracing() -> None:
     provider = trace.get_tracer_provider()
     try:
@@ -127,9 +169,30 @@ def enabled() -> bool:
 
 
 def new_traceparent() -> str:
-    """A fresh, sampled W3C traceparent, for work that starts a trace while the SDK is off:
-    the task still gets one trace id through every hop (stored, shown by `conveyor trace`)."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    """A fresh W3C traceparent, for work that starts a trace while the SDK is off: the task
+    still gets one trace id through every hop (stored, shown by `conveyor trace`). Its sampled
+    flag is what the configured root sampler (`OTEL_TRACES_SAMPLER`, `..._ARG`) decides for
+    that trace id, so traced services downstream keep the configured share, not every task."""
+    trace_id = secrets.randbits(128) or 1
+    flags = "01" if trace_id & _RATIO_MASK < _root_bound() else "00"
+    return f"00-{trace_id:032x}-{secrets.token_hex(8)}-{flags}"
+
+
+_RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
+
+
+def _root_bound() -> int:
+    """The bound `TraceIdRatioBased` would compare a new root's trace id with."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name.endswith("always_off"):
+        return 0
+    rate = 1.0
+    if name.endswith("traceidratio"):
+        try:
+            rate = min(max(float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")), 0.0), 1.0)
+        except ValueError:
+            rate = 1.0  # the SDK's default for an unreadable ratio
+    return round(rate * (_RATIO_MASK + 1))
 
 
 def _parent_based() -> bool:
@@ -197,6 +260,43 @@ def record_span(
     return start_span(
         name, parent=context_of(parent), kind=SpanKind.CONSUMER, attributes=attributes()
     )
+
+
+def producer_span(parent: Span, topic: str, *, message_id: str, key: str) -> Span:
+    """A `create <topic>` PRODUCER span, child of `parent`, for one record about to be sent:
+    the next hop's CONSUMER span is its child (OpenTelemetry messaging conventions).
+
+    It ends at once: it marks the record's creation, so a consumer that starts long after
+    never lies inside a parent that ended before it (what Jaeger reports as clock skew). Made
+    only under a recording `parent`: an unsampled record keeps costing nothing.
+    """
+    attributes = {
+        "messaging.system": "kafka",
+        "messaging.operation.type": "create",
+        "messaging.operation.name": "create",
+        "messaging.destination.name": topic,
+        "messaging.message.id": message_id,
+        "messaging.kafka.message.key": key,
+    }
+    span = start_span(
+        f"create {topic}", parent=context_of(parent), kind=SpanKind.PRODUCER, attributes=attributes
+    )
+    end_span(span)
+    return span
+
+
+def server_attributes(bootstrap: str) -> dict[str, Any]:
+    """`server.address`/`server.port` of the first bootstrap broker (`host:port,...`)."""
+    first = bootstrap.split(",")[0].strip()
+    if "://" in first:
+        first = first.split("://", 1)[1]
+    host, sep, port = first.rpartition(":")
+    if not sep:
+        return {"server.address": first} if first else {}
+    out: dict[str, Any] = {"server.address": host.strip("[]")}
+    if port.isdigit():
+        out["server.port"] = int(port)
+    return out
 
 
 def tracer() -> trace.Tracer:
@@ -333,6 +433,13 @@ def trace_id_hex(span: Span) -> str | None:
 def traceparent_of(span: Span) -> str | None:
     ctx = span.get_span_context()
     return format_traceparent(ctx) if ctx.is_valid else None
+
+
+def set_attributes(span: Span, attributes: Mapping[str, Any]) -> None:
+    try:
+        span.set_attributes(attributes)
+    except Exception:
+        log.exception("span attributes failed")
 
 
 def end_span(span: Span, error: BaseException | None = None) -> None:
