@@ -82,8 +82,7 @@ def test_each_emitted_record_names_its_own_producer_span_child_of_the_consume_sp
         attrs = dict(producer.attributes or {})
         assert attrs["messaging.operation.type"] == "create"
         assert attrs["messaging.destination.name"] == record_out.topic
-        assert attrs["messaging.kafka.message.key"] == "t-1"
-        assert attrs["messaging.message.id"] == header_map(record_out.headers)["ce_id"]
+        assert attrs["messaging.system"] == "kafka"
         # The next hop's parent is this record's producer span, not the consume span.
         parent = tracing.remote_parent(header_map(record_out.headers))
         assert parent is not None

@@ -110,7 +110,7 @@ class Router:
         if item.span.is_recording():
             # The next hop's span is a child of this record's PRODUCER span, itself a child of
             # the consume span: one per emitted record, made only for sampled records.
-            sent = tracing.producer_span(item.span, topic, message_id=event.id, key=task_id)
+            sent = tracing.producer_span(item.span, topic)
             headers += tracing.inject(sent if sent.get_span_context().is_valid else item.span)
         else:
             # No span of ours (SDK off, or the parent was sampled out): hand on the incoming

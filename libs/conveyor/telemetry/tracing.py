@@ -262,27 +262,39 @@ def record_span(
     )
 
 
-def producer_span(parent: Span, topic: str, *, message_id: str, key: str) -> Span:
+def producer_span(parent: Span, topic: str) -> Span:
     """A `create <topic>` PRODUCER span, child of `parent`, for one record about to be sent:
     the next hop's CONSUMER span is its child (OpenTelemetry messaging conventions).
 
     It ends at once: it marks the record's creation, so a consumer that starts long after
     never lies inside a parent that ended before it (what Jaeger reports as clock skew). Made
-    only under a recording `parent`: an unsampled record keeps costing nothing.
+    only under a recording `parent`, so an unsampled record still costs nothing, and with the
+    conventions' required attributes only, one constant mapping per topic (the message id and
+    key are on the consumer's span): a sampled record pays for one more span start and end.
     """
-    attributes = {
-        "messaging.system": "kafka",
-        "messaging.operation.type": "create",
-        "messaging.operation.name": "create",
-        "messaging.destination.name": topic,
-        "messaging.message.id": message_id,
-        "messaging.kafka.message.key": key,
-    }
+    cached = _producers.get(topic)
+    if cached is None:
+        cached = (
+            f"create {topic}",
+            {
+                "messaging.system": "kafka",
+                "messaging.operation.type": "create",
+                "messaging.operation.name": "create",
+                "messaging.destination.name": topic,
+            },
+        )
+        if len(_producers) < _PRODUCER_CACHE_LIMIT:
+            _producers[topic] = cached
+    name, attributes = cached
     span = start_span(
-        f"create {topic}", parent=context_of(parent), kind=SpanKind.PRODUCER, attributes=attributes
+        name, parent=context_of(parent), kind=SpanKind.PRODUCER, attributes=attributes
     )
     end_span(span)
     return span
+
+
+_PRODUCER_CACHE_LIMIT = 256  # topics a stage emits to: outputs, lanes, status (a dozen)
+_producers: dict[str, tuple[str, Mapping[str, Any]]] = {}
 
 
 def server_attributes(bootstrap: str) -> dict[str, Any]:
