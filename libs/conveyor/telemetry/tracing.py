@@ -1,9 +1,10 @@
 """OpenTelemetry tracing across Kafka hops: one trace id from submit to notify.
 
-Each record's consume span is a *child* of the context in its `traceparent` Kafka header (the
-previous hop), falling back to the CloudEvents `ce_traceparent` attribute (the starting trace),
-so one trace covers the whole task, retries included. Outputs carry the consume span's context
-in `traceparent`/`tracestate` headers.
+Each record's CONSUMER span is a *child* of the context in its `traceparent` Kafka header (the
+previous hop's PRODUCER span), falling back to the CloudEvents `ce_traceparent` attribute (the
+starting trace), so one trace covers the whole task, retries included. Each emitted record gets
+a PRODUCER span (`producer_span`), child of the consume span, whose context its
+`traceparent`/`tracestate` headers carry (OpenTelemetry messaging conventions).
 
 The SDK is installed only when an exporter is configured by the standard variables
 (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, protocol from
