@@ -1,5 +1,5 @@
 """Stand-ins for confluent-kafka's Message, Consumer and Producer: the in-process overhead bench
-drives `StageRunner._process` with them, so what it times is the runtime, not the network."""
+drives `StageRunner.process` with them, so what it times is the runtime, not the network."""
 
 from __future__ import annotations
 
@@ -47,21 +47,32 @@ class FakeMessage:
 
 
 class FakeProducer:
-    """Counts records; `flush` reports everything acknowledged."""
+    """Counts records; `poll` and `flush` acknowledge everything produced."""
 
     def __init__(self) -> None:
         self.produced = 0
+        self.reports: list[Any] = []
 
-    def produce(self, topic: str, value: bytes, key: bytes | None = None, **_: Any) -> None:
+    def produce(self, topic: str, value: bytes, key: bytes | None = None, **kw: Any) -> None:
         self.produced += 1
+        callback = kw.get("on_delivery")
+        if callback is not None:
+            self.reports.append(callback)
 
     def flush(self, _timeout: float = 0) -> int:
+        self.poll()
         return 0
 
     def poll(self, _timeout: float = 0) -> int:
-        return 0
+        reports, self.reports = self.reports, []
+        for callback in reports:
+            callback(None, None)
+        return len(reports)
 
 
 class FakeConsumer:
     def commit(self, **_: Any) -> None:
         return None
+
+    def assignment(self) -> list[Any]:
+        return []

@@ -1,6 +1,6 @@
 """The runtime's own CPU cost per record per hop, in-process, without a broker.
 
-`StageRunner._process` (decode, span, metrics, relay handler, routing, Avro encode, CloudEvents
+`StageRunner.process` (decode, span, metrics, relay handler, routing, Avro encode, CloudEvents
 headers, trace inject, produce call, commit) runs over fake Kafka clients on batches of
 task-inferred records (the moderation stage's input, as inference emits them, with trace
 context), and the same batches go through a raw loop (read the message, produce it unchanged)
@@ -44,6 +44,8 @@ from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import load_catalog
 from conveyor.events.codec import decode_mapped, encode_binary, header_map
 from conveyor.events.model import AVRO, Event, event_id
+from conveyor.kafka.consumer import KafkaConsumer
+from conveyor.kafka.producer import KafkaProducer
 from conveyor.runtime.handler import Emit
 from conveyor.runtime.routing import Item
 from conveyor.runtime.stage import StageRunner
@@ -108,7 +110,10 @@ def runtime_overhead(otlp_endpoint: str) -> dict[str, Any]:
         relay_service("moderation"),
         StageSettings(stage="moderation", kafka_bootstrap="unused:9092"),
     )
-    runner.consumer, runner.producer = FakeConsumer(), producer  # type: ignore[assignment]
+    runner.attach(
+        KafkaConsumer(FakeConsumer()),  # type: ignore[arg-type]
+        KafkaProducer(producer, delivery_timeout_s=30),  # type: ignore[arg-type]
+    )
 
     def raw(msgs: list[FakeMessage]) -> None:
         for msg in msgs:
@@ -117,8 +122,8 @@ def runtime_overhead(otlp_endpoint: str) -> dict[str, Any]:
         producer.flush(30)
 
     raw_us = cpu_us_per_record(raw, batch)
-    off_us = cpu_us_per_record(runner._process, batch)
-    with_log_us = _with_info_log(lambda: cpu_us_per_record(runner._process, batch))
+    off_us = cpu_us_per_record(runner.process, batch)
+    with_log_us = _with_info_log(lambda: cpu_us_per_record(runner.process, batch))
     steps = breakdown(runner, batch[0])  # before tracing goes on: it stays on in this process
     traced = _traced(otlp_endpoint, runner, batch, batch_of_inferred(BATCH, sampled=False))
     per_record = traced.pop("interleaved_us_per_record")
@@ -144,9 +149,9 @@ def runtime_overhead(otlp_endpoint: str) -> dict[str, Any]:
 
 
 def breakdown(runner: StageRunner, msg: FakeMessage) -> dict[str, float]:
-    """The largest per-record steps of `_process`, each timed alone (µs of CPU)."""
+    """The largest per-record steps of `StageRunner.process`, each timed alone (µs of CPU)."""
     hmap = header_map(msg.headers())
-    event = decode_mapped(hmap, msg.value(), runner.schemas)
+    event = decode_mapped(hmap, msg.value(), runner.router.schemas)
     item = Item(
         msg.topic(),
         msg.partition(),
@@ -161,19 +166,19 @@ def breakdown(runner: StageRunner, msg: FakeMessage) -> dict[str, float]:
     emit = Emit(MODERATED, OUTPUT_DATA[MODERATED])
     steps: dict[str, Callable[[], object]] = {
         "decode (header map + CloudEvent + Avro)": lambda: decode_mapped(
-            header_map(msg.headers()), msg.value(), runner.schemas
+            header_map(msg.headers()), msg.value(), runner.router.schemas
         ),
-        "of which Avro decode": lambda: runner.schemas.decode_urn(
+        "of which Avro decode": lambda: runner.router.schemas.decode_urn(
             hmap["ce_dataschema"], msg.value()
         ),
         "route output (id + CloudEvent headers + Avro + size)": lambda: runner.router.outputs(
             item, [emit], "2026-01-01T00:00:00.000Z"
         ),
-        "of which Avro encode": lambda: runner.schemas.encode(
+        "of which Avro encode": lambda: runner.router.schemas.encode(
             "task-moderated", 1, dict(OUTPUT_DATA[MODERATED])
         ),
         "of which event id (uuid5)": lambda: event_id("ovh-0", MODERATED),
-        "e2e latency observation": lambda: runner._observe_e2e(item, time.time()),
+        "e2e latency observation": lambda: runner.telemetry._observe_e2e(item, time.time()),
     }
     out = {}
     for name, step in steps.items():
@@ -248,7 +253,7 @@ def _interleaved(
             switch = mock.patch.object(tracing, "enabled", lambda: False)
             with switch if mode == "off" else contextlib.nullcontext():
                 started = time.thread_time()
-                runner._process(batch)
+                runner.process(batch)
                 runs[mode].append((time.thread_time() - started) / len(batch) * 1e6)
             started = time.thread_time()
             flush()
@@ -270,12 +275,12 @@ def tracing_steps(
 
     propagator = TraceContextTextMapPropagator()
     hmap = header_map(msg.headers())
-    event = decode_mapped(hmap, msg.value(), runner.schemas)
+    event = decode_mapped(hmap, msg.value(), runner.router.schemas)
     carrier = {"traceparent": hmap["traceparent"]}
     parent = tracing.remote_parent(hmap)
     context = tracing.context_of(parent)
     dropped = tracing.remote_span(TRACEPARENT.format(flags="00"))
-    attributes = runner._span_attributes(msg, hmap, event)
+    attributes = runner.telemetry._span_attributes(msg, hmap, event)
     sdk = tracing.tracer()
     span = tracing.start_span("process t", parent=context, attributes=attributes)
     sampler = "OTEL_TRACES_SAMPLER"
@@ -329,7 +334,7 @@ def _spans_of(runner: StageRunner, batch: list[FakeMessage], provider: Any) -> l
 
     memory = InMemorySpanExporter()
     provider.add_span_processor(SimpleSpanProcessor(memory))
-    runner._process(batch)
+    runner.process(batch)
     provider.force_flush()
     return list(memory.get_finished_spans())
 

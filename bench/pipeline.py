@@ -8,7 +8,7 @@ the same with the OTel SDK on, always-on sampler, OTLP/HTTP to a local receiver.
 produces `--records` task events into hop 1 and times them until the last one is written by hop
 5 (its CreateTime). Also records each pipeline's CPU per record per hop (the five processes'
 CPU time) and, in this process without a broker, the runtime's own cost per record per hop
-(`StageRunner._process` over fake clients, minus a raw loop over the same fakes).
+(`StageRunner.process` over fake clients, minus a raw loop over the same fakes).
 Targets (ARCHITECTURE.md §10): (b) ≥ 50% of (a); (c) ≤ 10% slower than (b); ~15 µs/record/hop.
 Writes bench/results/pipeline.json with the machine's description. Bounded: no round starts
 after `--budget` seconds (default 120), so a run stays under three minutes.

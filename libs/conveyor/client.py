@@ -1,10 +1,13 @@
 """Submitting tasks from Python: what `conveyor submit`, the gateway and the demo use.
 
 A task goes to `conveyor.task.submitted` as a binary-mode CloudEvent with Avro data
-(task-submitted, newest version), key = task id, and a new root trace context when tracing is
-on. Validation here is the same pydantic model preprocess applies, so callers get a clear error
-before anything is sent; with `rules` (the pipeline's templates and models, e.g.
-`CatalogSettings().task_rules()`) an unknown template or model is refused here too.
+(task-submitted, newest version), key = task id, under a `submit <topic>` PRODUCER span: the
+root of the task's trace. The client installs tracing from the standard `OTEL_*` variables as
+the services do, so that span is exported (`flush()` exports it) and the configured sampler
+decides whether the task is traced. Validation here is the same pydantic model preprocess
+applies, so callers get a clear error before anything is sent; with `rules` (the pipeline's
+templates and models, e.g. `CatalogSettings().task_rules()`) an unknown template or model is
+refused here too.
 """
 
 from __future__ import annotations
@@ -14,20 +17,20 @@ from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from confluent_kafka import Producer
 from opentelemetry.trace import SpanKind
 
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.events.avro import default_schemas
-from conveyor.events.catalog import INGRESS_TOPIC, load_catalog
+from conveyor.events.catalog import INGRESS_TOPIC, INGRESS_TYPE, load_catalog
 from conveyor.events.codec import encode_binary
 from conveyor.events.ingress import TaskRules, parse_task
 from conveyor.events.model import AVRO, Event
 from conveyor.kafka.config import common
+from conveyor.kafka.producer import KafkaProducer
 from conveyor.settings import KafkaSettings, StageSettings
 from conveyor.telemetry import tracing
 
-SUBMITTED = "conveyor.task.submitted.v1"
+SUBMITTED = INGRESS_TYPE
 
 
 class TaskClient:
@@ -37,7 +40,9 @@ class TaskClient:
         *,
         source: str = "/conveyor/client",
         max_record_bytes: int | None = None,
+        producer: KafkaProducer | None = None,
         rules: TaskRules | None = None,
+        tracing_service: str = "submit",
     ) -> None:
         self.settings = settings
         self.rules = rules
@@ -51,18 +56,34 @@ class TaskClient:
         assert spec is not None
         self.dataschema = spec.dataschema
         self.schemas = default_schemas()
-        self.producer = Producer({**common(settings), "linger.ms": 5, "enable.idempotence": True})
-        self.errors: list[str] = []
+        # Tracing as the services have it, from the same OTEL_* variables (a no-op when they
+        # configure no exporter, or when the process already installed it).
+        tracing.init_tracing(tracing_service)
+        self._server = tracing.server_attributes(settings.kafka_bootstrap)
+        # 30 s: how long a full local queue is waited out, and a flush waits for acks.
+        self.producer = producer or KafkaProducer.open(
+            {**common(settings), "linger.ms": 5, "enable.idempotence": True},
+            delivery_timeout_s=30.0,
+        )
 
     def submit(
-        self, task: Mapping[str, Any], *, on_delivery: Callable[[Any, Any], None] | None = None
+        self,
+        task: Mapping[str, Any],
+        *,
+        on_delivery: Callable[[Any, Any], None] | None = None,
+        queue_wait_s: float | None = None,
     ) -> tuple[str, str | None]:
         """Validate and send one task; returns (task id, trace id). Call `flush()` after.
 
         `on_delivery(err, msg)`, when given, gets this record's delivery report instead of the
-        client's error list, so an asynchronous caller can await each record's acknowledgement.
+        client's tracking, so an asynchronous caller can await each record's acknowledgement.
+        A full local queue is waited out for `queue_wait_s` (default: the delivery timeout),
+        then `BrokerError`.
         """
         data = normalise_request(task, self.rules)
+        event_id = str(uuid.uuid4())
+        # The task's root span; under a ratio sampler most are dropped, and their (unsampled)
+        # context tells every stage downstream to drop the task's spans too.
         span = tracing.start_span(
             f"submit {self.topic}",
             parent=None,
@@ -70,18 +91,23 @@ class TaskClient:
             attributes={
                 "messaging.system": "kafka",
                 "messaging.operation.type": "send",
+                "messaging.operation.name": "send",
                 "messaging.destination.name": self.topic,
+                "messaging.message.id": event_id,
+                "messaging.kafka.message.key": data["task_id"],
+                **self._server,
                 "conveyor.task_id": data["task_id"],
             },
         )
         ext = {"tenant": data["tenant"], "priority": data["priority"]}
-        # Every task gets a trace id, even with the SDK off (then one is minted here).
+        # Every task gets a trace id, even with the SDK off (then one is minted here, sampled
+        # or not as the configured sampler would decide).
         parent = tracing.traceparent_of(span) or tracing.new_traceparent()
         ext["traceparent"] = parent
         if data["deadline"]:
             ext["deadline"] = data["deadline"]
         event = Event(
-            id=str(uuid.uuid4()),
+            id=event_id,
             type=SUBMITTED,
             source=self.source,
             subject=data["task_id"],
@@ -97,12 +123,13 @@ class TaskClient:
         else:
             headers.append(("traceparent", parent.encode()))
         self._check_size(data["task_id"], value, headers, span)
-        self.producer.produce(
+        self.producer.send(
             self.topic,
             value,
             data["task_id"].encode(),
-            headers=cast(Any, headers),  # stubs want str | bytes | None values
-            on_delivery=on_delivery or self._on_delivery,
+            cast(Any, headers),  # stubs want str | bytes | None values
+            on_delivery=on_delivery,
+            queue_wait_s=queue_wait_s,
         )
         self.producer.poll(0)
         tracing.end_span(span)
@@ -126,12 +153,13 @@ class TaskClient:
         return ids
 
     def flush(self, timeout_s: float = 30.0) -> None:
-        if self.producer.flush(timeout_s) or self.errors:
-            raise BrokerError(f"submit failed: {self.errors[:3] or 'delivery timed out'}")
-
-    def _on_delivery(self, err: Any, _msg: Any) -> None:
-        if err is not None:
-            self.errors.append(str(err))
+        """Wait for every submitted task's acknowledgement; `BrokerError` if one failed."""
+        try:
+            self.producer.wait(timeout_s=timeout_s)
+        except BrokerError as exc:
+            raise BrokerError(f"submit failed: {exc}") from exc
+        finally:
+            tracing.flush_tracing(timeout_s)  # the submit spans, as the tasks are sent
 
 
 def normalise_request(task: Mapping[str, Any], rules: TaskRules | None = None) -> dict[str, Any]:

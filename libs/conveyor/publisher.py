@@ -57,10 +57,9 @@ class AsyncTaskPublisher:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, acked, None if err is None else str(err))
 
-        try:
-            task_id, trace_id = self.client.submit(task, on_delivery=on_delivery)
-        except BufferError as exc:  # the local queue is full: the broker is not keeping up
-            raise BrokerError(f"producer queue full: {exc}") from exc
+        # A full local queue (the broker is not keeping up) is not waited out here: that
+        # would block the event loop; the request fails with BrokerError at once.
+        task_id, trace_id = self.client.submit(task, on_delivery=on_delivery, queue_wait_s=0)
         try:
             error = await asyncio.wait_for(acked, self.ack_timeout_s)
         except TimeoutError:

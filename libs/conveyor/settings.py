@@ -77,6 +77,17 @@ class StageSettings(KafkaSettings):
         "exactly-once uses transactional.id <group>.<slot> so a restart fences its "
         "predecessor's open transaction; default: the per-start instance id",
     )
+    pipelined: bool = Field(
+        default=False,
+        description="run the handler on a worker thread while the loop keeps polling, "
+        "producing and committing (slow stages: inference)",
+    )
+    max_in_flight: int = Field(
+        default=1000,
+        ge=1,
+        description="pipelined: records taken but not yet handled before the stage pauses its "
+        "partitions",
+    )
     priority_lanes: bool = Field(
         default=False, description="serve high before normal before low lane (inference)"
     )
@@ -92,7 +103,15 @@ class StageSettings(KafkaSettings):
     )
     metrics_port: int = Field(default=0, ge=0, description="0 picks a free port")
     health_stall_s: float = Field(
-        default=30.0, gt=0, description="/healthz fails if the loop stalls"
+        default=30.0,
+        gt=0,
+        description="/healthz fails if the loop makes no progress (no turn, no record "
+        "handled) for this long",
+    )
+    broker_down_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="/healthz fails once every Kafka broker has been unreachable this long",
     )
 
     @property

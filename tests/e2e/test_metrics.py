@@ -89,6 +89,8 @@ def test_histograms_and_gauges_are_updated(run: ObservedRun) -> None:
     # notify finishes every task: one end-to-end latency per task (a failed attempt has none).
     assert total(run, "notify", "conveyor_e2e_latency_seconds_count") == n
     assert total(run, "notify", "conveyor_e2e_latency_seconds_sum") > 0
+    # preprocess too, from the submitted event's time: every task but the one it dead-letters.
+    assert total(run, "preprocess", "conveyor_e2e_latency_seconds_count") == n - 1
     assert total(run, "preprocess", "conveyor_batch_size_sum") == n
     # Consumer lag per partition, from the committed offsets and the high watermark.
     lags = samples(

@@ -14,8 +14,7 @@ from tests.e2e.observability import ObservedRun, shared_run
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]
 STAGES = ("preprocess", "inference", "moderation", "writeback", "notify")
-CLIENT = 3  # OTLP SpanKind
-CONSUMER = 5
+CLIENT, PRODUCER, CONSUMER = 3, 4, 5  # OTLP SpanKind
 
 
 @pytest.fixture(scope="module")
@@ -92,11 +91,18 @@ def test_retried_notification_is_in_the_same_trace_as_the_first_attempt(
     ]
     assert len(failed) == 1 and len(retried) == 1 and failed != retried
     assert failed[0].attributes["messaging.destination.name"] == run.topic("conveyor.task.stored")
+    # The failed attempt's span says where the record went.
+    assert failed[0].attributes["conveyor.outcome"] == "retry.1"
+    assert failed[0].attributes["conveyor.retry.rung"] == 1
+    assert failed[0].attributes["conveyor.failure.destination"] == run.topic(
+        "conveyor.notify.retry.1"
+    )
     assert len({s.trace_id for s in task_spans(run, run.retried_task)}) == 1
-    # Both attempts are children of the writeback span that emitted the stored event.
+    # Both attempts are children of the PRODUCER span of the stored event writeback emitted.
     assert failed[0].parent_span_id == retried[0].parent_span_id
     parent = next(s for s in run.spans if s.span_id == failed[0].parent_span_id)
-    assert parent.service == "conveyor-writeback"
+    assert parent.service == "conveyor-writeback" and parent.kind == PRODUCER
+    assert parent.name == "create " + run.topic("conveyor.task.stored")
 
 
 def test_dead_lettered_task_status_and_notification_stay_in_its_trace(run: ObservedRun) -> None:
@@ -104,6 +110,10 @@ def test_dead_lettered_task_status_and_notification_stay_in_its_trace(run: Obser
     assert len({s.trace_id for s in spans}) == 1
     rejected = [s for s in spans if s.service == "conveyor-preprocess" and s.kind == CONSUMER]
     assert len(rejected) == 1 and rejected[0].status_code == STATUS_ERROR
+    assert rejected[0].attributes["conveyor.outcome"] == "dead-lettered"
+    assert rejected[0].attributes["conveyor.failure.destination"] == run.topic(
+        "conveyor.preprocess.dlq"
+    )
     assert {"conveyor-submit", "conveyor-preprocess", "conveyor-writeback", "conveyor-notify"} <= {
         s.service for s in spans
     }
@@ -126,11 +136,41 @@ def test_every_stage_span_has_messaging_attributes(run: ObservedRun) -> None:
         assert attrs["messaging.consumer.group.name"].startswith(run.prefix), span
         if span.kind == CONSUMER:
             assert attrs["messaging.destination.name"].startswith(run.prefix), span
+            assert attrs["messaging.client.id"].startswith(span.service + "-"), span
+            assert attrs["server.address"] == "127.0.0.1", span
+            assert attrs["messaging.kafka.message.key"], span
             assert isinstance(attrs["messaging.kafka.offset"], int), span
             assert attrs["messaging.destination.partition.id"].isdigit(), span
             assert attrs["cloudevents.event_type"].startswith("conveyor.task."), span
     submits = [s for s in run.spans if s.service == "conveyor-submit"]
     assert submits and all(s.attributes["messaging.operation.type"] == "send" for s in submits)
+    assert all(s.attributes["messaging.operation.name"] == "send" for s in submits)
+
+
+def test_every_consume_span_is_a_child_of_a_producer_span_and_no_parent_is_missing(
+    run: ObservedRun,
+) -> None:
+    by_id = {s.span_id: s for s in run.spans}
+    for span in run.spans:
+        if span.parent_span_id is not None:
+            assert span.parent_span_id in by_id, ("parent never exported", span)
+        if span.kind != CONSUMER or span.parent_span_id is None:
+            continue  # a root consume span: the task published without trace context
+        parent = by_id[span.parent_span_id]
+        assert parent.kind == PRODUCER, (span.service, span.name, parent.name)
+        if parent.service != "conveyor-submit":
+            # A stage's producer span ends before the record is sent, inside its consume span.
+            grand = by_id[parent.parent_span_id or ""]
+            assert grand.kind == CONSUMER and grand.service == parent.service, grand
+            assert span.start_ns >= parent.end_ns, "a consumer starts after its producer"
+
+
+def test_every_span_names_its_host_and_service_instance(run: ObservedRun) -> None:
+    for span in run.spans:
+        assert span.resource["host.name"] and span.resource["host.arch"], span
+        assert span.resource["service.instance.id"], span
+    instances = {s.service: s.resource["service.instance.id"] for s in run.spans}
+    assert len(set(instances.values())) == len(instances), instances
 
 
 @pytest.mark.parametrize(

@@ -7,28 +7,25 @@ from typing import Any
 import pytest
 
 from conveyor.client import TaskClient
-from conveyor.errors import PermanentError
+from conveyor.errors import BrokerError, PermanentError
+from conveyor.kafka.producer import KafkaProducer
 from conveyor.settings import KafkaSettings, StageSettings
+from tests.kafkafakes import FakeProducerClient
 
 # Nothing listens here; the producer is replaced by a recorder anyway.
 NOWHERE = KafkaSettings(kafka_bootstrap="127.0.0.1:9")
 
 
-class RecordingProducer:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, bytes, bytes]] = []
-
-    def produce(self, topic: str, value: bytes, key: bytes, **_kw: Any) -> None:
-        self.sent.append((topic, value, key))
-
-    def poll(self, _timeout: float) -> int:
-        return 0
+class RecordingProducer(FakeProducerClient):
+    @property
+    def sent(self) -> list[tuple[str, Any, Any]]:
+        return [(r.topic, r.value, r.key) for r in self.records]
 
 
 def client(**kwargs: Any) -> tuple[TaskClient, RecordingProducer]:
-    tc = TaskClient(kwargs.pop("settings", NOWHERE), **kwargs)
     recorder = RecordingProducer()
-    tc.producer = recorder  # type: ignore[assignment]
+    producer = KafkaProducer(recorder, delivery_timeout_s=1)
+    tc = TaskClient(kwargs.pop("settings", NOWHERE), producer=producer, **kwargs)
     return tc, recorder
 
 
@@ -52,3 +49,24 @@ def test_limit_defaults_to_the_stage_setting() -> None:
     assert client()[0].max_record_bytes == 1_000_000
     stage = StageSettings(kafka_bootstrap="127.0.0.1:9", max_record_bytes=2048)
     assert client(settings=stage)[0].max_record_bytes == 2048
+
+
+def test_flush_waits_for_acknowledgements_and_reports_a_failed_one() -> None:
+    from confluent_kafka import KafkaError
+
+    tc, recorder = client()
+    tc.submit({"task_id": "ok-1", "tenant": "acme", "kind": "embed", "input": "x"})
+    tc.flush(1)
+    recorder.fail = KafkaError(KafkaError._MSG_TIMED_OUT)
+    tc.submit({"task_id": "lost-1", "tenant": "acme", "kind": "embed", "input": "x"})
+    with pytest.raises(BrokerError, match="submit failed"):
+        tc.flush(1)
+
+
+def test_a_full_queue_fails_at_once_when_the_caller_cannot_wait() -> None:
+    tc, recorder = client()
+    recorder.full = 10**6
+    with pytest.raises(BrokerError, match="queue stayed full"):
+        tc.submit(
+            {"task_id": "q-1", "tenant": "acme", "kind": "embed", "input": "x"}, queue_wait_s=0
+        )

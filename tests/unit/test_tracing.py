@@ -256,3 +256,31 @@ def test_batch_span_is_a_child_of_the_first_record_linked_to_the_others(
     unkept = tracing.batch_span("b", first=dropped, others=records, attributes={"n": 4})
     assert not unkept.is_recording()
     assert format(unkept.get_span_context().trace_id, "032x") == "ab" * 16
+
+
+def test_an_unsampled_parent_is_handed_on_unparsed_and_handler_spans_stay_in_its_trace(
+    exported: InMemorySpanExporter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tracing, "_parent_based_sampler", True)
+    unsampled = "00-" + "ab" * 16 + "-" + "cd" * 8 + "-00"
+    span = tracing.unsampled_remote({"traceparent": unsampled, "tracestate": "v=1"})
+    assert isinstance(span, tracing.DeferredRemoteSpan) and not span.is_recording()
+    assert span._parsed is None  # nothing parsed until the context is asked for
+    assert tracing.carried({"traceparent": unsampled}, {}) == [("traceparent", unsampled.encode())]
+    token = tracing.activate(span)
+    with tracing.span("classify") as handler:
+        ctx = handler.get_span_context()
+    tracing.deactivate(token)
+    assert format(ctx.trace_id, "032x") == "ab" * 16 and not ctx.trace_flags.sampled
+    assert (
+        span.get_span_context()
+        == tracing.remote_parent({"traceparent": unsampled, "tracestate": "v=1"}).get_span_context()
+    )  # type: ignore[union-attr]
+    assert exported.get_finished_spans() == ()
+    sampled = unsampled[:-2] + "01"
+    assert tracing.unsampled_remote({"traceparent": sampled}) is None  # gets a span
+    assert tracing.unsampled_remote({"traceparent": "00-" + "0" * 32 + unsampled[35:]}) is None
+    assert tracing.unsampled_remote({"traceparent": unsampled.upper()}) is None  # not valid
+    assert tracing.unsampled_remote({}) is None
+    monkeypatch.setattr(tracing, "_parent_based_sampler", False)
+    assert tracing.unsampled_remote({"traceparent": unsampled}) is None  # a child is sampled

@@ -70,6 +70,7 @@ def _param(text: str) -> tuple[str, str]:
 def submit(args: argparse.Namespace) -> int:
     from conveyor.client import TaskClient
     from conveyor.settings import CatalogSettings
+    from conveyor.telemetry.tracing import shutdown_tracing
 
     tasks = _tasks(args)
     # The same templates and models as the pipeline (CONVEYOR_TEMPLATES, CONVEYOR_MODELS).
@@ -86,7 +87,10 @@ def submit(args: argparse.Namespace) -> int:
         if sys.stderr.isatty() and len(tasks) > 1:
             done = int(40 * n / len(tasks))
             print(f"\r[{'#' * done}{'.' * (40 - done)}] {n}/{len(tasks)}", end="", file=sys.stderr)
-    client.flush()
+    try:
+        client.flush()
+    finally:
+        shutdown_tracing()  # the last submit spans leave before the process does
     if sys.stderr.isatty() and len(tasks) > 1:
         print(file=sys.stderr)
     print(f"submitted {len(tasks) - bad}, rejected {bad}", file=sys.stderr)

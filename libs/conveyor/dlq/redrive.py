@@ -32,7 +32,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import KafkaException, Producer
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Link, Span, SpanKind
@@ -49,6 +48,7 @@ from conveyor.dlq.records import (
 from conveyor.dlq.scan import scan
 from conveyor.errors import BrokerError
 from conveyor.kafka.config import common
+from conveyor.kafka.producer import Acks, KafkaProducer, TransactionAborted
 from conveyor.settings import KafkaSettings
 from conveyor.telemetry import tracing
 
@@ -146,8 +146,8 @@ def redrive(
     return report
 
 
-def _producer(settings: KafkaSettings) -> Producer:
-    producer = Producer(
+def _producer(settings: KafkaSettings) -> KafkaProducer:
+    producer = KafkaProducer.open(
         {
             **common(settings),
             "client.id": "conveyor-dlq-redrive",
@@ -158,9 +158,10 @@ def _producer(settings: KafkaSettings) -> Producer:
             "linger.ms": 5,
             # A dead letter was accepted by the broker once; let the broker judge its size again.
             "message.max.bytes": 2_097_152,
-        }
+        },
+        delivery_timeout_s=TXN_TIMEOUT_S,
     )
-    producer.init_transactions(TXN_TIMEOUT_S)
+    producer.init_transactions()
     return producer
 
 
@@ -170,7 +171,7 @@ def _chunks(items: list[DeadLetter], size: int) -> Iterator[list[DeadLetter]]:
 
 
 def _send(
-    producer: Producer,
+    producer: KafkaProducer,
     settings: KafkaSettings,
     part: list[DeadLetter],
     pacer: Pacer,
@@ -179,20 +180,24 @@ def _send(
 ) -> None:
     ledger = ledger_topic(settings)
     done: list[Redriven] = []
+    acks = Acks()  # commit_transaction waits for them all
     try:
-        producer.begin_transaction()
+        producer.begin()
         for dl in part:
             pacer.wait()
             record = _prepare(dl, tracer)
-            producer.produce(record.topic, record.value, dl.key, headers=record.headers)  # type: ignore[arg-type]
+            headers: Any = record.headers  # stubs want str | bytes | None values
+            producer.send(record.topic, record.value, dl.key, headers, acks=acks)
             entry = ledger_entry(
                 dl.ref, target=record.topic, task_id=dl.task_id, traceparent=record.traceparent
             )
-            producer.produce(ledger, entry, dl.ref.encode())
+            producer.send(ledger, entry, dl.ref.encode(), acks=acks)
             producer.poll(0)
             done.append(record)
-        producer.commit_transaction(TXN_TIMEOUT_S)
-    except KafkaException as exc:
+        producer.commit()
+    except TransactionAborted as exc:  # already aborted by the producer
+        raise BrokerError(f"redrive transaction failed: {exc}") from exc
+    except BrokerError as exc:
         _abort(producer)
         raise BrokerError(f"redrive transaction failed: {exc}") from exc
     for record in done:
@@ -207,10 +212,10 @@ def _send(
             on_record(record)
 
 
-def _abort(producer: Producer) -> None:
+def _abort(producer: KafkaProducer) -> None:
     try:
-        producer.abort_transaction(TXN_TIMEOUT_S)
-    except KafkaException as exc:  # fenced or fatal: nothing was committed either way
+        producer.abort()
+    except BrokerError as exc:  # fenced or fatal: nothing was committed either way
         log.warning("redrive abort failed error=%s", exc)
 
 

@@ -31,7 +31,6 @@ from confluent_kafka import (
     ConsumerGroupTopicPartitions,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient
@@ -45,6 +44,7 @@ from conveyor.events.catalog import load_catalog
 from conveyor.kafka.config import admin as admin_conf
 from conveyor.kafka.config import common
 from conveyor.runtime.deadletter import REPLAYED_FROM
+from conveyor.kafka.producer import Acks, KafkaProducer
 from conveyor.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
@@ -175,33 +175,36 @@ def republish(
     on_record: Callable[[str, int, int], None] | None = None,
 ) -> int:
     """Produce the plan's records again into their own topic and partition; return how many."""
-    producer = Producer(
+    producer = KafkaProducer.open(
         {
             **common(settings),
             "client.id": "conveyor-replay",
             "enable.idempotence": True,
             "acks": "all",
             "linger.ms": 5,
-            "message.max.bytes": 2_097_152,
-        }
-    )  # as the stages' producers allow
-    errors: list[str] = []
+            "message.max.bytes": 2_097_152,  # as the stages' producers allow
+        },
+        delivery_timeout_s=FLUSH_TIMEOUT_S,
+    )
+    acks = Acks()
     pacer = Pacer(rate)
     count = 0
     with open_reader(settings) as consumer:
         for msg in read_range(consumer, replay.ranges):
             pacer.wait()
-            _produce_again(producer, msg, errors)
+            _produce_again(producer, msg, acks)
             count += 1
             if on_record:
                 on_record(str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
-    if producer.flush(FLUSH_TIMEOUT_S) or errors:
-        raise BrokerError(f"republish failed: {errors[:3] or 'delivery timed out'}")
+    try:
+        producer.wait(acks)
+    except BrokerError as exc:
+        raise BrokerError(f"republish failed: {exc}") from exc
     log.info("replay republished stage=%s records=%d", replay.stage, count)
     return count
 
 
-def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
+def _produce_again(producer: KafkaProducer, msg: Message, acks: Acks) -> None:
     topic, partition = str(msg.topic()), int(msg.partition() or 0)
     origin = f"{topic}:{partition}:{msg.offset()}"
     raw = cast(list[tuple[str, bytes]], msg.headers() or [])
@@ -211,23 +214,6 @@ def _produce_again(producer: Producer, msg: Message, errors: list[str]) -> None:
     )
     headers: list[tuple[str, str | bytes | None]] = [*marked, (REPLAYED_FROM, origin.encode())]
 
-    def on_delivery(err: object, _msg: object) -> None:
-        if err is not None:
-            errors.append(str(err))
-
-    while True:
-        try:
-            producer.produce(
-                topic,
-                value,
-                msg.key(),
-                partition=partition,
-                headers=headers,
-                on_delivery=on_delivery,
-            )
-            break
-        except BufferError:
-            # The local queue is full: serve delivery reports until it drains (bounded by
-            # delivery.timeout.ms: undeliverable records fail and leave the queue).
-            producer.poll(0.1)
+    # A full local queue is waited out by the producer (bounded by its delivery timeout).
+    producer.send(topic, value, msg.key(), headers, partition=partition, acks=acks)
     producer.poll(0)

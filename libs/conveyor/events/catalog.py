@@ -17,6 +17,7 @@ from conveyor.paths import schemas_dir
 STATUS_TOPIC = "conveyor.task.status"
 STATUS_TYPE = "conveyor.task.status.v1"
 INGRESS_TOPIC = "conveyor.task.submitted"
+INGRESS_TYPE = "conveyor.task.submitted.v1"
 LANES = ("high", "normal", "low")
 
 

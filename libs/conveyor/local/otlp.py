@@ -17,7 +17,7 @@ import gzip
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -44,6 +44,7 @@ class ReceivedSpan:
     status_code: int  # 0 unset, 1 ok, 2 error
     start_ns: int
     end_ns: int
+    resource: dict[str, Any] = field(default_factory=dict)  # the resource's attributes
 
 
 def value_of(value: AnyValue) -> Any:
@@ -91,6 +92,7 @@ def spans_of(request: ExportTraceServiceRequest) -> list[ReceivedSpan]:
                         status_code=span.status.code,
                         start_ns=span.start_time_unix_nano,
                         end_ns=span.end_time_unix_nano,
+                        resource=resource,
                     )
                 )
     return out

@@ -15,7 +15,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
+
+from conveyor.kafka.protocols import ConsumerClient
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ def plan(
 
 
 class LaneScheduler:
-    def __init__(self, consumer: Consumer, lanes: Sequence[str], starvation_s: float) -> None:
+    def __init__(self, consumer: ConsumerClient, lanes: Sequence[str], starvation_s: float) -> None:
         self.consumer = consumer
         self.lanes = list(lanes)
         self.starvation_s = starvation_s

@@ -142,8 +142,12 @@ class Router:
             extensions=ext,
         )
         headers, value = encode_binary(event, self.schemas)
+        topic = self.settings.topic(emit.topic or spec.topics[0])
         if item.span.is_recording():
-            headers += tracing.inject(item.span)  # the next hop's span is a child of this one
+            # The next hop's span is a child of this record's PRODUCER span, itself a child of
+            # the consume span: one per emitted record, made only for sampled records.
+            sent = tracing.producer_span(item.span, topic)
+            headers += tracing.inject(sent if sent.get_span_context().is_valid else item.span)
         else:
             # No span of ours (SDK off, or the parent was sampled out): hand on the incoming
             # context as it is; a sampled-out root hands on its own (unsampled) context.
@@ -152,7 +156,6 @@ class Router:
                 headers += carried
             else:
                 headers += tracing.inject(item.span)
-        topic = self.settings.topic(emit.topic or spec.topics[0])
         record = OutRecord(topic, task_id.encode(), value, headers)
         self._check_size(record)
         return record

@@ -6,6 +6,8 @@ histogram observation costs ~3 µs, a `labels()` lookup per record would double 
 
 from __future__ import annotations
 
+import contextlib
+
 from prometheus_client import Counter, Gauge, Histogram
 
 EVENTS_CONSUMED = Counter(
@@ -85,3 +87,8 @@ class StageMetrics:
 
     def lag(self, topic: str, partition: int, value: int) -> None:
         CONSUMER_LAG.labels(self.stage, topic, str(partition)).set(value)
+
+    def drop_lag(self, topic: str, partition: int) -> None:
+        """Forget a partition's lag series (revoked: another instance reports it now)."""
+        with contextlib.suppress(KeyError):  # never reported
+            CONSUMER_LAG.remove(self.stage, topic, str(partition))

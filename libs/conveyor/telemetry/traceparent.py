@@ -39,6 +39,22 @@ def parse(traceparent: str, tracestate: str | None = None) -> SpanContext | None
     return SpanContext(trace_id, span_id, True, _FLAGS[int(fields[53:], 16)], state)
 
 
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def is_unsampled(traceparent: str) -> bool:
+    """Whether `traceparent` is a valid version-00 header whose sampled flag is off: what
+    `parse` would accept as an unsampled context, checked without building it."""
+    return (
+        len(traceparent) == _LENGTH
+        and traceparent[54] in "02468ace"  # the flags' low bit: sampled
+        and _FIELDS.fullmatch(traceparent) is not None
+        and not traceparent.startswith("ff")
+        and traceparent[3:35] != _ZERO_TRACE
+        and traceparent[36:52] != _ZERO_SPAN
+    )
+
+
 def _four_fields(value: str) -> str | None:
     if len(value) > _MAX_TRACEPARENT:
         return None

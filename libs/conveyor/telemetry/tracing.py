@@ -1,9 +1,10 @@
 """OpenTelemetry tracing across Kafka hops: one trace id from submit to notify.
 
-Each record's consume span is a *child* of the context in its `traceparent` Kafka header (the
-previous hop), falling back to the CloudEvents `ce_traceparent` attribute (the starting trace),
-so one trace covers the whole task, retries included. Outputs carry the consume span's context
-in `traceparent`/`tracestate` headers.
+Each record's CONSUMER span is a *child* of the context in its `traceparent` Kafka header (the
+previous hop's PRODUCER span), falling back to the CloudEvents `ce_traceparent` attribute (the
+starting trace), so one trace covers the whole task, retries included. Each emitted record gets
+a PRODUCER span (`producer_span`), child of the consume span, whose context its
+`traceparent`/`tracestate` headers carry (OpenTelemetry messaging conventions).
 
 The SDK is installed only when an exporter is configured by the standard variables
 (`OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, protocol from
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -30,16 +33,25 @@ from typing import Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.attributes import BoundedAttributes
 from opentelemetry.context import Context
-from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanKind
+from opentelemetry.trace import (
+    INVALID_SPAN_CONTEXT,
+    Link,
+    NonRecordingSpan,
+    Span,
+    SpanContext,
+    SpanKind,
+)
 
-from conveyor.telemetry.traceparent import format_traceparent, format_tracestate, parse
+from conveyor.telemetry.traceparent import (
+    format_traceparent,
+    format_tracestate,
+    is_unsampled,
+    parse,
+)
 
 log = logging.getLogger(__name__)
 _TRACER_NAME = "conveyor"
-_PLAIN = frozenset((str, int, float, bool))  # attribute values the SDK stores as they are
-_STR = frozenset((str,))
 _enabled = False
 _tracer: trace.Tracer | None = None  # the SDK's, cached: get_tracer builds a new one per call
 # What the installed sampler does, read once (from the environment until the SDK is installed):
@@ -72,10 +84,7 @@ def init_tracing(service: str) -> bool:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        resource = Resource.create(
-            {"service.name": os.environ.get("OTEL_SERVICE_NAME", f"conveyor-{service}")}
-        )
-        provider = TracerProvider(resource=resource)
+        provider = TracerProvider(resource=Resource.create(resource_attributes(service)))
         provider.add_span_processor(BatchSpanProcessor(_exporter()))
         trace.set_tracer_provider(provider)
         _tracer = provider.get_tracer(_TRACER_NAME)
@@ -84,6 +93,38 @@ def init_tracing(service: str) -> bool:
     except Exception:
         log.exception("tracing setup failed service=%s; continuing without export", service)
     return _enabled
+
+
+def instance_id() -> str:
+    """This process's identity: `CONVEYOR_INSTANCE_ID` (a pod name), else host and pid. The
+    stage's Kafka client id and the `service.instance.id` resource attribute both use it."""
+    return os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def resource_attributes(service: str) -> dict[str, str]:
+    """The resource: service name, instance and host. `OTEL_RESOURCE_ATTRIBUTES` may set any
+    of them except `service.name`, which `OTEL_SERVICE_NAME` sets (the SDK's own precedence)."""
+    ours = {
+        "service.name": os.environ.get("OTEL_SERVICE_NAME", f"conveyor-{service}"),
+        "service.namespace": "conveyor",
+        "service.instance.id": instance_id(),
+        "host.name": socket.gethostname(),
+        "host.arch": platform.machine().lower(),
+    }
+    given = _resource_env()
+    return {**ours, **{k: v for k, v in given.items() if k != "service.name"}}
+
+
+def _resource_env() -> dict[str, str]:
+    """`OTEL_RESOURCE_ATTRIBUTES` (`key=value,...`, values percent-encoded), as the SDK reads it."""
+    from urllib.parse import unquote
+
+    out = {}
+    for pair in os.environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, sep, value = pair.partition("=")
+        if sep and key.strip():
+            out[key.strip()] = unquote(value.strip())
+    return out
 
 
 def _exporter() -> Any:
@@ -105,6 +146,17 @@ def _read_sampler(sampler: Any) -> None:
     _custom_sampler = not isinstance(sampler, (ParentBased, StaticSampler, TraceIdRatioBased))
 
 
+def flush_tracing(timeout_s: float = 10.0) -> None:
+    """Export the spans ended so far (a short-lived process, e.g. `conveyor submit`)."""
+    provider = trace.get_tracer_provider()
+    try:
+        force_flush = getattr(provider, "force_flush", None)
+        if force_flush is not None:
+            force_flush(int(timeout_s * 1000))
+    except Exception:
+        log.exception("tracing flush failed")
+
+
 def shutdown_tracing() -> None:
     provider = trace.get_tracer_provider()
     try:
@@ -121,9 +173,30 @@ def enabled() -> bool:
 
 
 def new_traceparent() -> str:
-    """A fresh, sampled W3C traceparent, for work that starts a trace while the SDK is off:
-    the task still gets one trace id through every hop (stored, shown by `conveyor trace`)."""
-    return f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"
+    """A fresh W3C traceparent, for work that starts a trace while the SDK is off: the task
+    still gets one trace id through every hop (stored, shown by `conveyor trace`). Its sampled
+    flag is what the configured root sampler (`OTEL_TRACES_SAMPLER`, `..._ARG`) decides for
+    that trace id, so traced services downstream keep the configured share, not every task."""
+    trace_id = secrets.randbits(128) or 1
+    flags = "01" if trace_id & _RATIO_MASK < _root_bound() else "00"
+    return f"00-{trace_id:032x}-{secrets.token_hex(8)}-{flags}"
+
+
+_RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
+
+
+def _root_bound() -> int:
+    """The bound `TraceIdRatioBased` would compare a new root's trace id with."""
+    name = os.environ.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower()
+    if name.endswith("always_off"):
+        return 0
+    rate = 1.0
+    if name.endswith("traceidratio"):
+        try:
+            rate = min(max(float(os.environ.get("OTEL_TRACES_SAMPLER_ARG", "1.0")), 0.0), 1.0)
+        except ValueError:
+            rate = 1.0  # the SDK's default for an unreadable ratio
+    return round(rate * (_RATIO_MASK + 1))
 
 
 def _parent_based() -> bool:
@@ -147,6 +220,39 @@ def unsampled_parent(parent: Span | None) -> Span | None:
     return parent if ctx.is_valid and not ctx.trace_flags.sampled else None
 
 
+class DeferredRemoteSpan(NonRecordingSpan):
+    """The unsampled remote parent a `traceparent` names, parsed only if its context is asked
+    for (a handler span made under it, a log line's trace id). The next hop gets the incoming
+    header as it is (`carried`), so most unsampled records never parse it at all."""
+
+    def __init__(self, traceparent: str, tracestate: str | None) -> None:
+        self._header = traceparent
+        self._state = tracestate
+        self._parsed: SpanContext | None = None
+
+    def get_span_context(self) -> SpanContext:
+        if self._parsed is None:
+            self._parsed = parse(self._header, self._state) or INVALID_SPAN_CONTEXT
+        return self._parsed
+
+    def __repr__(self) -> str:
+        return f"DeferredRemoteSpan({self._header!r})"
+
+
+def unsampled_remote(headers: Mapping[str, str]) -> Span | None:
+    """The incoming parent as a `DeferredRemoteSpan` when it is unsampled and a parent-based
+    sampler would drop its child (the record then gets no span of its own); else None."""
+    if "traceparent" in headers:
+        parent, state = headers["traceparent"], headers.get("tracestate")
+    elif "ce_traceparent" in headers:
+        parent, state = headers["ce_traceparent"], headers.get("ce_tracestate")
+    else:
+        return None
+    if not _parent_based() or not is_unsampled(parent):
+        return None
+    return DeferredRemoteSpan(parent, state)
+
+
 def record_span(
     name: str, *, parent: Span | None, attributes: Callable[[], Mapping[str, Any]]
 ) -> Span:
@@ -158,6 +264,55 @@ def record_span(
     return start_span(
         name, parent=context_of(parent), kind=SpanKind.CONSUMER, attributes=attributes()
     )
+
+
+def producer_span(parent: Span, topic: str) -> Span:
+    """A `create <topic>` PRODUCER span, child of `parent`, for one record about to be sent:
+    the next hop's CONSUMER span is its child (OpenTelemetry messaging conventions).
+
+    It ends at once: it marks the record's creation, so a consumer that starts long after
+    never lies inside a parent that ended before it (what Jaeger reports as clock skew). Made
+    only under a recording `parent`, so an unsampled record still costs nothing, and with the
+    conventions' required attributes only, one constant mapping per topic (the message id and
+    key are on the consumer's span): a sampled record pays for one more span start and end.
+    """
+    cached = _producers.get(topic)
+    if cached is None:
+        cached = (
+            f"create {topic}",
+            {
+                "messaging.system": "kafka",
+                "messaging.operation.type": "create",
+                "messaging.operation.name": "create",
+                "messaging.destination.name": topic,
+            },
+        )
+        if len(_producers) < _PRODUCER_CACHE_LIMIT:
+            _producers[topic] = cached
+    name, attributes = cached
+    span = start_span(
+        name, parent=context_of(parent), kind=SpanKind.PRODUCER, attributes=attributes
+    )
+    end_span(span)
+    return span
+
+
+_PRODUCER_CACHE_LIMIT = 256  # topics a stage emits to: outputs, lanes, status (a dozen)
+_producers: dict[str, tuple[str, Mapping[str, Any]]] = {}
+
+
+def server_attributes(bootstrap: str) -> dict[str, Any]:
+    """`server.address`/`server.port` of the first bootstrap broker (`host:port,...`)."""
+    first = bootstrap.split(",")[0].strip()
+    if "://" in first:
+        first = first.split("://", 1)[1]
+    host, sep, port = first.rpartition(":")
+    if not sep:
+        return {"server.address": first} if first else {}
+    out: dict[str, Any] = {"server.address": host.strip("[]")}
+    if port.isdigit():
+        out["server.port"] = int(port)
+    return out
 
 
 def tracer() -> trace.Tracer:
@@ -234,9 +389,11 @@ def start_span(
             return tracer().start_span(
                 name, context=context, kind=kind, attributes=attributes, links=links
             )
+        # The built-in samplers never look at attributes: set them only on a span the
+        # sampler kept (a dropped span would check and discard every one of them).
         span = tracer().start_span(name, context=context, kind=kind, links=links)
-        if span.is_recording():  # not for a span the sampler dropped
-            _set_attributes(span, attributes)
+        if span.is_recording():
+            span.set_attributes(attributes)
         return span
     except Exception:
         log.exception("span start failed name=%s", name)
@@ -288,30 +445,6 @@ def _batch_span(
     return span
 
 
-def _set_attributes(span: Span, attributes: Mapping[str, Any]) -> None:
-    """Attributes on a span just started, stored as the SDK would store them, without its
-    checks of every key and value (~1 µs each: more than a third of a consume span's cost).
-
-    Only for what those checks would pass unchanged: non-empty string keys, str/int/float/bool
-    values, no value length limit, room for all of them. Anything else, or a span that is not
-    the SDK's, takes the checked `set_attributes`. The built-in samplers never look at
-    attributes; a sampler that might gets them at the start (see `start_span`).
-    """
-    store = getattr(span, "_attributes", None)
-    if (
-        type(store) is BoundedAttributes
-        and store.max_value_len is None
-        and (store.maxlen is None or len(store) + len(attributes) <= store.maxlen)
-        and _PLAIN.issuperset(map(type, attributes.values()))
-        and _STR.issuperset(map(type, attributes))
-        and "" not in attributes
-    ):
-        with store._lock:
-            store._dict.update(attributes)
-    else:
-        span.set_attributes(attributes)
-
-
 def inject(span: Span) -> list[tuple[str, bytes]]:
     """`traceparent`/`tracestate` headers naming `span` as the parent of the next hop."""
     try:
@@ -336,6 +469,13 @@ def trace_id_hex(span: Span) -> str | None:
 def traceparent_of(span: Span) -> str | None:
     ctx = span.get_span_context()
     return format_traceparent(ctx) if ctx.is_valid else None
+
+
+def set_attributes(span: Span, attributes: Mapping[str, Any]) -> None:
+    try:
+        span.set_attributes(attributes)
+    except Exception:
+        log.exception("span attributes failed")
 
 
 def end_span(span: Span, error: BaseException | None = None) -> None:
