@@ -43,8 +43,8 @@ from conveyor.errors import BrokerError, ConveyorError
 from conveyor.events.catalog import load_catalog
 from conveyor.kafka.config import admin as admin_conf
 from conveyor.kafka.config import common
-from conveyor.runtime.deadletter import REPLAYED_FROM
 from conveyor.kafka.producer import Acks, KafkaProducer
+from conveyor.runtime.deadletter import REPLAYED_FROM
 from conveyor.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
