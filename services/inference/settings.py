@@ -12,11 +12,6 @@ class InferenceSettings(StageSettings):
     batch_max: int = Field(default=32, ge=1, description="records per batch")
     batch_wait_ms: int = Field(default=20, ge=0, description="max wait to fill a batch")
     priority_lanes: bool = Field(default=True, description="high lane first, then normal, low")
-    # Pipelined: the model works on one batch while the loop reads the next and emits and
-    # commits the last; two batches in flight keep the model busy and leave the lane choice
-    # (what is read next) to the priority lanes.
-    pipelined: bool = Field(default=True, description="handler on a worker thread")
-    max_in_flight: int = Field(default=64, ge=1, description="records read but not handled")
     models: str | None = Field(
         default=None, description="model registry JSON; default: packaged models"
     )

@@ -211,14 +211,16 @@ def test_a_pipelined_stage_keeps_turning_while_its_handler_works_and_commits_in_
         release.wait(10)
         return moderated(event)
 
-    runner, consumer, producer = make_runner(handle=slow, pipelined=True, max_in_flight=4)
+    runner, consumer, producer = make_runner(handle=slow, pipelined=True, max_in_flight=2)
     consumer.assigned = [TopicPartition(INFERRED_TOPIC, 0)]
     consumer.queued = msgs(2)
     runner.turn()
     consumer.queued = msgs(2, start=2)
     runner.turn()  # the loop read on while the handler works on the first batch
     assert producer.records == [] and consumer.commits == []
-    runner.turn()  # four records in flight: the partition is paused, the loop still turns
+    assert len(consumer.queued) == 1  # at the bound: one record per turn
+    runner.turn()
+    runner.turn()  # twice the bound in flight: the partition is paused, the loop still turns
     assert consumer.paused == [(INFERRED_TOPIC, 0)]
     release.set()
     deadline = time.monotonic() + 10

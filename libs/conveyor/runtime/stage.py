@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from datetime import UTC, datetime
 from typing import Any
 
 from confluent_kafka import TopicPartition
@@ -36,7 +35,7 @@ from conveyor.runtime.lanes import LaneScheduler
 from conveyor.runtime.pipeline import Pipeline
 from conveyor.runtime.retrygate import RetryGate
 from conveyor.runtime.routing import Router
-from conveyor.runtime.step import BatchResult, BatchStep
+from conveyor.runtime.step import BatchResult, BatchStep, now_iso
 from conveyor.runtime.telemetry import StageTelemetry
 from conveyor.runtime.topics import StageTopics
 from conveyor.settings import StageSettings
@@ -88,7 +87,11 @@ class StageRunner:
             progress=self._progress,
         )
         # Pipelined: the step runs on a worker thread while this loop keeps turning.
-        self._pipeline = Pipeline(self.step, settings.max_in_flight) if settings.pipelined else None
+        self._pipeline = (
+            Pipeline(self.step, settings.max_in_flight, settings.batch_max)
+            if settings.pipelined
+            else None
+        )
         self._held: list[TP] = []  # partitions paused because the pipeline is full
         self.availability = BrokerAvailability(settings.broker_down_s)
         self.stopping = threading.Event()
@@ -191,7 +194,10 @@ class StageRunner:
         idle_s = s.poll_timeout_ms / 1000
         if self._pipeline is not None and self._pipeline.busy:
             idle_s = min(idle_s, _BUSY_POLL_S)  # results to deliver soon: don't block long
-        batch = self.consumer.poll_batch(s.batch_max, idle_s, s.batch_wait_ms / 1000)
+        take = s.batch_max
+        if self._pipeline is not None and self._pipeline.full:
+            take = 1  # keep polling (group membership), leave the rest in librdkafka's queue
+        batch = self.consumer.poll_batch(take, idle_s, s.batch_wait_ms / 1000)
         records = self.gate.admit(batch)
         self.metrics.paused.set(len(self.gate.paused))
         if records:
@@ -199,13 +205,14 @@ class StageRunner:
         if self._pipeline is not None:
             for result in self._pipeline.finished():
                 self._complete(result)
+            self._pipeline.pump(now_iso())  # the worker is free: hand it what was gathered
         self._settle()
 
     def _process(self, records: list[Any]) -> None:
         if self._pipeline is not None:
-            self._pipeline.submit(records, _now())
+            self._pipeline.offer(records, now_iso())
         else:
-            self._complete(self.step(records, _now()))
+            self._complete(self.step(records, now_iso()))
 
     def _complete(self, result: BatchResult) -> None:
         assert self.delivery is not None
@@ -224,10 +231,12 @@ class StageRunner:
         self._settle(wait=True, sync=True)
 
     def _backpressure(self, pipeline: Pipeline) -> None:
-        """Pause the partitions while the pipeline is full, resume them when it is not. The
-        loop keeps polling either way: the consumer stays in its group."""
+        """A full pipeline takes one record per turn, leaving the rest queued in librdkafka
+        (whose prefetch bound then stops fetching); at twice the bound the partitions are
+        paused, and resumed once the pipeline has drained to half of it. Pausing is the last
+        resort: a resumed partition's first fetch can take a fetch round trip or more."""
         assert self.consumer is not None and self.gate is not None
-        if pipeline.full and not self._held:
+        if pipeline.overfull and not self._held:
             lanes = self._lanes.paused if self._lanes is not None else set()
             self._held = [
                 tp
@@ -235,7 +244,7 @@ class StageRunner:
                 if tp not in self.gate.paused and tp not in lanes
             ]
             self.consumer.pause_all(self._held)
-        elif not pipeline.full and self._held:
+        elif self._held and pipeline.drained:
             held, self._held = self._held, []
             self.consumer.resume(held)
 
@@ -245,7 +254,7 @@ class StageRunner:
         assert self.gate is not None
         records = self.gate.admit(batch)
         if records:
-            self._complete(self.step(records, _now()))
+            self._complete(self.step(records, now_iso()))
         self._settle(wait=True)
 
     def stop(self) -> None:
@@ -343,10 +352,6 @@ class StageRunner:
                 for tp, offset in later.starts.items():
                     starts.setdefault(tp, offset)
         self.consumer.rewind(starts)
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _probe(conf: dict[str, Any], availability: BrokerAvailability) -> Any:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 from opentelemetry.trace import Span
@@ -59,6 +60,11 @@ class BatchResult:
     starts: dict[TP, int]  # per partition, the batch's first offset (a rewind goes there)
     outcomes: list[RecordOutcome] = field(default_factory=list)
     consumed: dict[str, int] = field(default_factory=dict)  # records per input topic
+
+
+def now_iso() -> str:
+    """The time a batch is handled, as the events' `time` attribute writes it."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def where(msg: Message) -> tuple[str, int, int]:
