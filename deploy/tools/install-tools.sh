@@ -4,6 +4,7 @@
 #   kubernetes-validate  -> into $PYTHON (default: <repo>/.venv/bin/python), pip
 #   promtool             -> Debian package `prometheus` (apt-get, only when running as root)
 #   PostgreSQL server    -> Debian package `postgresql` (initdb/pg_ctl for the store tests and e2e)
+#   buildah, mmdebstrap  -> Debian packages (`make image` and tests/integration/test_image.py)
 # Idempotent: anything already present is left alone. Prints one line per tool it installs and
 # nothing else unless something fails; exits non-zero on failure. Versions are pinned here and nowhere else.
 set -euo pipefail
@@ -88,6 +89,20 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     quiet apt-get update -qq
     quiet apt-get install -y -qq --no-install-recommends postgresql
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || die "postgresql installed but no initdb"
+fi
+
+# --- buildah and mmdebstrap (Debian packages): the daemonless image build ----------------------
+missing=()
+command -v buildah >/dev/null 2>&1 || missing+=(buildah)
+command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
+if ((${#missing[@]})); then
+    if [[ "$(id -u)" -ne 0 ]]; then
+        die "${missing[*]} missing; as root run: apt-get update && apt-get install -y ${missing[*]}"
+    fi
+    log "installing ${missing[*]} (apt-get install)"
+    export DEBIAN_FRONTEND=noninteractive
+    quiet apt-get update -qq
+    quiet apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
 exit 0

@@ -68,8 +68,16 @@ app.kubernetes.io/component: {{ .component }}
 {{- .Values.image.tag | default .Chart.AppVersion | toString }}
 {{- end }}
 
+{{/* <registry>/<repository>:<tag>, or @<digest> when a digest pins the image. */}}
 {{- define "conveyor.image" -}}
-{{- printf "%s:%s" .Values.image.repository (include "conveyor.imageTag" .) }}
+{{- $i := .Values.image }}
+{{- $name := $i.repository }}
+{{- if $i.registry }}{{ $name = printf "%s/%s" $i.registry $i.repository }}{{ end }}
+{{- if $i.digest }}
+{{- printf "%s@%s" $name $i.digest }}
+{{- else }}
+{{- printf "%s:%s" $name (include "conveyor.imageTag" .) }}
+{{- end }}
 {{- end }}
 
 {{- define "conveyor.serviceAccountName" -}}
@@ -184,18 +192,110 @@ OTEL_RESOURCE_ATTRIBUTES: {{ join "," $attrs | quote }}
 {{- end }}
 {{- end }}
 
-{{/* Name of the Secret holding the store URL and webhook secrets ("" when there is none). */}}
+{{/* Store, secrets and their checks ---------------------------------------------------------- */}}
+
+{{/* The services that use the result store, in the embedded pod's container order. */}}
+{{- define "conveyor.storeServices" -}}
+{{- list "writeback" "notify" "gateway" | toJson }}
+{{- end }}
+
+{{/* Whether a service runs in the single embedded pod rather than in its own Deployment. */}}
+{{- define "conveyor.inEmbeddedPod" -}}
+{{- if and .root.Values.store.embedded.enabled (has .component (include "conveyor.storeServices" .root | fromJsonArray)) }}true{{- end }}
+{{- end }}
+
+{{/* Where the embedded pod keeps its SQLite file. */}}
+{{- define "conveyor.embeddedStoreDir" -}}/var/lib/conveyor/store{{- end }}
+
+{{/* Name of the Secret holding the store URL, gateway tokens and webhook secrets. */}}
 {{- define "conveyor.appSecretName" -}}
-{{- if .Values.secrets.existingSecret }}
-{{- .Values.secrets.existingSecret }}
-{{- else if or .Values.secrets.values.storeUrl .Values.secrets.values.webhookSecrets }}
-{{- include "conveyor.fullname" . }}
+{{- .Values.secrets.existingSecret | default (include "conveyor.fullname" .) }}
+{{- end }}
+
+{{/* Whether the chart creates the app Secret itself (no existingSecret named). */}}
+{{- define "conveyor.createAppSecret" -}}
+{{- if not .Values.secrets.existingSecret }}true{{- end }}
+{{- end }}
+
+{{/*
+Refuse combinations that would deploy a pipeline that cannot work, with a message saying what to
+set. Included by the ConfigMap, which every render contains.
+*/}}
+{{- define "conveyor.validate" -}}
+{{- $s := .Values.secrets }}
+{{- $embedded := .Values.store.embedded.enabled }}
+{{- if and (not $embedded) (not $s.existingSecret) (not $s.values.storeUrl) }}
+{{- fail "\n\nConveyor needs a PostgreSQL result store shared by writeback, notify and the gateway:\n  set secrets.existingSecret (a Secret with the key secrets.storeUrl.key, \"store-url\" by default)\n  or secrets.values.storeUrl=postgresql://user:password@host:5432/conveyor,\n  or choose the single-pod SQLite mode explicitly with store.embedded.enabled=true." }}
+{{- end }}
+{{- if and $embedded $s.values.storeUrl }}
+{{- fail "\n\nstore.embedded.enabled=true uses SQLite in one pod; secrets.values.storeUrl is set as well. Choose one: unset the URL, or turn embedded mode off." }}
+{{- end }}
+{{- if and .Values.gateway.enabled (not $s.existingSecret) (not $s.values.gatewayTokens) }}
+{{- fail "\n\nThe gateway needs bearer tokens or it answers 401 to every call: set secrets.values.gatewayTokens ({\"<token>\": \"<tenant>\"}) or secrets.existingSecret (a Secret with the key secrets.gatewayTokens.key, \"gateway-tokens\" by default)." }}
 {{- end }}
 {{- end }}
 
-{{/* Whether the chart creates the app Secret itself. */}}
-{{- define "conveyor.createAppSecret" -}}
-{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.values.storeUrl .Values.secrets.values.webhookSecrets) }}true{{- end }}
+{{/* One secretKeyRef env entry. Call with (dict "root" $ "item" .Values.secrets.storeUrl). */}}
+{{- define "conveyor.secretEnvEntry" -}}
+- name: {{ .item.env }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "conveyor.appSecretName" .root }}
+      key: {{ .item.key }}
+{{- end }}
+
+{{/*
+The app Secret's env for one service, all through secretKeyRef: the store URL (writeback, notify,
+gateway; a local SQLite path in the embedded pod instead), the gateway tokens (gateway) and the
+webhook secrets (notify). Call with (dict "root" $ "component" "notify").
+*/}}
+{{- define "conveyor.appSecretEnv" -}}
+{{- $root := .root }}
+{{- $s := $root.Values.secrets }}
+{{- if has .component (include "conveyor.storeServices" $root | fromJsonArray) }}
+{{- if $root.Values.store.embedded.enabled }}
+# Single-pod embedded mode: the three containers share this SQLite file.
+- name: {{ $s.storeUrl.env }}
+  value: {{ printf "sqlite:///%s/conveyor.db" (include "conveyor.embeddedStoreDir" $root) | quote }}
+{{- else }}
+{{ include "conveyor.secretEnvEntry" (dict "root" $root "item" $s.storeUrl) }}
+{{- end }}
+{{- end }}
+{{- if eq .component "gateway" }}
+{{ include "conveyor.secretEnvEntry" (dict "root" $root "item" $s.gatewayTokens) }}
+{{- end }}
+{{- if eq .component "notify" }}
+{{ include "conveyor.secretEnvEntry" (dict "root" $root "item" $s.webhookSecrets) }}
+{{- end }}
+{{- end }}
+
+{{/* Scheduling ------------------------------------------------------------------------------- */}}
+
+{{/*
+A service's topologySpreadConstraints (its own, else the chart-wide ones), each given the
+service's pod labels as labelSelector when it has none. Call with
+(dict "root" $ "component" "inference" "constraints" $list).
+*/}}
+{{- define "conveyor.topologySpread" -}}
+{{- $out := list }}
+{{- range .constraints }}
+{{- $c := deepCopy . }}
+{{- if not (hasKey $c "labelSelector") }}
+{{- $_ := set $c "labelSelector" (dict "matchLabels" (include "conveyor.componentSelectorLabels" (dict "root" $.root "component" $.component) | fromYaml)) }}
+{{- end }}
+{{- $out = append $out $c }}
+{{- end }}
+{{- if $out }}{{ toYaml $out }}{{ end }}
+{{- end }}
+
+{{/* Replicas: who sets them. "keda", "hpa" or "" (the Deployment's own). */}}
+{{- define "conveyor.scaler" -}}
+{{- $stages := include "conveyor.stages" .root | fromJsonArray }}
+{{- $svc := index .root.Values .component }}
+{{- if include "conveyor.inEmbeddedPod" . }}
+{{- else if and (has .component $stages) .root.Values.keda.enabled $svc.keda.enabled }}keda
+{{- else if .root.Values.hpa.enabled }}hpa
+{{- end }}
 {{- end }}
 
 {{/* KEDA: the kafka scaler's SASL mode for a librdkafka mechanism. */}}
@@ -207,4 +307,22 @@ OTEL_RESOURCE_ATTRIBUTES: {{ join "," $attrs | quote }}
 {{/* Whether the KEDA kafka trigger needs a TriggerAuthentication (SASL or TLS). */}}
 {{- define "conveyor.kedaNeedsAuth" -}}
 {{- if or .Values.kafka.sasl.mechanism (hasSuffix "SSL" .Values.kafka.securityProtocol) }}true{{- end }}
+{{- end }}
+
+{{/* Metrics port names the pods serve (JSON list): "metrics", plus the embedded pod's own. */}}
+{{- define "conveyor.metricsPortNames" -}}
+{{- $names := list "metrics" }}
+{{- if .Values.store.embedded.enabled }}
+{{- range $component := list "notify" "gateway" }}
+{{- if (index $.Values $component).enabled }}
+{{- $names = append $names (include "conveyor.metricsPortName" (dict "root" $ "component" $component "embedded" true)) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
+{{/* The Service port of a metrics port name. Call with (dict "root" $ "name" "metrics-notify"). */}}
+{{- define "conveyor.metricsServicePort" -}}
+{{- if eq .name "metrics" }}{{ .root.Values.metrics.port }}{{ else }}{{ index .root.Values.store.embedded.metricsPorts (trimPrefix "metrics-" .name) }}{{ end }}
 {{- end }}
