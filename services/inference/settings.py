@@ -16,6 +16,8 @@ class InferenceSettings(StageSettings):
     # commits the last; two batches in flight keep the model busy and leave the lane choice
     # (what is read next) to the priority lanes.
     pipelined: bool = Field(default=True, description="handler on a worker thread")
+    # Fair share: tenants served by deficit round robin within each lane (docs/scheduling.md).
+    fair_share: bool = Field(default=True, description="tenant fair share within each lane")
     max_in_flight: int = Field(default=64, ge=1, description="records read but not handled")
     models: str | None = Field(
         default=None, description="model registry JSON; default: packaged models"

@@ -34,6 +34,7 @@ from conveyor.kafka import config
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.health import BrokerAvailability
 from conveyor.kafka.producer import Acks, KafkaProducer, TransactionAborted
+from conveyor.runtime.fairshare import FairShare, FairWindow
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
 from conveyor.runtime.lagreport import LagReporter
@@ -56,6 +57,8 @@ LAG_INTERVAL_S = 10.0
 MAX_PENDING_BATCHES = 8
 # Pipelined: the idle poll while the worker has batches, so finished ones are delivered soon.
 _BUSY_POLL_S = 0.005
+# Fair share: records read per poll into the read-ahead window (the window bounds the total).
+_FAIR_POLL = 500
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +104,13 @@ class StageRunner:
         # Pipelined: the step runs on a worker thread while this loop keeps turning.
         self._pipeline = Pipeline(self.step, settings.max_in_flight) if settings.pipelined else None
         self._held: list[TP] = []  # partitions paused because the pipeline is full
+        # Fair share: what runs next comes from a read-ahead window, by lane then tenant
+        # (at-least-once only: a transaction commits a batch's own offsets).
+        self._fair = (
+            _fair_share(settings, self.topics.lanes, self._pipeline)
+            if self._pipeline is not None and settings.fair_share and not settings.exactly_once
+            else None
+        )
         self.instance = (
             os.environ.get("CONVEYOR_INSTANCE_ID") or f"{socket.gethostname()}-{os.getpid()}"
         )
@@ -179,6 +189,8 @@ class StageRunner:
         try:
             while not self.stopping.is_set():
                 self.turn()
+            if self._fair is not None:
+                self._fair.drop()  # unrun: the commit stops before them; read again later
             self._drain()  # graceful stop: finish in-flight work, emit, acknowledge, commit
         except BaseException as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -200,7 +212,9 @@ class StageRunner:
         idle_s = s.poll_timeout_ms / 1000
         if self._pipeline is not None and self._pipeline.busy:
             idle_s = min(idle_s, _BUSY_POLL_S)  # results to deliver soon: don't block long
-        batch = self.consumer.poll_batch(s.batch_max, idle_s, s.batch_wait_ms / 1000)
+        # Fair share reads ahead into its window; batches are cut from the window.
+        count = s.batch_max if self._fair is None else max(s.batch_max, _FAIR_POLL)
+        batch = self.consumer.poll_batch(count, idle_s, s.batch_wait_ms / 1000)
         records = self.gate.admit(batch)
         self.metrics.paused.set(len(self.gate.paused))
         if records:
@@ -208,15 +222,21 @@ class StageRunner:
         if self._pipeline is not None:
             for result in self._pipeline.finished():
                 self._complete(result)
+        if self._fair is not None:
+            self._fair.feed(time.monotonic(), _now())
         self._settle()
 
     def _process(self, records: list[Any]) -> None:
-        if self._pipeline is not None:
+        if self._fair is not None:
+            self._fair.add(records, time.monotonic())
+        elif self._pipeline is not None:
             self._pipeline.submit(records, _now())
         else:
             self._complete(self.step(records, _now()))
 
     def _complete(self, result: BatchResult) -> None:
+        if self._fair is not None:
+            result = self._fair.settle(result)
         self.hooks.batch_finish(result)
         self._deliver(result)
 
@@ -231,7 +251,8 @@ class StageRunner:
         """Pause the partitions while the pipeline is full, resume them when it is not. The
         loop keeps polling either way: the consumer stays in its group."""
         assert self.consumer is not None and self.gate is not None
-        if pipeline.full and not self._held:
+        full = self._fair.full if self._fair is not None else pipeline.full
+        if full and not self._held:
             lanes = self._lanes.paused if self._lanes is not None else set()
             self._held = [
                 tp
@@ -239,7 +260,7 @@ class StageRunner:
                 if tp not in self.gate.paused and tp not in lanes
             ]
             self.consumer.pause_all(self._held)
-        elif not pipeline.full and self._held:
+        elif not full and self._held:
             held, self._held = self._held, []
             self.consumer.resume(held)
 
@@ -318,8 +339,12 @@ class StageRunner:
         # librdkafka keeps a partition's pause across revoke and re-assign, so a paused
         # partition is resumed here, else it would come back paused with nothing to resume it.
         assert self.gate is not None and self.consumer is not None
-        self._drain()  # in-flight work of every partition: bounded by max_in_flight
         tps = [(tp.topic, tp.partition) for tp in partitions]
+        if self._fair is not None:
+            self._fair.drop(tps)  # unrun: the commit stops before them, the new owner reads them
+        self._drain()  # in-flight work of every partition: bounded by max_in_flight
+        if self._fair is not None:
+            self._fair.forget(tps)
         paused = self.gate.on_revoke(tps)
         paused += [tp for tp in tps if tp in self._held]
         self._held = [tp for tp in self._held if tp not in tps]
@@ -339,7 +364,8 @@ class StageRunner:
         """Read to the end of `tp` (markers included) and committed all of it (lag report)."""
         assert self.consumer is not None
         end = self.consumer.ends.get(tp)
-        return end is not None and end >= high and not self._pending
+        waiting = self._fair is not None and self._fair.outstanding > 0
+        return end is not None and end >= high and not self._pending and not waiting
 
     # -- deliver and commit -------------------------------------------------------------------
 
@@ -419,6 +445,18 @@ class StageRunner:
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipeline) -> FairShare:
+    window = FairWindow(
+        lanes,
+        weights=settings.tenant_weights,
+        default_weight=settings.default_tenant_weight,
+        max_records=settings.fair_window,
+        max_bytes=settings.fair_window_bytes,
+        starvation_s=settings.lane_starvation_s,
+    )
+    return FairShare(window, pipeline, settings.batch_max)
 
 
 def _probe(conf: dict[str, Any], availability: BrokerAvailability) -> Any:
