@@ -21,7 +21,7 @@ BACKLOG, LATE = 400, 20
 
 
 def embed_record(task_id: str, tenant: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
-    task = {
+    task: dict[str, Any] = {
         "task_id": task_id,
         "tenant": tenant,
         "kind": "embed",
