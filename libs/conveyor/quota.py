@@ -25,10 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from prometheus_client import Counter
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TABLE = "conveyor_quota"
+QUOTA_REJECTIONS = Counter(
+    "conveyor_quota_rejections_total",
+    "Tasks refused (gateway 429) or held back (inference) by a tenant quota",
+    ["tenant", "limit"],
+)
 
 
 class TenantQuota(BaseModel):
@@ -56,7 +62,9 @@ class QuotaSettings(BaseSettings):
         found = self.tenant_quotas.get(tenant)
         if found is not None:
             return found
-        return TenantQuota(rate=self.quota_rate, burst=self.quota_burst, in_flight=self.quota_in_flight)
+        return TenantQuota(
+            rate=self.quota_rate, burst=self.quota_burst, in_flight=self.quota_in_flight
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,9 +170,7 @@ class SqlRateLedger:
             ).fetchone()
             decision, tat = gcra(row[0], self.clock(), quota.rate, quota.burst)
             if decision.allowed:
-                self._conn.execute(
-                    f"UPDATE {TABLE} SET tat = %s WHERE tenant = %s", (tat, tenant)
-                )
+                self._conn.execute(f"UPDATE {TABLE} SET tat = %s WHERE tenant = %s", (tat, tenant))
         return decision
 
     def close(self) -> None:
@@ -174,3 +180,20 @@ class SqlRateLedger:
 def retry_after_header(decision: Decision) -> str:
     """Retry-After in whole seconds (HTTP), at least 1."""
     return str(max(1, math.ceil(decision.retry_after_s)))
+
+
+class SubmissionQuota:
+    """The gateway's check: each tenant's submission rate against the shared ledger."""
+
+    def __init__(self, settings: QuotaSettings, ledger: RateLedger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+
+    def check(self, tenant: str) -> Decision:
+        decision = self.ledger.take(tenant, self.settings.of(tenant))
+        if not decision.allowed:
+            QUOTA_REJECTIONS.labels(tenant=tenant, limit="rate").inc()
+        return decision
+
+    def close(self) -> None:
+        self.ledger.close()

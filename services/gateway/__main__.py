@@ -22,6 +22,7 @@ from conveyor.client import TaskClient
 from conveyor.events.catalog import INGRESS_TOPIC
 from conveyor.kafka.lag import CachedLag, GroupLag
 from conveyor.publisher import AsyncTaskPublisher
+from conveyor.quota import QuotaSettings, SqlRateLedger, SubmissionQuota
 from conveyor.runtime.health import HealthServer
 from conveyor.store import open_store
 from conveyor.telemetry.logging import setup_logging
@@ -67,12 +68,14 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         [settings.topic(INGRESS_TOPIC)],
         timeout_s=settings.lag_timeout_s,
     )
+    quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url))
     gateway = Gateway(
         settings,
         publisher=publisher,
         store=store,
         queue_estimate=CachedLag(lag.total, ttl_s=settings.lag_cache_s).value,
-        closers=(lag.close,),
+        closers=(lag.close, quota.close),
+        quota=quota,
     )
     return build_app(gateway), gateway
 

@@ -33,6 +33,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from conveyor.errors import BrokerError, PermanentError, RetryableError
 from conveyor.events.ingress import parse_task
 from conveyor.publisher import TaskPublisher
+from conveyor.quota import SubmissionQuota, retry_after_header
 from conveyor.store import ResultStore, is_terminal
 from conveyor.web.auth import TokenTable, bearer_token
 from conveyor.web.expiring import ExpiringMap
@@ -60,6 +61,7 @@ class Gateway:
         store: ResultStore,
         queue_estimate: Callable[[], int | None],
         closers: tuple[Callable[[], None], ...] = (),
+        quota: SubmissionQuota | None = None,
     ) -> None:
         self.settings = settings
         self.tokens = TokenTable(settings.gateway_tokens)
@@ -70,6 +72,7 @@ class Gateway:
             ttl_s=settings.recent_ttl_s, max_size=settings.recent_max
         )
         self.closers = closers
+        self.quota = quota  # per-tenant submission rate (docs/scheduling.md); None: unlimited
         self.started = False
         self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
         self.sockets = 0
@@ -170,6 +173,13 @@ async def submit_task(request: Request) -> Response:
         raise HTTPException(422, str(exc)) from None
     if await gateway.exists(task_id):
         raise HTTPException(409, f"task {task_id} already exists")
+    if gateway.quota is not None:
+        decision = await run_in_threadpool(gateway.quota.check, tenant)
+        if not decision.allowed:
+            retry = retry_after_header(decision)
+            raise HTTPException(
+                429, f"tenant over its submission rate: retry in {retry} s", {"Retry-After": retry}
+            )
     try:
         task_id, trace_id = await gateway.publisher.submit(body)
     except PermanentError as exc:  # e.g. the encoded record is over the stages' size limit
