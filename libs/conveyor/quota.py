@@ -197,3 +197,36 @@ class SubmissionQuota:
 
     def close(self) -> None:
         self.ledger.close()
+
+
+class TenantLimits:
+    """The inference stage's hold of tasks that arrived straight on Kafka: may a tenant start
+    one more task now? Over its in-flight limit or its rate, its tasks wait in the fair-share
+    window (not lost; the window's bound pauses the partitions) until it is under quota again.
+
+    At the stage, the rate applies only to tenants named in `tenant_quotas` (the default rate
+    is the gateway's front door: applied per inference instance it would multiply by the
+    replicas and cap every tenant's GPU share); the default in-flight limit applies to all.
+    """
+
+    def __init__(self, settings: QuotaSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.ledger = MemoryRateLedger(clock)
+        self.running: dict[str, int] = {}
+
+    def admit(self, tenant: str) -> bool:
+        quota = self.settings.of(tenant)
+        running = self.running.get(tenant, 0)
+        if quota.in_flight and running >= quota.in_flight:
+            return False
+        if tenant in self.settings.tenant_quotas and not self.ledger.take(tenant, quota).allowed:
+            return False
+        self.running[tenant] = running + 1
+        return True
+
+    def finished(self, tenant: str) -> None:
+        left = self.running.get(tenant, 0) - 1
+        if left > 0:
+            self.running[tenant] = left
+        else:
+            self.running.pop(tenant, None)

@@ -94,6 +94,11 @@ class StageSettings(KafkaSettings):
         default_factory=dict,
         description="fair share: weight per tenant, JSON object (default_tenant_weight else)",
     )
+    quota_hold: bool = Field(
+        default=False,
+        description="fair share: hold a tenant's tasks in the window while it is over its "
+        "quota (CONVEYOR_TENANT_QUOTAS, CONVEYOR_QUOTA_IN_FLIGHT; conveyor.quota)",
+    )
     default_tenant_weight: float = Field(default=1.0, gt=0, description="fair share weight")
     linger_ms: float = Field(
         default=1.0, ge=0, description="producer linger; low for latency per hop"

@@ -18,6 +18,7 @@ class InferenceSettings(StageSettings):
     pipelined: bool = Field(default=True, description="handler on a worker thread")
     # Fair share: tenants served by deficit round robin within each lane (docs/scheduling.md).
     fair_share: bool = Field(default=True, description="tenant fair share within each lane")
+    quota_hold: bool = Field(default=True, description="hold tenants over their quota")
     max_in_flight: int = Field(default=64, ge=1, description="records read but not handled")
     models: str | None = Field(
         default=None, description="model registry JSON; default: packaged models"

@@ -3,9 +3,12 @@ backlog drains, and the backlog still completes; with fair share off they wait b
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from typing import Any
+
+import pytest
 
 from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import schema_urn
@@ -125,3 +128,40 @@ def test_without_fair_share_a_late_tenant_waits_behind_the_backlog(
     # Partition order: b's tasks sit behind a's in every partition, so the last of them
     # waits for (nearly) the whole backlog.
     assert seen[:last_b].count("a") > BACKLOG * 3 // 4, (arrived, seen[:last_b].count("a"))
+
+
+def test_tasks_straight_to_kafka_over_a_tenants_rate_all_complete_paced(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count, rate, burst = 100, 40.0, 10
+    monkeypatch.setenv("CONVEYOR_TENANT_QUOTAS", json.dumps({"a": {"rate": rate, "burst": burst}}))
+    apply(kafka_bootstrap, topic_prefix)
+    lane = topic_prefix + "conveyor.task.preprocessed.normal"
+    produce_raw(kafka_bootstrap, lane, [embed_record(f"a{i}", "a") for i in range(count)])
+    done: dict[str, float] = {}
+
+    def embed(event: Event, _ctx: StageContext[Any]) -> None:
+        done.setdefault(event.data["task"]["task_id"], time.monotonic())
+
+    service = StageService("inference", StageSettings, handle=embed, accepts=(PREPROCESSED,))
+    settings = StageSettings(
+        stage="inference",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        batch_max=8,
+        pipelined=True,
+        fair_share=True,
+        quota_hold=True,
+    )
+    runner = StageRunner(service, settings)
+    threading.Thread(target=runner.run, daemon=True).start()
+    try:
+        deadline = time.monotonic() + 90
+        while len(done) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        runner.stop()
+    assert sorted(done) == sorted(f"a{i}" for i in range(count))  # all of them, none lost
+    # Paced: beyond the burst, no faster than the rate (a lower bound: slowness cannot fail it).
+    span = max(done.values()) - min(done.values())
+    assert span >= (count - burst - 1) / rate, span

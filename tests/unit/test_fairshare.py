@@ -14,6 +14,7 @@ from confluent_kafka import TopicPartition
 from conveyor.events.model import Event
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.producer import KafkaProducer
+from conveyor.quota import QuotaSettings, TenantLimits, TenantQuota
 from conveyor.runtime.fairshare import CommitTracker, FairWindow, tenant_of
 from conveyor.runtime.handler import StageService
 from conveyor.runtime.stage import StageRunner
@@ -23,6 +24,14 @@ from tests.kafkafakes import FakeConsumerClient, FakeMessage, FakeProducerClient
 from tests.unit.test_stage_step import moderated
 
 HIGH, NORMAL, LOW = "lane.high", "lane.normal", "lane.low"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def rec(tenant: str, offset: int, topic: str = NORMAL, partition: int = 0, size: int = 10) -> Any:
@@ -258,3 +267,45 @@ def test_a_revoke_drops_the_waiting_records_and_commits_before_the_first_of_them
     assert len(producer.records) == 4
     assert consumer.commits[-1][0].offset == 4  # the new owner starts at the first unrun one
     assert runner._fair is not None and runner._fair.outstanding == 0
+
+
+# -- quotas: a tenant over its quota is held in the window ------------------------------------
+
+
+def test_a_tenant_over_its_in_flight_limit_waits_while_others_are_served() -> None:
+    limits = TenantLimits(QuotaSettings(tenant_quotas={"a": TenantQuota(in_flight=2)}))
+    w = window(admit=limits.admit)
+    w.add([rec("a", i) for i in range(10)] + [rec("b", 10 + i) for i in range(10)], 0.0)
+    assert tenants(w.take(6, 0.0)) == ["a", "b", "a", "b", "b", "b"]
+    assert tenants(w.take(6, 0.0)) == ["b"] * 6
+    assert w.take(6, 0.0) == [] and len(w) == 8  # a's 8 wait, none lost
+    limits.finished("a")
+    assert tenants(w.take(6, 0.0)) == ["a"]
+
+
+def test_a_tenant_over_its_rate_is_paced_by_its_bucket() -> None:
+    clock = Clock()
+    quotas = QuotaSettings(tenant_quotas={"a": TenantQuota(rate=2.0, burst=3)})
+    limits = TenantLimits(quotas, clock)
+    w = window(admit=limits.admit)
+    w.add([rec("a", i) for i in range(10)], 0.0)
+    assert len(w.take(10, 0.0)) == 3  # the burst
+    assert w.take(10, 0.0) == []
+    clock.now += 1.0
+    assert len(w.take(10, 0.0)) == 2  # two more a second later
+    for _ in range(5):
+        limits.finished("a")
+    assert limits.running == {}
+
+
+def test_a_lane_whose_tenants_are_all_held_gives_way_to_the_next_lane() -> None:
+    limits = TenantLimits(QuotaSettings(tenant_quotas={"a": TenantQuota(in_flight=1)}))
+    w = window(admit=limits.admit)
+    w.add([rec("a", i, HIGH) for i in range(3)] + [rec("b", i, LOW) for i in range(3)], 0.0)
+    assert [m.topic() for m in w.take(4, 0.0)] == [HIGH]
+    assert [m.topic() for m in w.take(4, 0.0)] == [LOW] * 3
+
+
+def test_the_default_rate_is_not_applied_at_the_stage() -> None:
+    limits = TenantLimits(QuotaSettings(quota_rate=1.0, quota_burst=1), Clock())
+    assert all(limits.admit("anyone") for _ in range(100))

@@ -25,7 +25,7 @@ client call, no clock read: `now` is passed in.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,11 @@ NO_TENANT = ""
 
 def tenant_of(msg: Any) -> str:
     """The record's tenant, from its CloudEvents header (no decoding of the value)."""
-    for key, value in msg.headers() or ():
+    return _header_tenant(msg.headers())
+
+
+def _header_tenant(headers: Any) -> str:
+    for key, value in headers or ():
         if key == TENANT_HEADER:
             return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
     return NO_TENANT
@@ -73,20 +77,34 @@ class _Lane:
     def oldest(self) -> float | None:
         return min((q[0].since for q in self.queues.values() if q), default=None)
 
-    def take(self, n: int, weight: Mapping[str, float], default_weight: float) -> list[_Waiting]:
+    def take(
+        self,
+        n: int,
+        weight: Mapping[str, float],
+        default_weight: float,
+        admit: Callable[[str], bool],
+    ) -> list[_Waiting]:
         out: list[_Waiting] = []
-        while len(out) < n and self.rotation:
+        held: set[str] = set()  # tenants over their quota: skipped for the rest of this batch
+        while len(out) < n and len(held) < len(self.rotation):
             tenant = self.rotation[0]
+            if tenant in held:
+                self.rotation.rotate(-1)
+                self.fresh = True
+                continue
             queue = self.queues[tenant]
             if self.fresh:
                 self.credit[tenant] += weight.get(tenant, default_weight)
                 self.fresh = False
             while queue and self.credit[tenant] >= 1.0 and len(out) < n:
+                if not admit(tenant):
+                    held.add(tenant)  # it keeps its records and its credit, loses its turn
+                    break
                 out.append(queue.popleft())
                 self.credit[tenant] -= 1.0
             if not queue:
                 self._leave(tenant)
-            elif self.credit[tenant] < 1.0:
+            elif tenant in held or self.credit[tenant] < 1.0:
                 self.rotation.rotate(-1)  # its turn is over; credit below one record carries
                 self.fresh = True
             # else: the batch is full mid-turn; the tenant keeps its turn and its credit.
@@ -124,8 +142,13 @@ class FairWindow:
         max_records: int,
         max_bytes: int,
         starvation_s: float,
+        admit: Callable[[str], bool] | None = None,
     ) -> None:
-        self.lanes = list(lanes)  # priority order, highest first; other topics rank below
+        self.lanes = list(lanes)
+        # Quotas: may this tenant start one more record now? (it is then counted as started)
+        self.admit = admit or (
+            lambda _tenant: True
+        )  # priority order, highest first; other topics rank below
         self.weights = dict(weights or {})
         if default_weight <= 0 or any(w <= 0 for w in self.weights.values()):
             raise ValueError("tenant weights must be positive")
@@ -156,11 +179,13 @@ class FairWindow:
             self.bytes += size
 
     def take(self, n: int, now: float) -> list[Any]:
-        """The next batch: up to `n` records of one lane (see the module docstring)."""
-        name = self._next_lane(now)
-        if name is None:
-            return []
-        taken = self._lanes[name].take(n, self.weights, self.default_weight)
+        """The next batch: up to `n` records of one lane (see the module docstring). A lane
+        whose waiting tenants are all over their quota is passed over for the next one."""
+        taken: list[_Waiting] = []
+        for name in self._lane_order(now):
+            taken = self._lanes[name].take(n, self.weights, self.default_weight, self.admit)
+            if taken:
+                break
         for waiting in taken:
             self.records -= 1
             self.bytes -= waiting.size
@@ -193,17 +218,18 @@ class FairWindow:
                 out[name] = now - oldest
         return out
 
-    def _next_lane(self, now: float) -> str | None:
+    def _lane_order(self, now: float) -> list[str]:
+        """Lanes with records, in the order to try: starved lanes (lowest first), then by
+        priority."""
         ranked = sorted(
             (name for name, lane in self._lanes.items() if lane.rotation), key=self._rank
         )
-        if not ranked:
-            return None
+        starved = []
         for name in reversed(ranked[1:]):  # the starvation guard: lowest starved lane first
             oldest = self._lanes[name].oldest()
             if oldest is not None and now - oldest >= self.starvation_s:
-                return name
-        return ranked[0]
+                starved.append(name)
+        return starved + [name for name in ranked if name not in starved]
 
     def _rank(self, topic: str) -> int:
         try:
@@ -252,8 +278,16 @@ class FairShare:
     the window; the pipeline is kept `depth` batches deep from it; finished batches commit up
     to the lowest unfinished record."""
 
-    def __init__(self, window: FairWindow, pipeline: Any, batch_max: int, depth: int = 2) -> None:
+    def __init__(
+        self,
+        window: FairWindow,
+        pipeline: Any,
+        batch_max: int,
+        depth: int = 2,
+        finished: Callable[[str], None] | None = None,
+    ) -> None:
         self.window = window
+        self.finished = finished  # quotas: a tenant's task is no longer in flight
         self.pipeline = pipeline  # conveyor.runtime.pipeline.Pipeline
         self.batch_max = batch_max
         self.depth = depth
@@ -283,6 +317,9 @@ class FairShare:
     def settle(self, result: BatchResult) -> BatchResult:
         """The batch's result with the offsets that may be committed now."""
         done = (((o.item.topic, o.item.partition), o.item.offset) for o in result.outcomes)
+        if self.finished is not None:
+            for outcome in result.outcomes:
+                self.finished(_header_tenant(outcome.item.headers))
         return replace(result, offsets=self.tracker.finish(done))
 
     def drop(self, tps: Iterable[TP] | None = None) -> int:

@@ -34,6 +34,7 @@ from conveyor.kafka import config
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.health import BrokerAvailability
 from conveyor.kafka.producer import Acks, KafkaProducer, TransactionAborted
+from conveyor.quota import QuotaSettings, TenantLimits
 from conveyor.runtime.fairshare import FairShare, FairWindow
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
@@ -448,6 +449,7 @@ def _now() -> str:
 
 
 def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipeline) -> FairShare:
+    limits = TenantLimits(QuotaSettings()) if settings.quota_hold else None
     window = FairWindow(
         lanes,
         weights=settings.tenant_weights,
@@ -455,8 +457,10 @@ def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipel
         max_records=settings.fair_window,
         max_bytes=settings.fair_window_bytes,
         starvation_s=settings.lane_starvation_s,
+        admit=limits.admit if limits is not None else None,
     )
-    return FairShare(window, pipeline, settings.batch_max)
+    finished = limits.finished if limits is not None else None
+    return FairShare(window, pipeline, settings.batch_max, finished=finished)
 
 
 def _probe(conf: dict[str, Any], availability: BrokerAvailability) -> Any:
