@@ -35,7 +35,10 @@ class Clock:
 
 
 def rec(tenant: str, offset: int, topic: str = NORMAL, partition: int = 0, size: int = 10) -> Any:
-    headers = [("ce_type", b"x"), ("ce_tenant", tenant.encode())]
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("ce_type", b"x"),
+        ("ce_tenant", tenant.encode()),
+    ]
     return FakeMessage(topic, partition, offset, b"v" * size, f"{tenant}{offset}".encode(), headers)
 
 
