@@ -3,12 +3,10 @@
 One synchronous loop per process over the client layer (`conveyor.kafka`) and the pure batch
 step (`conveyor.runtime.step`); telemetry is passed in as hooks (`StageTelemetry`).
 
-The order is the guarantee: a batch's offsets are committed only after every record it produced
-(outputs, retries, dead letters, status events) was acknowledged by the broker, and batches are
-committed in the order they were read. The loop does not wait for a batch's acknowledgements
-before reading the next one (at most `MAX_PENDING_BATCHES` wait at once); a crash before the
-commit redelivers those batches (at-least-once), and deterministic event ids let consumers
-deduplicate. With `exactly_once`, each batch's records and offsets go in one Kafka transaction.
+The order is the guarantee (`Delivery`): a batch's offsets are committed only after every
+record it produced (outputs, retries, dead letters, status events) was acknowledged by the
+broker, and batches are committed in the order they were read; the loop reads on meanwhile.
+With `pipelined`, the batch step runs on a worker thread (`Pipeline`).
 
 Retry rungs are consumed by the same consumer: a record not yet due pauses only its partition
 (`RetryGate`) and the loop resumes it when due; the main input keeps flowing.
@@ -21,8 +19,6 @@ import os
 import socket
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,8 +29,9 @@ from conveyor.events.catalog import load_catalog
 from conveyor.kafka import config
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.health import BrokerAvailability
-from conveyor.kafka.producer import Acks, KafkaProducer, TransactionAborted
+from conveyor.kafka.producer import KafkaProducer
 from conveyor.quota import QuotaSettings, TenantLimits
+from conveyor.runtime.delivery import Delivery, Failpoint
 from conveyor.runtime.fairshare import FairShare, FairWindow
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
@@ -42,7 +39,7 @@ from conveyor.runtime.lagreport import LagReporter
 from conveyor.runtime.lanes import LaneScheduler
 from conveyor.runtime.pipeline import Pipeline
 from conveyor.runtime.retrygate import RetryGate
-from conveyor.runtime.routing import OutRecord, Router
+from conveyor.runtime.routing import Router
 from conveyor.runtime.step import BatchResult, BatchStep
 from conveyor.runtime.telemetry import StageTelemetry
 from conveyor.runtime.topics import StageTopics
@@ -52,23 +49,10 @@ log = logging.getLogger(__name__)
 TP = tuple[str, int]
 # How often consumer lag is refreshed (on its own thread): one probe round trip per interval.
 LAG_INTERVAL_S = 10.0
-# Batches produced but not yet acknowledged before the loop waits for the oldest: enough to
-# keep the loop reading while the broker acknowledges, few enough to bound what a crash
-# redelivers.
-MAX_PENDING_BATCHES = 8
 # Pipelined: the idle poll while the worker has batches, so finished ones are delivered soon.
 _BUSY_POLL_S = 0.005
 # Fair share: records read per poll into the read-ahead window (the window bounds the total).
 _FAIR_POLL = 500
-
-
-@dataclass(frozen=True, slots=True)
-class _Pending:
-    """A produced batch waiting for its acknowledgements before its offsets are committed."""
-
-    acks: Acks
-    offsets: dict[TP, int]
-    outputs: list[OutRecord]
 
 
 class StageRunner:
@@ -121,11 +105,7 @@ class StageRunner:
         self.progress_at = self.heartbeat  # the handler's last record (pipelined)
         self.failed: str | None = None
         self.started = False
-        self._pending: deque[_Pending] = deque()
-        self._committed: dict[TP, int] = {}  # what this instance committed, per partition
-        self._crash_after = _failpoint_count(os.environ.get("CONVEYOR_FAILPOINT", ""))
-        # A fault-injection run waits for each batch, so "the Nth batch" is exactly one batch.
-        self._max_pending = 1 if self._crash_after is not None else MAX_PENDING_BATCHES
+        self.delivery: Delivery | None = None
         self.consumer: KafkaConsumer | None = None
         self.producer: KafkaProducer | None = None
         self.gate: RetryGate | None = None
@@ -177,6 +157,15 @@ class StageRunner:
     def attach(self, consumer: KafkaConsumer, producer: KafkaProducer) -> None:
         """Use these clients (`start` opens real ones; unit tests attach fakes)."""
         self.consumer, self.producer = consumer, producer
+        self.delivery = Delivery(
+            self.stage,
+            consumer,
+            producer,
+            self.hooks,
+            exactly_once=self.settings.exactly_once,
+            on_abort=self._rewind,
+            failpoint=Failpoint.from_env(),
+        )
         self.gate = RetryGate(consumer, self.router.policy, self.topics.retries)
         if self.settings.priority_lanes and self.topics.lanes:
             self._lanes = LaneScheduler(
@@ -236,10 +225,15 @@ class StageRunner:
             self._complete(self.step(records, _now()))
 
     def _complete(self, result: BatchResult) -> None:
+        assert self.delivery is not None
         if self._fair is not None:
             result = self._fair.settle(result)
         self.hooks.batch_finish(result)
-        self._deliver(result)
+        self.delivery.deliver(result)
+
+    def _settle(self, *, wait: bool = False, sync: bool = False) -> None:
+        assert self.delivery is not None
+        self.delivery.settle(wait=wait, sync=sync)
 
     def _drain(self) -> None:
         """Finish the work in flight, deliver it, and commit everything acknowledged."""
@@ -271,9 +265,7 @@ class StageRunner:
         assert self.gate is not None
         records = self.gate.admit(batch)
         if records:
-            result = self.step(records, _now())
-            self.hooks.batch_finish(result)
-            self._deliver(result)
+            self._complete(self.step(records, _now()))
         self._settle(wait=True)
 
     def stop(self) -> None:
@@ -353,8 +345,6 @@ class StageRunner:
             paused += [(tp.topic, tp.partition) for tp in self._lanes.on_revoke(partitions)]
         if self._lag is not None:
             self._lag.revoke(tps)
-        for tp in tps:
-            self._committed.pop(tp, None)
         self.metrics.paused.set(len(self.gate.paused))
         try:
             self.consumer.resume(paused)
@@ -366,61 +356,12 @@ class StageRunner:
         assert self.consumer is not None
         end = self.consumer.ends.get(tp)
         waiting = self._fair is not None and self._fair.outstanding > 0
-        return end is not None and end >= high and not self._pending and not waiting
-
-    # -- deliver and commit -------------------------------------------------------------------
-
-    def _deliver(self, result: BatchResult) -> None:
-        assert self.producer is not None
-        if self.settings.exactly_once:
-            self._transact(result)
-            return
-        acks = Acks()
-        self.producer.send_all(result.outputs, acks)
-        self._pending.append(_Pending(acks, result.offsets, result.outputs))
-        if len(self._pending) >= self._max_pending:
-            self._settle(wait=True)
-
-    def _settle(self, *, wait: bool = False, sync: bool = False) -> None:
-        """Commit the acknowledged batches, oldest first; `wait` for all of them."""
-        assert self.producer is not None and self.consumer is not None
-        self.producer.poll(0)  # delivery reports and client events (error_cb)
-        offsets: dict[TP, int] = {}
-        while self._pending and (wait or self._pending[0].acks.done):
-            pending = self._pending[0]
-            # Emit, wait for the broker's acknowledgement, then commit: a crash before the
-            # commit redelivers the batch (at-least-once); committing first could lose it.
-            self.producer.wait(pending.acks)
-            self._pending.popleft()
-            self.hooks.delivered(pending.outputs)
-            offsets.update(pending.offsets)
-            self._failpoint()
-        if offsets:
-            if sync:
-                self.consumer.commit_now(offsets)
-            else:
-                self.consumer.commit(offsets)
-            self._committed.update(offsets)
-
-    def _transact(self, result: BatchResult) -> None:
-        assert self.producer is not None and self.consumer is not None
-        offsets = [TopicPartition(t, p, o) for (t, p), o in result.offsets.items()]
-        try:
-            self.producer.begin()
-            self.producer.send_all(result.outputs, Acks())  # commit_transaction awaits them
-            if offsets:
-                self.producer.send_offsets(offsets, self.consumer.group_metadata())
-            self._failpoint()  # leaves the transaction open: the broker must abort it
-            self.producer.commit()
-        except TransactionAborted:
-            self._rewind(result)
-            return
-        self.hooks.delivered(result.outputs)
-        self._committed.update(result.offsets)
+        delivered = self.delivery is not None and self.delivery.idle
+        return end is not None and end >= high and delivered and not waiting
 
     def _rewind(self, aborted: BatchResult) -> None:
-        """Read the aborted batch again, and every batch after it still in flight (their
-        results are dropped: committing them would skip the aborted records)."""
+        """Read an aborted transaction's batch again, and every batch after it still in
+        flight (their results are dropped: committing them would skip the aborted records)."""
         assert self.consumer is not None
         starts = dict(aborted.starts)
         if self._pipeline is not None:
@@ -428,20 +369,6 @@ class StageRunner:
                 for tp, offset in later.starts.items():
                     starts.setdefault(tp, offset)
         self.consumer.rewind(starts)
-
-    def _failpoint(self) -> None:
-        # Fault injection for tests: `CONVEYOR_FAILPOINT=exit-before-commit:N` ends the process
-        # after the Nth acknowledged batch and before its commit (offsets, or the transaction
-        # holding them), as a crash there would.
-        if self._crash_after is None:
-            return
-        self._crash_after -= 1
-        if self._crash_after <= 0:
-            assert self.producer is not None
-            self.producer.flush()  # in a transaction: unacked
-            log.warning("failpoint exit-before-commit reached stage=%s", self.stage)
-            logging.shutdown()
-            os._exit(86)
 
 
 def _now() -> str:
@@ -469,8 +396,3 @@ def _probe(conf: dict[str, Any], availability: BrokerAvailability) -> Any:
     from confluent_kafka import Consumer
 
     return Consumer({**conf, **availability.callbacks(), "client.id": "conveyor-lag-probe"})
-
-
-def _failpoint_count(spec: str) -> int | None:
-    name, _, count = spec.partition(":")
-    return int(count or 1) if name == "exit-before-commit" else None
