@@ -47,7 +47,11 @@ def handle_batch(
             for i in indices:
                 outcomes[i] = exc
             continue
-        per_record_ms = (time.perf_counter() - started) * 1000 / len(indices)
+        elapsed = time.perf_counter() - started
+        capacity = ctx.resources.get("capacity")
+        if capacity is not None:  # GPU-aware capacity learns from every batch
+            capacity.observe(len(indices), elapsed)
+        per_record_ms = elapsed * 1000 / len(indices)
         for i, result in zip(indices, results, strict=True):
             if isinstance(result, BaseException):
                 outcomes[i] = result

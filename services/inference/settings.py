@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 
 from conveyor.settings import StageSettings
@@ -20,6 +22,16 @@ class InferenceSettings(StageSettings):
     fair_share: bool = Field(default=True, description="tenant fair share within each lane")
     quota_hold: bool = Field(default=True, description="hold tenants over their quota")
     max_in_flight: int = Field(default=64, ge=1, description="records read but not handled")
+    # GPU-aware capacity (conveyor.ml.capacity): "auto" = on when CUDA is present.
+    adaptive_batching: Literal["auto", "on", "off"] = Field(
+        default="auto", description="size batches and in-flight work from the device"
+    )
+    batch_latency_target_ms: float = Field(
+        default=250.0, gt=0, description="adaptive batching: target latency of one batch"
+    )
+    memory_headroom: float = Field(
+        default=0.1, ge=0, lt=1, description="adaptive batching: device memory kept free"
+    )
     models: str | None = Field(
         default=None, description="model registry JSON; default: packaged models"
     )

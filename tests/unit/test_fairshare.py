@@ -14,8 +14,9 @@ from confluent_kafka import TopicPartition
 from conveyor.events.model import Event
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.producer import KafkaProducer
+from conveyor.ml.capacity import Plan
 from conveyor.quota import QuotaSettings, TenantLimits, TenantQuota
-from conveyor.runtime.fairshare import CommitTracker, FairWindow, tenant_of
+from conveyor.runtime.fairshare import CommitTracker, FairShare, FairWindow, tenant_of
 from conveyor.runtime.handler import StageService
 from conveyor.runtime.stage import StageRunner
 from conveyor.settings import StageSettings
@@ -312,3 +313,36 @@ def test_a_lane_whose_tenants_are_all_held_gives_way_to_the_next_lane() -> None:
 def test_the_default_rate_is_not_applied_at_the_stage() -> None:
     limits = TenantLimits(QuotaSettings(quota_rate=1.0, quota_burst=1), Clock())
     assert all(limits.admit("anyone") for _ in range(100))
+
+
+# -- GPU-aware capacity sizes what the window hands the pipeline -------------------------------
+
+
+class FakePipeline:
+    def __init__(self) -> None:
+        self.batches: list[int] = []
+        self.in_flight = 0
+
+    def submit(self, records: list[Any], _now: str) -> None:
+        self.batches.append(len(records))
+        self.in_flight += len(records)
+
+
+class FixedCapacity:
+    def __init__(self, plan: Plan) -> None:
+        self.current = plan
+
+    def plan(self) -> Plan:
+        return self.current
+
+
+def test_the_capacity_plan_sizes_batches_and_in_flight_and_stops_reading_at_capacity() -> None:
+    pipeline = FakePipeline()
+    fair = FairShare(window(), pipeline, batch_max=32)
+    fair.capacity = FixedCapacity(Plan(batch_size=5, max_in_flight=12, at_capacity=False))
+    fair.add([rec("a", i) for i in range(40)], 0.0)
+    fair.feed(0.0, "now")
+    assert pipeline.batches == [5, 5, 5]  # under 12 in flight before each, 5 records each
+    assert not fair.full
+    fair.capacity.current = Plan(batch_size=5, max_in_flight=12, at_capacity=True)
+    assert fair.full  # the stage pauses its partitions

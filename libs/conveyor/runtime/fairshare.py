@@ -287,6 +287,9 @@ class FairShare:
         finished: Callable[[str], None] | None = None,
     ) -> None:
         self.window = window
+        # GPU-aware capacity (conveyor.ml.capacity): batch size, in-flight bound and "at
+        # capacity" come from the device when the handler's resources hold a controller.
+        self.capacity: Any = None
         self.finished = finished  # quotas: a tenant's task is no longer in flight
         self.pipeline = pipeline  # conveyor.runtime.pipeline.Pipeline
         self.batch_max = batch_max
@@ -295,7 +298,7 @@ class FairShare:
 
     @property
     def full(self) -> bool:
-        return self.window.full
+        return self.window.full or (self.capacity is not None and self.capacity.plan().at_capacity)
 
     @property
     def outstanding(self) -> int:
@@ -308,8 +311,12 @@ class FairShare:
     def feed(self, now: float, stamp: str) -> None:
         """Submit batches from the window while the pipeline is under `depth` batches: the
         rest waits in the window, where later arrivals can still be served before it."""
-        while len(self.window) and self.pipeline.in_flight < self.depth * self.batch_max:
-            batch = self.window.take(self.batch_max, now)
+        size, bound = self.batch_max, self.depth * self.batch_max
+        if self.capacity is not None:
+            plan = self.capacity.plan()
+            size, bound = plan.batch_size, plan.max_in_flight
+        while len(self.window) and self.pipeline.in_flight < bound:
+            batch = self.window.take(size, now)
             if not batch:
                 return
             self.pipeline.submit(batch, stamp)

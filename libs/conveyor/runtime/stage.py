@@ -117,6 +117,8 @@ class StageRunner:
     def start(self) -> None:
         if self.service.setup is not None:
             self.ctx.resources.update(self.service.setup(self.settings))
+        if self._fair is not None:
+            self._fair.capacity = self.ctx.resources.get("capacity")  # GPU-aware, if set up
         client_id = f"conveyor-{self.stage}-{self.instance}"
         # A restarted instance reuses its slot's transactional.id, so init_transactions fences
         # the crashed one's open transaction at once (read_committed readers would otherwise
