@@ -28,12 +28,18 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
+from prometheus_client import Gauge
 
 from conveyor.errors import BrokerError
 
 log = logging.getLogger(__name__)
 LANES = ("high", "normal", "low")
 INGRESS = "ingress"
+LANE_ESTIMATED_WAIT = Gauge(
+    "conveyor_lane_estimated_wait_seconds",
+    "Admission control's estimate of a new task's queue wait per lane (NaN: unknown)",
+    ["lane"],
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +126,11 @@ class Admission:
             self.history.append(snapshot)
             while len(self.history) > 2 and snapshot.at - self.history[0].at > self.window_s:
                 self.history.popleft()
+            rate = service_rate(list(self.history))
+            for lane in LANES:
+                ahead = ahead_of(snapshot, lane)
+                wait = 0.0 if ahead == 0 else (ahead / rate if rate else math.nan)
+                LANE_ESTIMATED_WAIT.labels(lane=lane).set(wait)
         finally:
             self._lock.release()
 

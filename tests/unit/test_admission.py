@@ -3,11 +3,13 @@ and the gateway refusing (429) a task whose deadline would pass before it starts
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from conveyor.admission import (
@@ -137,3 +139,19 @@ def test_the_gateway_refuses_a_task_that_would_expire_in_the_queue(
     assert body["queue_position_estimate"] == 300
     start = datetime.fromisoformat(body["estimated_start"])
     assert timedelta(seconds=25) < start - datetime.now(UTC) <= timedelta(seconds=31)
+
+
+def test_the_estimated_wait_per_lane_is_exported() -> None:
+    clock = Clock()
+    probe = Probe([snap(0, 0, high=0, normal=100, low=300), snap(10, 100, normal=100, low=300)])
+    admission = Admission(probe, ttl_s=5.0, clock=clock)
+    admission.check("normal", None, NOW)
+    unknown = REGISTRY.get_sample_value("conveyor_lane_estimated_wait_seconds", {"lane": "low"})
+    assert unknown is not None and math.isnan(unknown)
+    clock.now = 10.0
+    admission.check("normal", None, NOW)
+    wait = {
+        lane: REGISTRY.get_sample_value("conveyor_lane_estimated_wait_seconds", {"lane": lane})
+        for lane in ("high", "normal", "low")
+    }
+    assert wait == {"high": 0.0, "normal": pytest.approx(10.0), "low": pytest.approx(40.0)}

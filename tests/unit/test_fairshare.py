@@ -10,13 +10,20 @@ from typing import Any
 
 import pytest
 from confluent_kafka import TopicPartition
+from prometheus_client import REGISTRY
 
 from conveyor.events.model import Event
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.ml.capacity import Plan
 from conveyor.quota import QuotaSettings, TenantLimits, TenantQuota
-from conveyor.runtime.fairshare import CommitTracker, FairShare, FairWindow, tenant_of
+from conveyor.runtime.fairshare import (
+    CommitTracker,
+    FairShare,
+    FairWindow,
+    TenantMetrics,
+    tenant_of,
+)
 from conveyor.runtime.handler import StageService
 from conveyor.runtime.stage import StageRunner
 from conveyor.settings import StageSettings
@@ -346,3 +353,19 @@ def test_the_capacity_plan_sizes_batches_and_in_flight_and_stops_reading_at_capa
     assert not fair.full
     fair.capacity.current = Plan(batch_size=5, max_in_flight=12, at_capacity=True)
     assert fair.full  # the stage pauses its partitions
+
+
+def test_queue_wait_and_served_records_are_counted_per_tenant() -> None:
+    def sample(name: str, tenant: str) -> float:
+        labels = {"stage": "unit-fair", "tenant": tenant}
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    w = window()
+    w.observe = TenantMetrics("unit-fair").observe
+    w.add([rec("a", i) for i in range(3)], 10.0)
+    w.add([rec("b", 3)], 11.0)
+    w.take(4, 12.0)
+    assert sample("conveyor_tenant_served_total", "a") == 3
+    assert sample("conveyor_tenant_served_total", "b") == 1
+    assert sample("conveyor_tenant_queue_wait_seconds_sum", "a") == pytest.approx(6.0)
+    assert sample("conveyor_tenant_queue_wait_seconds_sum", "b") == pytest.approx(1.0)

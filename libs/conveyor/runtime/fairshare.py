@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from prometheus_client import Counter, Histogram
+
 if TYPE_CHECKING:
     from conveyor.runtime.step import BatchResult
 
@@ -144,15 +146,15 @@ class FairWindow:
         starvation_s: float,
         admit: Callable[[str], bool] | None = None,
     ) -> None:
-        self.lanes = list(lanes)
+        self.lanes = list(lanes)  # priority order, highest first; other topics rank below
         # Quotas: may this tenant start one more record now? (it is then counted as started)
-        self.admit = admit or (
-            lambda _tenant: True
-        )  # priority order, highest first; other topics rank below
+        self.admit = admit or (lambda _tenant: True)
         self.weights = dict(weights or {})
         if default_weight <= 0 or any(w <= 0 for w in self.weights.values()):
             raise ValueError("tenant weights must be positive")
         self.default_weight = default_weight
+        # Called per record taken: (tenant, seconds it waited in the window); metrics.
+        self.observe: Callable[[str, float], None] | None = None
         self.max_records = max_records
         self.max_bytes = max_bytes
         self.starvation_s = starvation_s
@@ -191,6 +193,8 @@ class FairWindow:
             self.bytes -= waiting.size
             tenant = tenant_of(waiting.msg)
             self.served[tenant] = self.served.get(tenant, 0) + 1
+            if self.observe is not None:
+                self.observe(tenant, now - waiting.since)
         return [waiting.msg for waiting in taken]
 
     def drop(self, tps: Iterable[TP] | None = None) -> list[Any]:
@@ -336,3 +340,30 @@ class FairShare:
 
     def forget(self, tps: Iterable[TP]) -> None:
         self.tracker.forget(tps)
+
+
+class TenantMetrics:
+    """Per-tenant series of a fair-share stage: how long its records waited in the window
+    (queue wait) and how many it was served (its share: rate over the sum of rates). The
+    tenant label is bounded by the tenants that submit; a deployment that lets any string in
+    as a tenant should validate it upstream (the gateway's tokens name them)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def observe(self, tenant: str, waited_s: float) -> None:
+        TENANT_QUEUE_WAIT.labels(stage=self.stage, tenant=tenant).observe(waited_s)
+        TENANT_SERVED.labels(stage=self.stage, tenant=tenant).inc()
+
+
+TENANT_QUEUE_WAIT = Histogram(
+    "conveyor_tenant_queue_wait_seconds",
+    "Time a tenant's record waited in the fair-share window before it ran",
+    ["stage", "tenant"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+TENANT_SERVED = Counter(
+    "conveyor_tenant_served_total",
+    "Records of a tenant handed to the handler by fair share (served share: its rate / all)",
+    ["stage", "tenant"],
+)

@@ -32,7 +32,7 @@ from conveyor.kafka.health import BrokerAvailability
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.quota import QuotaSettings, TenantLimits
 from conveyor.runtime.delivery import Delivery, Failpoint
-from conveyor.runtime.fairshare import FairShare, FairWindow
+from conveyor.runtime.fairshare import FairShare, FairWindow, TenantMetrics
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
 from conveyor.runtime.lagreport import LagReporter
@@ -388,6 +388,7 @@ def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipel
         starvation_s=settings.lane_starvation_s,
         admit=limits.admit if limits is not None else None,
     )
+    window.observe = TenantMetrics(settings.stage).observe
     finished = limits.finished if limits is not None else None
     return FairShare(window, pipeline, settings.batch_max, finished=finished)
 
