@@ -369,3 +369,12 @@ def test_queue_wait_and_served_records_are_counted_per_tenant() -> None:
     assert sample("conveyor_tenant_served_total", "b") == 1
     assert sample("conveyor_tenant_queue_wait_seconds_sum", "a") == pytest.approx(6.0)
     assert sample("conveyor_tenant_queue_wait_seconds_sum", "b") == pytest.approx(1.0)
+
+
+def test_the_tracker_counts_each_unfinished_record_once() -> None:
+    t = CommitTracker()
+    t.read([rec("a", 0), rec("a", 1)])
+    t.read([rec("a", 1)])  # read again after a seek
+    assert t.outstanding == 2
+    t.finish([((NORMAL, 0), 0), ((NORMAL, 0), 0)])
+    assert t.outstanding == 1

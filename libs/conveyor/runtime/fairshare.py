@@ -248,22 +248,26 @@ class CommitTracker:
     def __init__(self) -> None:
         self._open: dict[TP, set[int]] = {}
         self._next: dict[TP, int] = {}  # one past the highest offset read
-
-    @property
-    def outstanding(self) -> int:
-        return sum(len(offsets) for offsets in self._open.values())
+        # Kept as a number (not summed over `_open`): the lag reporter's thread reads it.
+        self.outstanding = 0
 
     def read(self, records: Iterable[Any]) -> None:
         for msg in records:
             tp, offset = (msg.topic(), msg.partition()), msg.offset()
-            self._open.setdefault(tp, set()).add(offset)
+            pending = self._open.setdefault(tp, set())
+            if offset not in pending:
+                pending.add(offset)
+                self.outstanding += 1
             self._next[tp] = max(self._next.get(tp, 0), offset + 1)
 
     def finish(self, done: Iterable[tuple[TP, int]]) -> dict[TP, int]:
         """Mark records finished; the offset to commit for each partition they touched."""
         touched = set()
         for tp, offset in done:
-            self._open.get(tp, set()).discard(offset)
+            pending = self._open.get(tp)
+            if pending is not None and offset in pending:
+                pending.remove(offset)
+                self.outstanding -= 1
             touched.add(tp)
         return {tp: self.commit_point(tp) for tp in touched if tp in self._next}
 
@@ -273,7 +277,7 @@ class CommitTracker:
 
     def forget(self, tps: Iterable[TP]) -> None:
         for tp in tps:
-            self._open.pop(tp, None)
+            self.outstanding -= len(self._open.pop(tp, ()))
             self._next.pop(tp, None)
 
 
