@@ -94,6 +94,27 @@ class StageSettings(KafkaSettings):
     lane_starvation_s: float = Field(
         default=2.0, gt=0, description="a lane held back this long is served for one poll"
     )
+    fair_share: bool = Field(
+        default=False,
+        description="pipelined: serve tenants by deficit round robin within each lane from a "
+        "read-ahead window instead of partition order (inference)",
+    )
+    fair_window: int = Field(
+        default=4096, ge=1, description="fair share: records read ahead (pause at the bound)"
+    )
+    fair_window_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="fair share: bytes read ahead"
+    )
+    tenant_weights: dict[str, float] = Field(
+        default_factory=dict,
+        description="fair share: weight per tenant, JSON object (default_tenant_weight else)",
+    )
+    quota_hold: bool = Field(
+        default=False,
+        description="fair share: hold a tenant's tasks in the window while it is over its "
+        "quota (CONVEYOR_TENANT_QUOTAS, CONVEYOR_QUOTA_IN_FLIGHT; conveyor.quota)",
+    )
+    default_tenant_weight: float = Field(default=1.0, gt=0, description="fair share weight")
     linger_ms: float = Field(
         default=1.0, ge=0, description="producer linger; low for latency per hop"
     )

@@ -18,11 +18,14 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
+from conveyor.admission import LANES, Admission, KafkaBacklog
 from conveyor.client import TaskClient
 from conveyor.events.catalog import INGRESS_TOPIC
+from conveyor.kafka.config import common
 from conveyor.kafka.lag import CachedLag, GroupLag
 from conveyor.paths import restrict_new_files
 from conveyor.publisher import AsyncTaskPublisher
+from conveyor.quota import QuotaSettings, SqlRateLedger, SubmissionQuota
 from conveyor.runtime.health import HealthServer
 from conveyor.store import open_store
 from conveyor.telemetry.logging import setup_logging
@@ -69,12 +72,22 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         [settings.topic(INGRESS_TOPIC)],
         timeout_s=settings.lag_timeout_s,
     )
+    backlog = KafkaBacklog(
+        common(settings),
+        ingress=(settings.lag_group, settings.topic(INGRESS_TOPIC)),
+        inference_group=f"{settings.topic_prefix}conveyor.inference",
+        lanes={lane: settings.topic(f"conveyor.task.preprocessed.{lane}") for lane in LANES},
+        timeout_s=settings.lag_timeout_s,
+    )
+    quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url))
     gateway = Gateway(
         settings,
         publisher=publisher,
         store=store,
         queue_estimate=CachedLag(lag.total, ttl_s=settings.lag_cache_s).value,
-        closers=(lag.close,),
+        closers=(lag.close, quota.close, backlog.close),
+        quota=quota,
+        admission=Admission(backlog, ttl_s=settings.lag_cache_s),
     )
     return build_app(gateway), gateway
 

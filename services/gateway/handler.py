@@ -22,6 +22,7 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -34,9 +35,11 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from conveyor.admission import Admission, retry_after
 from conveyor.errors import BrokerError, PermanentError, RetryableError
 from conveyor.events.ingress import InvalidTaskError, parse_task
 from conveyor.publisher import TaskPublisher
+from conveyor.quota import SubmissionQuota, retry_after_header
 from conveyor.store import ResultStore, is_terminal
 from conveyor.web.auth import (
     SUBPROTOCOL,
@@ -71,6 +74,8 @@ class Gateway:
         store: ResultStore,
         queue_estimate: Callable[[], int | None],
         closers: tuple[Callable[[], None], ...] = (),
+        quota: SubmissionQuota | None = None,
+        admission: Admission | None = None,
     ) -> None:
         self.settings = settings
         self.tokens = TokenTable(settings.gateway_tokens)
@@ -82,6 +87,8 @@ class Gateway:
             ttl_s=settings.recent_ttl_s, max_size=settings.recent_max
         )
         self.closers = closers
+        self.quota = quota  # per-tenant submission rate (docs/scheduling.md); None: unlimited
+        self.admission = admission  # estimated start, deadline refusal; None: no estimate
         self.started = False
         self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
         self.sockets = 0
@@ -177,11 +184,32 @@ async def submit_task(request: Request) -> Response:
     if body.get("task_id") is None:
         body["task_id"] = str(uuid.uuid4())
     try:
-        task_id = parse_task(body, gateway.rules).task_id
+        task = parse_task(body, gateway.rules)
     except InvalidTaskError as exc:
         return _invalid(exc)
+    task_id = task.task_id
     if await gateway.exists(task_id):
         raise HTTPException(409, f"task {task_id} already exists")
+    if gateway.quota is not None:
+        decision = await run_in_threadpool(gateway.quota.check, tenant)
+        if not decision.allowed:
+            retry = retry_after_header(decision)
+            raise HTTPException(
+                429, f"tenant over its submission rate: retry in {retry} s", {"Retry-After": retry}
+            )
+    admitted: dict[str, Any] = {}
+    if gateway.admission is not None:
+        verdict = await run_in_threadpool(
+            gateway.admission.check, task.priority, task.deadline, datetime.now(UTC)
+        )
+        start = verdict.start.isoformat() if verdict.start is not None else None
+        if not verdict.allowed:
+            raise HTTPException(
+                429,
+                f"the deadline would pass before the task starts (estimated start {start})",
+                {"Retry-After": retry_after(verdict)},
+            )
+        admitted = {"estimated_start": start, "queue_position_estimate": verdict.ahead}
     try:
         task_id, trace_id = await gateway.publisher.submit(body)
     except PermanentError as exc:  # e.g. the encoded record is over the stages' size limit
@@ -190,7 +218,13 @@ async def submit_task(request: Request) -> Response:
     url = status_url(settings, request, task_id)
     log.info("task accepted task_id=%s tenant=%s trace_id=%s", task_id, tenant, trace_id)
     return JSONResponse(
-        {"task_id": task_id, "status": "pending", "status_url": url, "trace_id": trace_id},
+        {
+            "task_id": task_id,
+            "status": "pending",
+            "status_url": url,
+            "trace_id": trace_id,
+            **admitted,
+        },
         status_code=202,
         headers={"Location": url},
     )

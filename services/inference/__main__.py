@@ -23,7 +23,28 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
             registry.for_kind(spec.kind, spec.name)
             log.info("model loaded kind=%s name=%s source=%s", spec.kind, spec.name, spec.source)
     # conveyor_gpu_* on /metrics while CUDA is present; None (no thread) on a CPU machine.
-    return {"models": registry, "gpu_sampler": start_gpu_sampler("inference")}
+    return {
+        "models": registry,
+        "gpu_sampler": start_gpu_sampler("inference"),
+        "capacity": _capacity(settings),
+    }
+
+
+def _capacity(settings: InferenceSettings) -> Any:
+    """The GPU-aware capacity controller, or None (fixed batch_max / max_in_flight)."""
+    import torch
+
+    from conveyor.ml.capacity import CapacityController, TorchDevice
+
+    mode = settings.adaptive_batching
+    if mode == "off" or (mode == "auto" and not torch.cuda.is_available()):
+        return None
+    return CapacityController(
+        TorchDevice(),
+        latency_target_s=settings.batch_latency_target_ms / 1000,
+        max_batch=settings.batch_max,
+        headroom=settings.memory_headroom,
+    )
 
 
 def teardown(resources: dict[str, Any]) -> None:

@@ -51,7 +51,11 @@ def handle_batch(
         started = time.perf_counter()
         with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
             results = _run_isolated(kind, registry, name, batch)
-        per_record_ms = (time.perf_counter() - started) * 1000 / len(indices)
+        elapsed = time.perf_counter() - started
+        capacity = ctx.resources.get("capacity")
+        if capacity is not None:  # GPU-aware capacity learns from every batch
+            capacity.observe(len(indices), elapsed)
+        per_record_ms = elapsed * 1000 / len(indices)
         for i, result in zip(indices, results, strict=True):
             if isinstance(result, BaseException):
                 outcomes[i] = result

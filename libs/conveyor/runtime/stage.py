@@ -27,7 +27,9 @@ from conveyor.kafka import config
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.health import BrokerAvailability
 from conveyor.kafka.producer import KafkaProducer
+from conveyor.quota import QuotaSettings, TenantLimits
 from conveyor.runtime.delivery import Delivery, Failpoint
+from conveyor.runtime.fairshare import FairShare, FairWindow, TenantMetrics
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
 from conveyor.runtime.lagreport import LagReporter
@@ -47,6 +49,8 @@ TP = tuple[str, int]
 LAG_INTERVAL_S = 10.0
 # Pipelined: the idle poll while the worker has batches, so finished ones are delivered soon.
 _BUSY_POLL_S = 0.005
+# Fair share: records read per poll into the read-ahead window (the window bounds the total).
+_FAIR_POLL = 500
 
 
 class StageRunner:
@@ -92,6 +96,13 @@ class StageRunner:
             if settings.pipelined
             else None
         )
+        # Fair share: what runs next comes from a read-ahead window, by lane then tenant
+        # (at-least-once only: a transaction commits a batch's own offsets).
+        self._fair = (
+            _fair_share(settings, self.topics.lanes, self._pipeline)
+            if self._pipeline is not None and settings.fair_share and not settings.exactly_once
+            else None
+        )
         self._held: list[TP] = []  # partitions paused because the pipeline is full
         self.availability = BrokerAvailability(settings.broker_down_s)
         self.stopping = threading.Event()
@@ -111,6 +122,8 @@ class StageRunner:
     def start(self) -> None:
         if self.service.setup is not None:
             self.ctx.resources.update(self.service.setup(self.settings))
+        if self._fair is not None:
+            self._fair.capacity = self.ctx.resources.get("capacity")  # GPU-aware, if set up
         client_id = f"conveyor-{self.stage}-{self.instance}"
         # A restarted instance reuses its slot's transactional.id, so init_transactions fences
         # the crashed one's open transaction at once (read_committed readers would otherwise
@@ -173,6 +186,8 @@ class StageRunner:
         try:
             while not self.stopping.is_set():
                 self.turn()
+            if self._fair is not None:
+                self._fair.drop()  # unrun: the commit stops before them; read again later
             self._drain()  # graceful stop: finish in-flight work, emit, acknowledge, commit
         except BaseException as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
@@ -195,7 +210,9 @@ class StageRunner:
         if self._pipeline is not None and self._pipeline.busy:
             idle_s = min(idle_s, _BUSY_POLL_S)  # results to deliver soon: don't block long
         take = s.batch_max
-        if self._pipeline is not None and self._pipeline.full:
+        if self._fair is not None:
+            take = max(s.batch_max, _FAIR_POLL)  # reads ahead into its window
+        elif self._pipeline is not None and self._pipeline.full:
             take = 1  # keep polling (group membership), leave the rest in librdkafka's queue
         batch = self.consumer.poll_batch(take, idle_s, s.batch_wait_ms / 1000)
         records = self.gate.admit(batch)
@@ -206,16 +223,22 @@ class StageRunner:
             for result in self._pipeline.finished():
                 self._complete(result)
             self._pipeline.pump(now_iso())  # the worker is free: hand it what was gathered
+        if self._fair is not None:
+            self._fair.feed(time.monotonic(), now_iso())
         self._settle()
 
     def _process(self, records: list[Any]) -> None:
-        if self._pipeline is not None:
+        if self._fair is not None:
+            self._fair.add(records, time.monotonic())
+        elif self._pipeline is not None:
             self._pipeline.offer(records, now_iso())
         else:
             self._complete(self.step(records, now_iso()))
 
     def _complete(self, result: BatchResult) -> None:
         assert self.delivery is not None
+        if self._fair is not None:
+            result = self._fair.settle(result)
         self.hooks.batch_finish(result)
         self.delivery.deliver(result)
 
@@ -236,7 +259,8 @@ class StageRunner:
         paused, and resumed once the pipeline has drained to half of it. Pausing is the last
         resort: a resumed partition's first fetch can take a fetch round trip or more."""
         assert self.consumer is not None and self.gate is not None
-        if pipeline.overfull and not self._held:
+        full = self._fair.full if self._fair is not None else pipeline.overfull
+        if full and not self._held:
             lanes = self._lanes.paused if self._lanes is not None else set()
             self._held = [
                 tp
@@ -244,7 +268,7 @@ class StageRunner:
                 if tp not in self.gate.paused and tp not in lanes
             ]
             self.consumer.pause_all(self._held)
-        elif self._held and pipeline.drained:
+        elif self._held and (not full if self._fair is not None else pipeline.drained):
             held, self._held = self._held, []
             self.consumer.resume(held)
 
@@ -321,8 +345,12 @@ class StageRunner:
         # librdkafka keeps a partition's pause across revoke and re-assign, so a paused
         # partition is resumed here, else it would come back paused with nothing to resume it.
         assert self.gate is not None and self.consumer is not None
-        self._drain()  # in-flight work of every partition: bounded by max_in_flight
         tps = [(tp.topic, tp.partition) for tp in partitions]
+        if self._fair is not None:
+            self._fair.drop(tps)  # unrun: the commit stops before them, the new owner reads them
+        self._drain()  # in-flight work of every partition: bounded by max_in_flight
+        if self._fair is not None:
+            self._fair.forget(tps)
         paused = self.gate.on_revoke(tps)
         paused += [tp for tp in tps if tp in self._held]
         self._held = [tp for tp in self._held if tp not in tps]
@@ -340,7 +368,9 @@ class StageRunner:
         """Read to the end of `tp` (markers included) and committed all of it (lag report)."""
         assert self.consumer is not None
         end = self.consumer.ends.get(tp)
-        return end is not None and end >= high and self.delivery is not None and self.delivery.idle
+        waiting = self._fair is not None and self._fair.outstanding > 0
+        delivered = self.delivery is not None and self.delivery.idle
+        return end is not None and end >= high and delivered and not waiting
 
     def _rewind(self, aborted: BatchResult) -> None:
         """Read an aborted transaction's batch again, and every batch after it still in
@@ -352,6 +382,22 @@ class StageRunner:
                 for tp, offset in later.starts.items():
                     starts.setdefault(tp, offset)
         self.consumer.rewind(starts)
+
+
+def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipeline) -> FairShare:
+    limits = TenantLimits(QuotaSettings()) if settings.quota_hold else None
+    window = FairWindow(
+        lanes,
+        weights=settings.tenant_weights,
+        default_weight=settings.default_tenant_weight,
+        max_records=settings.fair_window,
+        max_bytes=settings.fair_window_bytes,
+        starvation_s=settings.lane_starvation_s,
+        admit=limits.admit if limits is not None else None,
+    )
+    window.observe = TenantMetrics(settings.stage).observe
+    finished = limits.finished if limits is not None else None
+    return FairShare(window, pipeline, settings.batch_max, finished=finished)
 
 
 def _probe(conf: dict[str, Any], availability: BrokerAvailability) -> Any:

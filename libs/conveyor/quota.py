@@ -1,0 +1,232 @@
+"""Per-tenant quotas: a submission rate (token bucket) and tasks in flight.
+
+The rate is a token bucket of `rate` tasks per second holding up to `burst`, computed as GCRA
+(generic cell rate algorithm): one number per tenant, the *theoretical arrival time* (TAT), so
+the whole bucket state fits one row. `gcra` is the pure rule.
+
+Where the state lives decides who shares it:
+
+- `SqlRateLedger` keeps each tenant's TAT in a table of the result store's database (SQLite
+  file or PostgreSQL), updated in one transaction per check (`BEGIN IMMEDIATE` / `SELECT ...
+  FOR UPDATE`): every gateway replica on that database draws from the same bucket.
+- `MemoryRateLedger` keeps it in the process (the inference stage's hold of tasks that arrive
+  straight on Kafka: each instance paces what it starts; unit tests).
+
+Limits per tenant come from `QuotaSettings` (`CONVEYOR_QUOTA_*`, `CONVEYOR_TENANT_QUOTAS`).
+"""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from prometheus_client import Counter
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TABLE = "conveyor_quota"
+QUOTA_REJECTIONS = Counter(
+    "conveyor_quota_rejections_total",
+    "Tasks refused (gateway 429) or held back (inference) by a tenant quota",
+    ["tenant", "limit"],
+)
+
+
+class TenantQuota(BaseModel):
+    """One tenant's limits; 0 means unlimited."""
+
+    model_config = {"frozen": True}
+
+    rate: float = Field(default=100.0, ge=0, description="tasks per second, sustained")
+    burst: int = Field(default=500, ge=1, description="tasks at once above the rate")
+    in_flight: int = Field(default=0, ge=0, description="tasks running at once (inference)")
+
+
+class QuotaSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", frozen=True, extra="ignore")
+
+    quota_rate: float = Field(default=100.0, ge=0, description="default tasks/s per tenant; 0: off")
+    quota_burst: int = Field(default=500, ge=1, description="default burst per tenant")
+    quota_in_flight: int = Field(default=0, ge=0, description="default in flight; 0: unlimited")
+    tenant_quotas: dict[str, TenantQuota] = Field(
+        default_factory=dict,
+        description='per-tenant limits, JSON {"tenant": {"rate": 5, "burst": 10, "in_flight": 4}}',
+    )
+
+    def of(self, tenant: str) -> TenantQuota:
+        found = self.tenant_quotas.get(tenant)
+        if found is not None:
+            return found
+        return TenantQuota(
+            rate=self.quota_rate, burst=self.quota_burst, in_flight=self.quota_in_flight
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    retry_after_s: float  # when refused: how long until one task fits the rate again
+
+
+def gcra(tat: float, now: float, rate: float, burst: int) -> tuple[Decision, float]:
+    """Check one task against a bucket of `rate`/s holding `burst`; the new TAT to store."""
+    if rate <= 0:
+        return Decision(True, 0.0), tat
+    interval = 1.0 / rate
+    new_tat = max(tat, now) + interval
+    over = new_tat - now - burst * interval
+    if over > 1e-9:
+        return Decision(False, over), tat
+    return Decision(True, 0.0), new_tat
+
+
+class RateLedger(Protocol):
+    def take(self, tenant: str, quota: TenantQuota) -> Decision: ...
+
+    def close(self) -> None: ...
+
+
+class MemoryRateLedger:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._tat: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def take(self, tenant: str, quota: TenantQuota) -> Decision:
+        with self._lock:
+            decision, tat = gcra(self._tat.get(tenant, 0.0), self.clock(), quota.rate, quota.burst)
+            self._tat[tenant] = tat
+            return decision
+
+    def close(self) -> None:
+        return None
+
+
+class SqlRateLedger:
+    """The TATs in a table of the store's database, shared by every process using it."""
+
+    def __init__(self, url: str, clock: Callable[[], float] = time.time) -> None:
+        self.clock = clock  # wall time: replicas compare their clocks through the table
+        self._lock = threading.Lock()
+        self._conn: Any
+        if url.startswith("sqlite:///"):
+            self._pg = False
+            path = url.removeprefix("sqlite:///")
+            self._conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=5.0
+            )
+            self._conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {TABLE} (tenant TEXT PRIMARY KEY, tat REAL NOT NULL)"
+            )
+        elif url.startswith(("postgresql://", "postgres://")):
+            import psycopg
+
+            self._pg = True
+            self._conn = psycopg.connect(url, autocommit=True)
+            self._conn.execute(
+                f"CREATE TABLE IF NOT EXISTS {TABLE} "
+                "(tenant TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)"
+            )
+        else:
+            raise ValueError("quota ledger needs a sqlite:/// or postgresql:// store URL")
+
+    def take(self, tenant: str, quota: TenantQuota) -> Decision:
+        if quota.rate <= 0:
+            return Decision(True, 0.0)
+        with self._lock:
+            return self._take_pg(tenant, quota) if self._pg else self._take_sqlite(tenant, quota)
+
+    def _take_sqlite(self, tenant: str, quota: TenantQuota) -> Decision:
+        conn = self._conn
+        conn.execute("BEGIN IMMEDIATE")  # the write lock first: no two replicas read one TAT
+        try:
+            row = conn.execute(f"SELECT tat FROM {TABLE} WHERE tenant = ?", (tenant,)).fetchone()
+            decision, tat = gcra(row[0] if row else 0.0, self.clock(), quota.rate, quota.burst)
+            if decision.allowed:
+                conn.execute(
+                    f"INSERT INTO {TABLE} (tenant, tat) VALUES (?, ?) "
+                    "ON CONFLICT (tenant) DO UPDATE SET tat = excluded.tat",
+                    (tenant, tat),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return decision
+
+    def _take_pg(self, tenant: str, quota: TenantQuota) -> Decision:
+        with self._conn.transaction():
+            self._conn.execute(
+                f"INSERT INTO {TABLE} (tenant, tat) VALUES (%s, 0) ON CONFLICT DO NOTHING",
+                (tenant,),
+            )
+            row = self._conn.execute(
+                f"SELECT tat FROM {TABLE} WHERE tenant = %s FOR UPDATE", (tenant,)
+            ).fetchone()
+            decision, tat = gcra(row[0], self.clock(), quota.rate, quota.burst)
+            if decision.allowed:
+                self._conn.execute(f"UPDATE {TABLE} SET tat = %s WHERE tenant = %s", (tat, tenant))
+        return decision
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def retry_after_header(decision: Decision) -> str:
+    """Retry-After in whole seconds (HTTP), at least 1."""
+    return str(max(1, math.ceil(decision.retry_after_s)))
+
+
+class SubmissionQuota:
+    """The gateway's check: each tenant's submission rate against the shared ledger."""
+
+    def __init__(self, settings: QuotaSettings, ledger: RateLedger) -> None:
+        self.settings = settings
+        self.ledger = ledger
+
+    def check(self, tenant: str) -> Decision:
+        decision = self.ledger.take(tenant, self.settings.of(tenant))
+        if not decision.allowed:
+            QUOTA_REJECTIONS.labels(tenant=tenant, limit="rate").inc()
+        return decision
+
+    def close(self) -> None:
+        self.ledger.close()
+
+
+class TenantLimits:
+    """The inference stage's hold of tasks that arrived straight on Kafka: may a tenant start
+    one more task now? Over its in-flight limit or its rate, its tasks wait in the fair-share
+    window (not lost; the window's bound pauses the partitions) until it is under quota again.
+
+    At the stage, the rate applies only to tenants named in `tenant_quotas` (the default rate
+    is the gateway's front door: applied per inference instance it would multiply by the
+    replicas and cap every tenant's GPU share); the default in-flight limit applies to all.
+    """
+
+    def __init__(self, settings: QuotaSettings, clock: Callable[[], float] = time.monotonic):
+        self.settings = settings
+        self.ledger = MemoryRateLedger(clock)
+        self.running: dict[str, int] = {}
+
+    def admit(self, tenant: str) -> bool:
+        quota = self.settings.of(tenant)
+        running = self.running.get(tenant, 0)
+        if quota.in_flight and running >= quota.in_flight:
+            return False
+        if tenant in self.settings.tenant_quotas and not self.ledger.take(tenant, quota).allowed:
+            return False
+        self.running[tenant] = running + 1
+        return True
+
+    def finished(self, tenant: str) -> None:
+        left = self.running.get(tenant, 0) - 1
+        if left > 0:
+            self.running[tenant] = left
+        else:
+            self.running.pop(tenant, None)

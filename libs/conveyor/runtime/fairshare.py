@@ -1,0 +1,373 @@
+"""Fair share across tenants: what a pipelined stage runs next, from a bounded read-ahead window.
+
+Records polled by the stage wait in a window (bounded in records and in bytes: at the bound the
+stage pauses its partitions) instead of going to the handler in partition order. Each batch is
+taken from the window by:
+
+1. **Priority lane first.** The highest lane with a record waiting is served; a lower lane whose
+   oldest waiting record has waited `starvation_s` is served first instead (the same guard as
+   `conveyor.runtime.lanes`, which decides what is *read*; this decides what is *run*).
+2. **Deficit round robin over tenants** within that lane: each tenant with work gets
+   `weight` records of credit per visit, in turn, so with equal weights two busy tenants get
+   half the batches each however long either one's backlog is. A tenant's own records keep their
+   partition order. A tenant whose queue empties leaves the rotation and loses its credit.
+
+Taking records out of order means offsets cannot be committed per batch: `CommitTracker` keeps
+the offsets read but not finished, and a partition is committed up to its lowest unfinished
+record (so a crash redelivers at most the window). Records dropped from the window (partition
+revoked, stage stopping) stay unfinished: the commit never passes them and the next owner reads
+them again.
+
+Pure logic over `Message`-like records (topic, partition, offset, headers, value); no Kafka
+client call, no clock read: `now` is passed in.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import Counter, Histogram
+
+if TYPE_CHECKING:
+    from conveyor.runtime.step import BatchResult
+
+TP = tuple[str, int]
+TENANT_HEADER = "ce_tenant"
+# Records with no tenant header (a bad record: the step dead-letters it) share one queue.
+NO_TENANT = ""
+
+
+def tenant_of(msg: Any) -> str:
+    """The record's tenant, from its CloudEvents header (no decoding of the value)."""
+    return _header_tenant(msg.headers())
+
+
+def _header_tenant(headers: Any) -> str:
+    for key, value in headers or ():
+        if key == TENANT_HEADER:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    return NO_TENANT
+
+
+@dataclass(slots=True)
+class _Waiting:
+    msg: Any
+    since: float  # when it entered the window
+    size: int
+
+
+@dataclass(slots=True)
+class _Lane:
+    """One lane's deficit round robin: a queue per tenant, the rotation, each one's credit."""
+
+    queues: dict[str, deque[_Waiting]] = field(default_factory=dict)
+    rotation: deque[str] = field(default_factory=deque)
+    credit: dict[str, float] = field(default_factory=dict)
+    fresh: bool = True  # the tenant at the head of the rotation has not had its quantum yet
+
+    def add(self, tenant: str, waiting: _Waiting) -> None:
+        queue = self.queues.get(tenant)
+        if queue is None:
+            queue = self.queues[tenant] = deque()
+            self.rotation.append(tenant)
+            self.credit[tenant] = 0.0
+        queue.append(waiting)
+
+    def oldest(self) -> float | None:
+        return min((q[0].since for q in self.queues.values() if q), default=None)
+
+    def take(
+        self,
+        n: int,
+        weight: Mapping[str, float],
+        default_weight: float,
+        admit: Callable[[str], bool],
+    ) -> list[_Waiting]:
+        out: list[_Waiting] = []
+        held: set[str] = set()  # tenants over their quota: skipped for the rest of this batch
+        while len(out) < n and len(held) < len(self.rotation):
+            tenant = self.rotation[0]
+            if tenant in held:
+                self.rotation.rotate(-1)
+                self.fresh = True
+                continue
+            queue = self.queues[tenant]
+            if self.fresh:
+                self.credit[tenant] += weight.get(tenant, default_weight)
+                self.fresh = False
+            while queue and self.credit[tenant] >= 1.0 and len(out) < n:
+                if not admit(tenant):
+                    held.add(tenant)  # it keeps its records and its credit, loses its turn
+                    break
+                out.append(queue.popleft())
+                self.credit[tenant] -= 1.0
+            if not queue:
+                self._leave(tenant)
+            elif tenant in held or self.credit[tenant] < 1.0:
+                self.rotation.rotate(-1)  # its turn is over; credit below one record carries
+                self.fresh = True
+            # else: the batch is full mid-turn; the tenant keeps its turn and its credit.
+        return out
+
+    def drop(self, tps: set[TP]) -> list[_Waiting]:
+        dropped = []
+        for tenant in list(self.queues):
+            queue = self.queues[tenant]
+            keep = deque(w for w in queue if (w.msg.topic(), w.msg.partition()) not in tps)
+            dropped += [w for w in queue if (w.msg.topic(), w.msg.partition()) in tps]
+            self.queues[tenant] = keep
+            if not keep:
+                self._leave(tenant)
+        return dropped
+
+    def _leave(self, tenant: str) -> None:
+        head = bool(self.rotation) and self.rotation[0] == tenant
+        del self.queues[tenant]
+        del self.credit[tenant]
+        self.rotation.remove(tenant)
+        if head:
+            self.fresh = True
+
+
+class FairWindow:
+    """The read-ahead window: records waiting to run, served by lane, then tenant."""
+
+    def __init__(
+        self,
+        lanes: Sequence[str],
+        *,
+        weights: Mapping[str, float] | None = None,
+        default_weight: float = 1.0,
+        max_records: int,
+        max_bytes: int,
+        starvation_s: float,
+        admit: Callable[[str], bool] | None = None,
+    ) -> None:
+        self.lanes = list(lanes)  # priority order, highest first; other topics rank below
+        # Quotas: may this tenant start one more record now? (it is then counted as started)
+        self.admit = admit or (lambda _tenant: True)
+        self.weights = dict(weights or {})
+        if default_weight <= 0 or any(w <= 0 for w in self.weights.values()):
+            raise ValueError("tenant weights must be positive")
+        self.default_weight = default_weight
+        # Called per record taken: (tenant, seconds it waited in the window); metrics.
+        self.observe: Callable[[str, float], None] | None = None
+        self.max_records = max_records
+        self.max_bytes = max_bytes
+        self.starvation_s = starvation_s
+        self._lanes: dict[str, _Lane] = {}
+        self.records = 0
+        self.bytes = 0
+        self.served: dict[str, int] = {}  # tenant -> records taken to run (served share)
+
+    def __len__(self) -> int:
+        return self.records
+
+    @property
+    def full(self) -> bool:
+        return self.records >= self.max_records or self.bytes >= self.max_bytes
+
+    def add(self, records: Iterable[Any], now: float) -> None:
+        for msg in records:
+            size = len(msg.value() or b"")
+            lane = self._lanes.get(msg.topic())
+            if lane is None:
+                lane = self._lanes[msg.topic()] = _Lane()
+            lane.add(tenant_of(msg), _Waiting(msg, now, size))
+            self.records += 1
+            self.bytes += size
+
+    def take(self, n: int, now: float) -> list[Any]:
+        """The next batch: up to `n` records of one lane (see the module docstring). A lane
+        whose waiting tenants are all over their quota is passed over for the next one."""
+        taken: list[_Waiting] = []
+        for name in self._lane_order(now):
+            taken = self._lanes[name].take(n, self.weights, self.default_weight, self.admit)
+            if taken:
+                break
+        for waiting in taken:
+            self.records -= 1
+            self.bytes -= waiting.size
+            tenant = tenant_of(waiting.msg)
+            self.served[tenant] = self.served.get(tenant, 0) + 1
+            if self.observe is not None:
+                self.observe(tenant, now - waiting.since)
+        return [waiting.msg for waiting in taken]
+
+    def drop(self, tps: Iterable[TP] | None = None) -> list[Any]:
+        """Take the waiting records of these partitions (all with None) out, unrun."""
+        dropped: list[_Waiting] = []
+        for lane in self._lanes.values():
+            if tps is None:
+                dropped += [w for q in lane.queues.values() for w in q]
+                lane.queues.clear()
+                lane.rotation.clear()
+                lane.credit.clear()
+                lane.fresh = True
+            else:
+                dropped += lane.drop(set(tps))
+        self.records -= len(dropped)
+        self.bytes -= sum(w.size for w in dropped)
+        return [w.msg for w in dropped]
+
+    def waits(self, now: float) -> dict[str, float]:
+        """Per lane, how long its oldest waiting record has waited (seconds)."""
+        out = {}
+        for name, lane in self._lanes.items():
+            oldest = lane.oldest()
+            if oldest is not None:
+                out[name] = now - oldest
+        return out
+
+    def _lane_order(self, now: float) -> list[str]:
+        """Lanes with records, in the order to try: starved lanes (lowest first), then by
+        priority."""
+        ranked = sorted(
+            (name for name, lane in self._lanes.items() if lane.rotation), key=self._rank
+        )
+        starved = []
+        for name in reversed(ranked[1:]):  # the starvation guard: lowest starved lane first
+            oldest = self._lanes[name].oldest()
+            if oldest is not None and now - oldest >= self.starvation_s:
+                starved.append(name)
+        return starved + [name for name in ranked if name not in starved]
+
+    def _rank(self, topic: str) -> int:
+        try:
+            return self.lanes.index(topic)
+        except ValueError:
+            return len(self.lanes)
+
+
+class CommitTracker:
+    """Offsets read but not finished, per partition; commits go up to the lowest unfinished."""
+
+    def __init__(self) -> None:
+        self._open: dict[TP, set[int]] = {}
+        self._next: dict[TP, int] = {}  # one past the highest offset read
+        # Kept as a number (not summed over `_open`): the lag reporter's thread reads it.
+        self.outstanding = 0
+
+    def read(self, records: Iterable[Any]) -> None:
+        for msg in records:
+            tp, offset = (msg.topic(), msg.partition()), msg.offset()
+            pending = self._open.setdefault(tp, set())
+            if offset not in pending:
+                pending.add(offset)
+                self.outstanding += 1
+            self._next[tp] = max(self._next.get(tp, 0), offset + 1)
+
+    def finish(self, done: Iterable[tuple[TP, int]]) -> dict[TP, int]:
+        """Mark records finished; the offset to commit for each partition they touched."""
+        touched = set()
+        for tp, offset in done:
+            pending = self._open.get(tp)
+            if pending is not None and offset in pending:
+                pending.remove(offset)
+                self.outstanding -= 1
+            touched.add(tp)
+        return {tp: self.commit_point(tp) for tp in touched if tp in self._next}
+
+    def commit_point(self, tp: TP) -> int:
+        pending = self._open.get(tp)
+        return min(pending) if pending else self._next[tp]
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        for tp in tps:
+            self.outstanding -= len(self._open.pop(tp, ()))
+            self._next.pop(tp, None)
+
+
+class FairShare:
+    """The window and the commit tracker in front of the stage's pipeline: records read go to
+    the window; the pipeline is kept `depth` batches deep from it; finished batches commit up
+    to the lowest unfinished record."""
+
+    def __init__(
+        self,
+        window: FairWindow,
+        pipeline: Any,
+        batch_max: int,
+        depth: int = 2,
+        finished: Callable[[str], None] | None = None,
+    ) -> None:
+        self.window = window
+        # GPU-aware capacity (conveyor.ml.capacity): batch size, in-flight bound and "at
+        # capacity" come from the device when the handler's resources hold a controller.
+        self.capacity: Any = None
+        self.finished = finished  # quotas: a tenant's task is no longer in flight
+        self.pipeline = pipeline  # conveyor.runtime.pipeline.Pipeline
+        self.batch_max = batch_max
+        self.depth = depth
+        self.tracker = CommitTracker()
+
+    @property
+    def full(self) -> bool:
+        return self.window.full or (self.capacity is not None and self.capacity.plan().at_capacity)
+
+    @property
+    def outstanding(self) -> int:
+        return self.tracker.outstanding
+
+    def add(self, records: Sequence[Any], now: float) -> None:
+        self.tracker.read(records)
+        self.window.add(records, now)
+
+    def feed(self, now: float, stamp: str) -> None:
+        """Submit batches from the window while the pipeline is under `depth` batches: the
+        rest waits in the window, where later arrivals can still be served before it."""
+        size, bound = self.batch_max, self.depth * self.batch_max
+        if self.capacity is not None:
+            plan = self.capacity.plan()
+            size, bound = plan.batch_size, plan.max_in_flight
+        while len(self.window) and self.pipeline.in_flight < bound:
+            batch = self.window.take(size, now)
+            if not batch:
+                return
+            self.pipeline.offer(batch, stamp)
+
+    def settle(self, result: BatchResult) -> BatchResult:
+        """The batch's result with the offsets that may be committed now."""
+        done = (((o.item.topic, o.item.partition), o.item.offset) for o in result.outcomes)
+        if self.finished is not None:
+            for outcome in result.outcomes:
+                self.finished(_header_tenant(outcome.item.headers))
+        return replace(result, offsets=self.tracker.finish(done))
+
+    def drop(self, tps: Iterable[TP] | None = None) -> int:
+        """Records of these partitions (all: None) leave the window unrun; they stay
+        unfinished, so the commit stops before them and they are read again."""
+        return len(self.window.drop(tps))
+
+    def forget(self, tps: Iterable[TP]) -> None:
+        self.tracker.forget(tps)
+
+
+class TenantMetrics:
+    """Per-tenant series of a fair-share stage: how long its records waited in the window
+    (queue wait) and how many it was served (its share: rate over the sum of rates). The
+    tenant label is bounded by the tenants that submit; a deployment that lets any string in
+    as a tenant should validate it upstream (the gateway's tokens name them)."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+
+    def observe(self, tenant: str, waited_s: float) -> None:
+        TENANT_QUEUE_WAIT.labels(stage=self.stage, tenant=tenant).observe(waited_s)
+        TENANT_SERVED.labels(stage=self.stage, tenant=tenant).inc()
+
+
+TENANT_QUEUE_WAIT = Histogram(
+    "conveyor_tenant_queue_wait_seconds",
+    "Time a tenant's record waited in the fair-share window before it ran",
+    ["stage", "tenant"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+TENANT_SERVED = Counter(
+    "conveyor_tenant_served_total",
+    "Records of a tenant handed to the handler by fair share (served share: its rate / all)",
+    ["stage", "tenant"],
+)
