@@ -79,7 +79,7 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         lanes={lane: settings.topic(f"conveyor.task.preprocessed.{lane}") for lane in LANES},
         timeout_s=settings.lag_timeout_s,
     )
-    quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url))
+    quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url.get_secret_value()))
     gateway = Gateway(
         settings,
         publisher=publisher,

@@ -327,7 +327,7 @@ class FairShare:
             batch = self.window.take(size, now)
             if not batch:
                 return
-            self.pipeline.offer(batch, stamp)
+            self.pipeline.submit(batch, stamp)
 
     def settle(self, result: BatchResult) -> BatchResult:
         """The batch's result with the offsets that may be committed now."""

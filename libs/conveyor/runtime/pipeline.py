@@ -69,6 +69,11 @@ class Pipeline:
             self._submit(self._forming, now)
             self._forming = []
 
+    def submit(self, records: Sequence[Any], now: str) -> None:
+        """Hand one batch, cut by the caller (fair share), to the worker as it is."""
+        self.in_flight += len(records)
+        self._submit(list(records), now)
+
     def _submit(self, records: list[Any], now: str) -> None:
         self._queue.append((len(records), self._worker.submit(self.step, records, now)))
         if self.started_at is None:
