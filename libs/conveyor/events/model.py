@@ -34,17 +34,22 @@ RERUN = "rerun"
 # Set by preprocess on a task submitted without an id: what its assigned id was derived from.
 ASSIGNED_ID = "assignedid"
 
-# Ids are deterministic per (task id, type[, discriminator]) so that a redelivered input yields
-# the same output id and every consumer can deduplicate by id.
+# Ids are deterministic per (tenant, task id, type[, discriminator]) so that a redelivered input
+# yields the same output id and every consumer can deduplicate by id; a task is identified by
+# (tenant, task id), so two tenants' equal task ids give different event ids.
 _ID_NAMESPACE = uuid.UUID("6f0b6d1e-7c0a-4a51-9a53-2c6f2f1d0c0e")
 
 
 _NS_BYTES = _ID_NAMESPACE.bytes
 
 
-def event_id(task_id: str, event_type: str, discriminator: str = "") -> str:
-    """`uuid.uuid5(namespace, name)`, computed without the UUID object (5x faster, same text)."""
-    name = f"{task_id}\x1f{event_type}\x1f{discriminator}".encode()
+def event_id(task_id: str, event_type: str, discriminator: str = "", *, tenant: str = "") -> str:
+    """`uuid.uuid5(namespace, name)`, computed without the UUID object (5x faster, same text).
+
+    `tenant` is part of the task's identity; an event that names no tenant keeps the id it had
+    before tenants were part of it (the name then has no tenant prefix)."""
+    prefix = f"{tenant}\x1d" if tenant else ""
+    name = f"{prefix}{task_id}\x1f{event_type}\x1f{discriminator}".encode()
     digest = bytearray(hashlib.sha1(_NS_BYTES + name).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
