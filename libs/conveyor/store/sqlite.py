@@ -441,7 +441,6 @@ def _rename_old(cur: sqlite3.Cursor) -> None:
     for index in _OLD_INDEXES:
         cur.execute(f"DROP INDEX IF EXISTS {index}")
     for table in _OLD_TABLES:
-        cur.execute(f"CREATE TABLE IF NOT EXISTS {table} (task_id TEXT)")  # absent in odd files
         cur.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
 
 
