@@ -451,14 +451,14 @@ def test_notify_retries_a_claim_left_by_a_dead_sender_and_takes_it_over_after_th
     seen: list[WebhookRequest] = []
     c = notify_ctx(200, seen, claim_lease_s=0.2)
     store = c.resources["store"]
-    assert store.claim_notification("a", "ev-a", "http://hooks.test/h")  # then its sender died
+    assert store.claim_notification("a", "ev-a", "http://hooks.test/h", tenant="acme")  # then died
     with pytest.raises(RetryableError, match="has not finished"):
         notify(stored("a"), c)
     assert seen == []
     time.sleep(0.25)
     out = notify(stored("a"), c)
     assert isinstance(out, Emit) and out.data["http_status"] == 200 and len(seen) == 1
-    assert store.notification("a").status == "delivered"
+    assert store.notification("a", tenant="acme").status == "delivered"
     assert notify(stored("a"), c) is None and len(seen) == 1  # delivered: skipped, not retried
 
 
