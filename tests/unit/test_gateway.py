@@ -493,5 +493,7 @@ def test_openapi_describes_the_task_routes_and_bearer_auth(client: TestClient) -
     request = doc["components"]["schemas"]["TaskRequest"]
     assert "tenant" not in request["required"] and "kind" in request["required"]
     responses = doc["paths"]["/v1/tasks"]["post"]["responses"]
-    assert {"202", "400", "401", "403", "422"} <= set(responses)
+    assert {"200", "202", "400", "401", "403", "409", "422"} <= set(responses)
+    repeated = doc["components"]["schemas"]["TaskRepeated"]["properties"]["status"]
+    assert "completed" in repeated["enum"]  # a repeat answers the status as it stands
     assert "queue_position_estimate" in doc["components"]["schemas"]["Task"]["properties"]
