@@ -264,7 +264,7 @@ def _document() -> dict[str, Any]:
     }
     message = copy.deepcopy(_TASK)
     message["properties"]["final"] = {"type": "boolean", "description": "terminal status"}
-    accepted = {
+    accepted: dict[str, Any] = {
         "type": "object",
         "required": ["task_id", "status", "status_url", "trace_id"],
         "properties": {
