@@ -63,7 +63,8 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
     recent_ttl_s: float = Field(
         default=600.0,
         gt=0,
-        description="tasks submitted here answer `pending` this long before the store knows them",
+        description="the trace id of a task published here is shown this long, until the "
+        "pipeline records it in the store (the reservation has none)",
     )
     recent_max: int = Field(default=100_000, ge=1, description="tasks remembered as submitted")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger POSTs get 413")
