@@ -1,21 +1,29 @@
 """gateway's routes and what they decide: who the caller is, what a task may say, what they see.
 
-The token names the tenant; a body naming another is 403, a known `task_id` 409 (ids are global:
-a second tenant's task would merge into the first one's row). Every field and parameter is
-checked against the ingress contract and the pipeline's templates and models before anything is
-published (422 naming the fields). POST answers 202 once the broker acknowledged the record,
-with a status URL built on `public_base_url`, never on the request's Host header. GET and the
+The token names the tenant; a body naming another is 403. A task is (tenant, task id): another
+tenant's equal id is a different task. Every field and parameter is checked against the ingress
+contract and the pipeline's templates and models, and `callback_url` against the webhook
+destination policy as far as it needs no DNS (`edge_refusal`), before anything is published (422
+naming the fields). The task is then reserved in the store (`ResultStore.reserve`, an atomic
+insert of a `pending` row, so replicas sharing the store agree), and published only by the call
+that reserved it: POST answers 202 once the broker acknowledged the record; a repeat of the same
+body by the same tenant answers 200 with the task as it stands (nothing is published again), a
+different body under a taken id 409; a failed publish releases the reservation so the client may
+retry. Status URLs are built on `public_base_url`, never on the request's Host header. GET and the
 WebSocket read the result store, each tenant its own tasks only (another tenant's is 404, like an
-unknown id); a task submitted here and not yet in the store is `pending`, with a queue position
-estimate from the preprocess group's lag. The WebSocket authenticates by header or subprotocol,
-never by URL (`conveyor.web.auth`), is capped per process and per tenant, polls the task's row
-every `ws_poll_s`, pushes each status or stage change, and closes (1000) after the terminal one.
+unknown id), with a queue position estimate from the preprocess group's lag while `pending`.
+The WebSocket authenticates by header or subprotocol, never by URL (`conveyor.web.auth`), is
+capped per process and per tenant, polls the task's row every `ws_poll_s`, pushes each status or
+stage change, and closes (1000) after the terminal one.
 The full contract and the reasons: docs/gateway.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import hashlib
+import json
 import logging
 import time
 import uuid
@@ -37,10 +45,10 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from conveyor.admission import Admission, retry_after
 from conveyor.errors import BrokerError, PermanentError, RetryableError
-from conveyor.events.ingress import InvalidTaskError, parse_task
+from conveyor.events.ingress import InvalidTaskError, TaskRequest, parse_task
 from conveyor.publisher import TaskPublisher
 from conveyor.quota import SubmissionQuota, retry_after_header
-from conveyor.store import ResultStore, is_terminal
+from conveyor.store import Reservation, ResultStore, is_terminal
 from conveyor.web.auth import (
     SUBPROTOCOL,
     TokenTable,
@@ -58,6 +66,7 @@ from conveyor.web.schema import (
     task_view,
     timeline_view,
 )
+from conveyor.webhooks.policy import edge_refusal
 from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
@@ -83,7 +92,8 @@ class Gateway:
         self.publisher = publisher
         self.store = store
         self.queue_estimate = queue_estimate
-        self.recent: ExpiringMap[str, Submitted] = ExpiringMap(
+        # (tenant, task id) -> what this replica published: the trace id, before the store has it.
+        self.recent: ExpiringMap[tuple[str, str], Submitted] = ExpiringMap(
             ttl_s=settings.recent_ttl_s, max_size=settings.recent_max
         )
         self.closers = closers
@@ -111,16 +121,40 @@ class Gateway:
             self.heartbeat = time.monotonic()
             await asyncio.sleep(1.0)  # a ticker for /healthz, not synchronisation
 
-    async def exists(self, task_id: str) -> bool:
-        found = await run_in_threadpool(self.store.get, task_id)
-        return found is not None or self.recent.get(task_id) is not None
+    async def reserve(self, task: TaskRequest, digest: str) -> Reservation:
+        """Take (tenant, task id) in the store, atomically across replicas."""
+        return await run_in_threadpool(
+            functools.partial(
+                self.store.reserve,
+                task.task_id,
+                task.tenant,
+                time=datetime.now(UTC),
+                digest=digest,
+                kind=task.kind,
+                callback_url=task.callback_url,
+            )
+        )
+
+    async def release(self, task: TaskRequest, digest: str) -> None:
+        """Free a reservation whose publish failed, so the client may submit it again."""
+        try:
+            released = await run_in_threadpool(
+                self.store.release, task.task_id, task.tenant, digest
+            )
+        except RetryableError as exc:  # the row stays pending; the client's retry gets 200
+            log.warning("reservation not released task_id=%s error=%s", task.task_id, exc)
+            return
+        log.info("reservation released task_id=%s released=%s", task.task_id, released)
 
     async def view(self, task_id: str, tenant: str, *, timeline: bool) -> dict[str, Any] | None:
         """The task as its tenant sees it, or None (unknown, or another tenant's)."""
         record, events = await run_in_threadpool(self._read, task_id, tenant, timeline)
+        sub = self.recent.get((tenant, task_id))
         if record is not None:
             out = task_view(record)
-        elif (sub := self.recent.get(task_id)) is not None and sub.tenant == tenant:
+            if out["trace_id"] is None and sub is not None:
+                out["trace_id"] = sub.trace_id  # a reservation, not yet seen by the pipeline
+        elif sub is not None:
             out = pending_view(task_id, sub)
         else:
             return None
@@ -187,9 +221,8 @@ async def submit_task(request: Request) -> Response:
         task = parse_task(body, gateway.rules)
     except InvalidTaskError as exc:
         return _invalid(exc)
-    task_id = task.task_id
-    if await gateway.exists(task_id):
-        raise HTTPException(409, f"task {task_id} already exists")
+    if task.callback_url and (refused := edge_refusal(task.callback_url, settings.webhook_allow)):
+        return JSONResponse({"error": refused, "fields": ["callback_url"]}, 422)
     if gateway.quota is not None:
         decision = await run_in_threadpool(gateway.quota.check, tenant)
         if not decision.allowed:
@@ -210,11 +243,19 @@ async def submit_task(request: Request) -> Response:
                 {"Retry-After": retry_after(verdict)},
             )
         admitted = {"estimated_start": start, "queue_position_estimate": verdict.ahead}
+    digest = submission_digest(body)
+    reservation = await gateway.reserve(task, digest)
+    if not reservation.new:
+        return _repeat(request, reservation, digest)
     try:
         task_id, trace_id = await gateway.publisher.submit(body)
     except PermanentError as exc:  # e.g. the encoded record is over the stages' size limit
+        await gateway.release(task, digest)
         raise HTTPException(422, str(exc)) from None
-    gateway.recent.put(task_id, Submitted(tenant, trace_id, time.time()))
+    except BaseException:  # the broker did not take it (or the request was cancelled)
+        await asyncio.shield(gateway.release(task, digest))
+        raise
+    gateway.recent.put((tenant, task_id), Submitted(tenant, trace_id, time.time()))
     url = status_url(settings, request, task_id)
     log.info("task accepted task_id=%s tenant=%s trace_id=%s", task_id, tenant, trace_id)
     return JSONResponse(
@@ -226,6 +267,31 @@ async def submit_task(request: Request) -> Response:
             **admitted,
         },
         status_code=202,
+        headers={"Location": url},
+    )
+
+
+def submission_digest(body: dict[str, Any]) -> str:
+    """What makes two submissions "the same": the body as submitted (tenant and id filled in),
+    in canonical JSON."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _repeat(request: Request, reservation: Reservation, digest: str) -> Response:
+    """The answer to a task id the tenant has already used: idempotent for the same body."""
+    task = reservation.task
+    if reservation.digest != digest:
+        raise HTTPException(409, f"task {task.task_id} already exists with a different submission")
+    gateway = _gateway(request)
+    url = status_url(gateway.settings, request, task.task_id)
+    trace_id = task.trace_id
+    if trace_id is None and (sub := gateway.recent.get((task.tenant or "", task.task_id))):
+        trace_id = sub.trace_id
+    log.info("task repeated task_id=%s tenant=%s status=%s", task.task_id, task.tenant, task.status)
+    return JSONResponse(
+        {"task_id": task.task_id, "status": task.status, "status_url": url, "trace_id": trace_id},
+        status_code=200,
         headers={"Location": url},
     )
 

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import NoDecode
 
 from conveyor.settings import CatalogSettings, KafkaSettings, store_url_field
+from conveyor.webhooks.policy import parse_allow
 
 
 class GatewaySettings(KafkaSettings, CatalogSettings):
@@ -61,7 +63,8 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
     recent_ttl_s: float = Field(
         default=600.0,
         gt=0,
-        description="tasks submitted here answer `pending` this long before the store knows them",
+        description="the trace id of a task published here is shown this long, until the "
+        "pipeline records it in the store (the reservation has none)",
     )
     recent_max: int = Field(default=100_000, ge=1, description="tasks remembered as submitted")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger POSTs get 413")
@@ -78,10 +81,22 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
         "the stages do); unset: only on the HTTP port",
     )
     health_stall_s: float = Field(default=10.0, gt=0, description="/healthz fails on a stall")
+    # The same setting as notify's: give both the same value, or the gateway refuses at submit
+    # time a receiver notify would call.
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="networks (CIDR) and host names webhooks may reach although internal; "
+        "the gateway refuses other internal address literals and localhost in callback_url",
+    )
 
     @property
     def lag_group(self) -> str:
         return self.preprocess_group or f"{self.topic_prefix}conveyor.preprocess"
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _allow_list(cls, value: Any) -> Any:
+        return parse_allow(value)
 
     @field_validator("public_base_url")
     @classmethod

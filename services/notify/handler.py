@@ -95,8 +95,12 @@ def _prepare(
     if not keys:
         raise PermanentError(f"no webhook secret configured for tenant {task['tenant']!r}")
     store = ctx.resources["store"]
-    if not store.claim_notification(task["task_id"], event.id, url, lease_s=s.claim_lease_s):
-        held = store.notification(task["task_id"])
+    tenant = task["tenant"]  # a task is (tenant, task id): so is its one notification
+    claimed = store.claim_notification(
+        task["task_id"], event.id, url, tenant=tenant, lease_s=s.claim_lease_s
+    )
+    if not claimed:
+        held = store.notification(task["task_id"], tenant=tenant)
         if held is not None and held.status == NOTIFICATION_CLAIMED:
             # A sender died between its claim and the answer (it may or may not have sent):
             # retry through the ladder until the lease lapses and the claim is taken over.
@@ -133,12 +137,12 @@ def _parent(span: Span | None, event: Event) -> Span | None:
 def _settle(
     event: Event, result: int | Exception, ctx: StageContext[NotifySettings]
 ) -> BatchOutcome:
-    task_id = event.data["task"]["task_id"]
+    task_id, tenant = event.data["task"]["task_id"], event.data["task"]["tenant"]
     store = ctx.resources["store"]
     if isinstance(result, int) and 200 <= result < 300:
-        store.complete_notification(task_id, result)
+        store.complete_notification(task_id, result, tenant=tenant)
         return _notified(event, "webhook", result)
-    store.release_notification(task_id)
+    store.release_notification(task_id, tenant=tenant)
     if isinstance(result, Exception):
         return result  # a policy refusal is permanent; network failures are retryable
     where = redact(event.data["task"]["callback_url"])

@@ -11,14 +11,13 @@ lists networks and host names the destination policy lets through although they 
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode
 
 from conveyor.settings import StageSettings, store_url_field
-from conveyor.webhooks.policy import DestinationPolicy, allow_entries
+from conveyor.webhooks.policy import parse_allow
 from conveyor.webhooks.sender import RESOLVE_GRACE_S
 from conveyor.webhooks.signing import SecretFormatError, secret_key
 
@@ -90,13 +89,7 @@ class NotifySettings(StageSettings):
     @field_validator("webhook_allow", mode="before")
     @classmethod
     def _allow_list(cls, value: Any) -> Any:
-        if isinstance(value, str) and value.strip().startswith("["):
-            value = json.loads(value)
-        if isinstance(value, (str, list, tuple)):
-            entries = allow_entries(value)
-            DestinationPolicy(entries)  # a bad entry fails at start, not at the first webhook
-            return entries
-        return value
+        return parse_allow(value)
 
     @model_validator(mode="after")
     def _batch_fits_liveness(self) -> NotifySettings:

@@ -170,7 +170,9 @@ def test_transient_failure_completes_via_both_rungs_and_persistent_failure_dead_
 
     out = harness.read(MODERATED_TOPIC, expect=len(flaky))
     assert sorted(by_task(out)) == flaky
-    assert {headers_of(m)["ce_id"] for m in out} == {event_id(t, MODERATED) for t in flaky}
+    assert {headers_of(m)["ce_id"] for m in out} == {
+        event_id(t, MODERATED, tenant="acme") for t in flaky
+    }
     dlq = by_task(harness.read("conveyor.moderation.dlq", expect=len(doomed)))
     assert sorted(dlq) == doomed
     for task_id, (dead,) in dlq.items():
@@ -261,7 +263,9 @@ def test_rebalance_during_retries_ends_every_task_exactly_once_within_budget(
     dlq = by_task(harness.read("conveyor.moderation.dlq", expect=len(dead), settle_s=1.0))
     assert sorted(out) == completed and sorted(dlq) == dead  # each ends once, the right way
     for task_id, records in out.items():  # a redelivery is the same event
-        assert {headers_of(m)["ce_id"] for m in records} == {event_id(task_id, MODERATED)}
+        assert {headers_of(m)["ce_id"] for m in records} == {
+            event_id(task_id, MODERATED, tenant="acme")
+        }
     for task_id, records in dlq.items():
         assert {headers_of(m)["ce_id"] for m in records} == {event_id(task_id, INFERRED)}
         assert {headers_of(m)["conveyor_error_attempts"] for m in records} == {"3"}
@@ -348,7 +352,7 @@ def test_crash_before_commit_yields_each_output_once_only_with_transactions(
     counts = collections.Counter((m.key() or b"").decode() for m in out)
     assert set(counts) == set(tasks)  # none missing
     ids = {(m.key() or b"").decode(): headers_of(m)["ce_id"] for m in out}
-    assert all(ids[t] == event_id(t, "conveyor.task.preprocessed.v1") for t in tasks)
+    assert all(ids[t] == event_id(t, "conveyor.task.preprocessed.v1", tenant="acme") for t in tasks)
     duplicated = [t for t, c in counts.items() if c > 1]
     if exactly_once:
         assert duplicated == []  # the crashed transaction was aborted, its batch redone once

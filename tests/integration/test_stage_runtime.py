@@ -70,7 +70,7 @@ def test_thousand_events_in_thousand_valid_cloudevents_out(
         assert event.subject == task_id
         assert event.type == PREPROCESSED
         assert event.source == "/conveyor/preprocess"
-        assert event.id == event_id(task_id, PREPROCESSED)
+        assert event.id == event_id(task_id, PREPROCESSED, tenant="acme")
         assert event.datacontenttype == "application/avro"
         assert event.dataschema == "urn:conveyor:schema:task-preprocessed:1"
         assert event.ext("tenant") == "acme"

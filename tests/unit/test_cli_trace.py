@@ -65,3 +65,29 @@ def test_trace_fails_for_unknown_task_and_task_without_trace(
     assert main(["trace", "t-untraced"]) == 1
     assert "no trace id" in capsys.readouterr().err
     assert main(["trace", "t-traced", "--tenant", "globex"]) == 1
+
+
+def test_status_and_trace_ask_for_a_tenant_when_an_id_is_two_tenants(
+    store_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(store_url)
+    store.apply(
+        TaskUpdate(
+            "t-traced",
+            "e-3",
+            "conveyor.task.preprocessed.v1",
+            "processing",
+            datetime.now(UTC),
+            tenant="globex",
+        )
+    )
+    store.close()
+    assert main(["trace", "t-traced"]) == 2
+    assert "several tenants ('acme', 'globex')" in capsys.readouterr().err
+    assert main(["status", "t-traced"]) == 2
+    assert "use --tenant" in capsys.readouterr().err
+    assert main(["trace", "t-traced", "--tenant", "acme"]) == 0
+    assert TRACE in capsys.readouterr().out
+    assert main(["status", "t-traced", "--tenant", "globex", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert '"tenant": "globex"' in out and TRACE not in out

@@ -187,6 +187,12 @@ def test_event_ids_are_deterministic_per_task_and_type() -> None:
     assert event_id("t", "a") != event_id("t", "b")
     assert event_id("t", "a") != event_id("u", "a")
     assert event_id("t", "a", "x") != event_id("t", "a")
+    # A task is (tenant, task id): the tenant is part of the id, and cannot be smuggled in
+    # through the task id or another tenant name.
+    assert event_id("t", "a", tenant="acme") != event_id("t", "a", tenant="globex")
+    assert event_id("t", "a", tenant="acme") != event_id("t", "a")
+    assert event_id("t", "a", tenant="acme") != event_id("acme\x1dt", "a")
+    assert event_id("b\x1dt", "a", tenant="a") != event_id("t", "a", tenant="a\x1db")
 
 
 def test_event_id_is_the_rfc4122_uuid5_of_task_type_and_discriminator() -> None:

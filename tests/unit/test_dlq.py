@@ -75,6 +75,27 @@ def test_filter_by_stage_error_class_and_task_id() -> None:
     assert DeadLetterFilter().matches(a) and DeadLetterFilter().matches(b)
 
 
+def test_tenant_filter_tells_equal_task_ids_apart() -> None:
+    acme = letter(task="t-1", extra=[("ce_tenant", b"acme")])
+    globex = letter(task="t-1", extra=[("ce_tenant", b"globex")])
+    plain = DeadLetter(
+        "p.conveyor.preprocess.dlq", 0, 3, 0, None, b'{"task_id":"t-1","tenant":"acme"}', []
+    )
+    internal = DeadLetter(
+        "p.conveyor.notify.dlq", 0, 4, 0, None, b'{"task":{"task_id":"t-1","tenant":"acme"}}', []
+    )
+    assert (acme.tenant, globex.tenant, plain.tenant, internal.tenant) == (
+        "acme",
+        "globex",
+        "acme",
+        "acme",
+    )
+    mine = DeadLetterFilter.build(task_id="t-1", tenant="acme")
+    assert [mine.matches(x) for x in (acme, globex, plain, internal)] == [True, False, True, True]
+    assert DeadLetterFilter.build(task_id="t-1").matches(globex)  # no tenant: every tenant's
+    assert letter(task="t-1").tenant == ""
+
+
 def test_task_id_matches_the_key_when_there_is_no_subject() -> None:
     raw = DeadLetter("p.conveyor.preprocess.dlq", 0, 3, 0, b"bad-plain", b"junk", [])
     assert raw.task_id == "bad-plain"

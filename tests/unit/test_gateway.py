@@ -189,19 +189,107 @@ def test_oversize_body_is_413(client: TestClient, publisher: FakePublisher) -> N
     assert publisher.sent == []
 
 
-def test_task_id_already_known_is_409_for_any_tenant(
+def test_task_ids_are_per_tenant_and_a_repeat_is_idempotent(
     client: TestClient, store: ResultStore, publisher: FakePublisher
 ) -> None:
-    completed(store, "stored-1")
+    completed(store, "stored-1")  # acme's, not submitted here (e.g. straight to the topic)
     task = {"kind": "embed", "input": "hi", "task_id": "stored-1"}
-    assert client.post("/v1/tasks", json=task, headers=BETA).status_code == 409
+    taken = client.post("/v1/tasks", json=task, headers=ACME)
+    assert taken.status_code == 409 and "different submission" in taken.json()["error"]
+    assert client.post("/v1/tasks", json=task, headers=BETA).status_code == 202  # beta's own
+    first = client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=ACME)
+    assert first.status_code == 202
+    again = client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=ACME)
+    assert again.status_code == 200, again.text
+    assert again.json() == {**first.json(), "status": "pending"}
+    assert again.headers["location"] == first.headers["location"]
+    other = client.post("/v1/tasks", json={**task, "task_id": "t-2", "input": "ho"}, headers=ACME)
+    assert other.status_code == 409
     assert (
-        client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=ACME).status_code == 202
+        client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=BETA).status_code == 202
     )
-    assert (
-        client.post("/v1/tasks", json={**task, "task_id": "t-2"}, headers=BETA).status_code == 409
+    sent = [(t["tenant"], t["task_id"]) for t in publisher.sent]
+    assert sent == [("beta", "stored-1"), ("acme", "t-2"), ("beta", "t-2")]  # one publish each
+    acme = client.get("/v1/tasks/stored-1", headers=ACME).json()
+    beta = client.get("/v1/tasks/stored-1", headers=BETA).json()
+    assert (acme["status"], acme["tenant"]) == ("completed", "acme")
+    assert (beta["status"], beta["tenant"], beta["trace_id"]) == ("pending", "beta", TRACE)
+    assert store.get("stored-1", tenant="beta") is not None  # the reservation is a row
+
+
+def test_repeat_of_a_task_in_progress_answers_its_status(
+    client: TestClient, store: ResultStore, publisher: FakePublisher
+) -> None:
+    task = {"kind": "embed", "input": "hi", "task_id": "t-3"}
+    assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 202
+    completed(store, "t-3")
+    again = client.post("/v1/tasks", json=task, headers=ACME)
+    assert again.status_code == 200 and again.json()["status"] == "completed"
+    assert len(publisher.sent) == 1
+
+
+def test_failed_publish_releases_the_reservation(
+    client: TestClient, store: ResultStore, publisher: FakePublisher
+) -> None:
+    task = {"kind": "embed", "input": "hi", "task_id": "t-4"}
+    publisher.failure = BrokerError("no broker acknowledgement within 5.0s")
+    assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 503
+    assert store.get("t-4", tenant="acme") is None
+    publisher.failure = PermanentError("record too large")
+    assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 422
+    assert store.get("t-4", tenant="acme") is None
+    publisher.failure = None
+    assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 202  # the retry
+    assert [t["task_id"] for t in publisher.sent] == ["t-4"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:9/hook",
+        "http://127.1/hook",
+        "http://2130706433/hook",
+        "http://localhost:8080/hook",
+        "http://api.localhost/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://10.0.0.7/hook",
+        "http://[::1]/hook",
+        "http://[::ffff:192.168.1.1]/hook",
+    ],
+)
+def test_internal_callback_url_is_422_at_submit(
+    client: TestClient, store: ResultStore, publisher: FakePublisher, url: str
+) -> None:
+    task = {"kind": "embed", "input": "hi", "task_id": "cb-1", "callback_url": url}
+    answer = client.post("/v1/tasks", json=task, headers=ACME)
+    assert answer.status_code == 422, answer.text
+    assert answer.json()["fields"] == ["callback_url"] and "refused" in answer.json()["error"]
+    assert publisher.sent == [] and store.get("cb-1", tenant="acme") is None
+
+
+def test_callback_url_names_are_left_to_notify_and_the_allowlist_is_honoured(
+    store: ResultStore, publisher: FakePublisher
+) -> None:
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme"},
+        store_url="sqlite:///:memory:",
+        webhook_allow="127.0.0.1/32,hooks.internal",
     )
-    assert [t["task_id"] for t in publisher.sent] == ["t-2"]
+    gateway = Gateway(settings, publisher=publisher, store=store, queue_estimate=lambda: 7)
+    with TestClient(build_app(gateway)) as client:
+        for n, url in enumerate(
+            [
+                "https://hooks.example.com/h",  # a name: not resolved at the edge
+                "http://no-such-host.invalid/h",  # nor this one: notify refuses it later
+                "http://127.0.0.1:9000/h",  # allowlisted network
+                "http://hooks.internal/h",
+            ]
+        ):
+            task = {"kind": "embed", "input": "hi", "task_id": f"ok-{n}", "callback_url": url}
+            assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 202, url
+        task = {"kind": "embed", "input": "hi", "callback_url": "http://10.1.2.3/h"}
+        assert client.post("/v1/tasks", json=task, headers=ACME).status_code == 422
+    assert len(publisher.sent) == 4
 
 
 def test_unacknowledged_publish_is_503(client: TestClient, publisher: FakePublisher) -> None:
@@ -405,5 +493,7 @@ def test_openapi_describes_the_task_routes_and_bearer_auth(client: TestClient) -
     request = doc["components"]["schemas"]["TaskRequest"]
     assert "tenant" not in request["required"] and "kind" in request["required"]
     responses = doc["paths"]["/v1/tasks"]["post"]["responses"]
-    assert {"202", "400", "401", "403", "422"} <= set(responses)
+    assert {"200", "202", "400", "401", "403", "409", "422"} <= set(responses)
+    repeated = doc["components"]["schemas"]["TaskRepeated"]["properties"]["status"]
+    assert "completed" in repeated["enum"]  # a repeat answers the status as it stands
     assert "queue_position_estimate" in doc["components"]["schemas"]["Task"]["properties"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -447,18 +448,33 @@ def test_notify_retries_5xx_and_dead_letters_4xx_releasing_the_claim() -> None:
         notify(stored("b"), notify_ctx(404, seen))
 
 
+def test_notify_sends_each_tenants_webhook_for_an_equal_task_id() -> None:
+    # A task is (tenant, task id): beta's task "a" is not acme's, and both are notified once.
+    seen: list[WebhookRequest] = []
+    beta_secret = new_secret()
+    c = notify_ctx(200, seen, webhook_secrets={"acme": SECRET, "beta": beta_secret})
+    acme = stored("a")
+    beta_data = {**acme.data, "task": {**acme.data["task"], "tenant": "beta"}}
+    beta = dataclasses.replace(acme, id="id-b", data=beta_data)
+    assert isinstance(notify(acme, c), Emit) and isinstance(notify(beta, c), Emit)
+    assert notify(acme, c) is None and notify(beta, c) is None and len(seen) == 2
+    assert verify(seen[1].body, seen[1].headers, beta_secret)["tenant"] == "beta"
+    store = c.resources["store"]
+    assert {n.tenant for n in store.list_notifications()} == {"acme", "beta"}
+
+
 def test_notify_retries_a_claim_left_by_a_dead_sender_and_takes_it_over_after_the_lease() -> None:
     seen: list[WebhookRequest] = []
     c = notify_ctx(200, seen, claim_lease_s=0.2)
     store = c.resources["store"]
-    assert store.claim_notification("a", "ev-a", "http://hooks.test/h")  # then its sender died
+    assert store.claim_notification("a", "ev-a", "http://hooks.test/h", tenant="acme")  # then died
     with pytest.raises(RetryableError, match="has not finished"):
         notify(stored("a"), c)
     assert seen == []
     time.sleep(0.25)
     out = notify(stored("a"), c)
     assert isinstance(out, Emit) and out.data["http_status"] == 200 and len(seen) == 1
-    assert store.notification("a").status == "delivered"
+    assert store.notification("a", tenant="acme").status == "delivered"
     assert notify(stored("a"), c) is None and len(seen) == 1  # delivered: skipped, not retried
 
 

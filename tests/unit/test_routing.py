@@ -149,7 +149,10 @@ def test_failure_on_the_last_rung_dead_letters_with_attempts_rungs_plus_one() ->
     assert body["status"] == "failed" and body["attempt"] == 3
     decoded = decode(status.headers, status.value, SCHEMAS)
     assert decoded.id == event_id(
-        "t-1", "conveyor.task.status.v1", "moderation.failed.p.conveyor.moderation.retry.2.0.5"
+        "t-1",
+        "conveyor.task.status.v1",
+        "moderation.failed.p.conveyor.moderation.retry.2.0.5",
+        tenant="acme",
     )
 
 
@@ -171,7 +174,11 @@ def test_retrying_status_ids_are_deterministic_per_rung_so_redelivery_deduplicat
     a, _ = r.failure(item(offset=1), fail(RetryableError("x")), NOW)
     b, _ = r.failure(item(offset=1), fail(RetryableError("y")), "2026-11-23T00:01:00.000Z")
     ids = [decode(o[1].headers, o[1].value, SCHEMAS).id for o in (a, b)]
-    assert ids[0] == ids[1] == event_id("t-1", "conveyor.task.status.v1", "moderation.retry.1")
+    assert (
+        ids[0]
+        == ids[1]
+        == event_id("t-1", "conveyor.task.status.v1", "moderation.retry.1", tenant="acme")
+    )
 
 
 def test_undecodable_record_gets_status_from_key_and_carried_headers() -> None:
@@ -213,7 +220,11 @@ def test_identity_comes_from_the_task_id_in_the_data_not_key_or_subject() -> Non
     data.pop("inference_ms")
     (out,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
     back = decode(out.headers, out.value, SCHEMAS)
-    assert (out.key, back.subject, back.id) == (b"t-9", "t-9", event_id("t-9", MODERATED))
+    assert (out.key, back.subject, back.id) == (
+        b"t-9",
+        "t-9",
+        event_id("t-9", MODERATED, tenant="acme"),
+    )
     failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
     assert failed[1].key == b"t-9" and status_of(failed[1])["task_id"] == "t-9"
 
@@ -229,7 +240,7 @@ def test_rerun_extension_travels_to_outputs_and_status_events() -> None:
     back = decode(out.headers, out.value, SCHEMAS)
     assert back.ext("rerun") == rerun
     # A re-run is a new run: its ids differ from the first run's, and repeat on redelivery.
-    assert back.id != event_id("t-1", MODERATED)
+    assert back.id != event_id("t-1", MODERATED, tenant="acme")
     (again,) = router().outputs(src, [Emit(MODERATED, data)], NOW)
     assert decode(again.headers, again.value, SCHEMAS).id == back.id
     failed, _ = router().failure(src, fail(PermanentError("bad")), NOW)
@@ -272,7 +283,7 @@ def test_outputs_drop_retry_state_and_use_deterministic_ids() -> None:
     (out,) = r.outputs(src, [Emit(MODERATED, data)], NOW)
     assert out.topic == "p.conveyor.task.moderated" and out.key == b"t-1"
     event: Event = decode(out.headers, out.value, SCHEMAS)
-    assert event.id == event_id("t-1", MODERATED)
+    assert event.id == event_id("t-1", MODERATED, tenant="acme")
     assert event.source == "/conveyor/moderation" and event.subject == "t-1"
     assert not {"attempt", "firstfailedat", "lasterror"} & set(event.extensions)
     assert event.ext("tenant") == "acme" and event.ext("traceparent") == TRACEPARENT

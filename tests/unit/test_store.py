@@ -20,6 +20,7 @@ from conveyor.errors import RetryableError
 from conveyor.store import (
     REJECTED_RECORD,
     STATUSES,
+    AmbiguousTaskError,
     ResultStore,
     TaskStatus,
     TaskUpdate,
@@ -261,7 +262,7 @@ class StoreContract:
 
     def test_none_fields_do_not_erase_stored_values(self, store: ResultStore) -> None:
         store.apply(update("t1", "e1", "pending", 0, callback_url="https://cb", kind="embed"))
-        store.apply(update("t1", "e2", "processing", 1, tenant=None))
+        store.apply(update("t1", "e2", "processing", 1))  # names no kind and no callback
         task = store.get("t1")
         assert task is not None
         assert (task.tenant, task.kind, task.callback_url) == ("acme", "embed", "https://cb")
@@ -282,12 +283,84 @@ class StoreContract:
         assert task is not None and task.status == "blocked" and task.result is None
         assert task.verdict == "block" and task.moderation["reasons"] == ["toxic"]
 
-    def test_tenant_is_fixed_by_the_first_event(self, store: ResultStore) -> None:
-        store.apply(update("t1", "e1", "pending", 0, tenant="acme"))
-        store.apply(update("t1", "e2", "completed", 5, tenant="globex"))
-        assert store.get("t1", tenant="globex") is None
+    def test_equal_ids_of_two_tenants_are_two_tasks(self, store: ResultStore) -> None:
+        # A task is (tenant, task id): globex's event can never touch acme's task.
+        store.apply(update("t1", "e1", "pending", 0, tenant="acme", kind="embed"))
+        store.apply(update("t1", "e2", "completed", 5, tenant="globex", result={"x": 1}))
+        acme, globex = store.get("t1", tenant="acme"), store.get("t1", tenant="globex")
+        assert acme is not None and (acme.status, acme.tenant, acme.result) == (
+            "pending",
+            "acme",
+            None,
+        )
+        assert globex is not None and (globex.status, globex.tenant) == ("completed", "globex")
+        assert [e.event_id for e in store.timeline("t1", tenant="acme")] == ["e1"]
+        assert [e.event_id for e in store.timeline("t1", tenant="globex")] == ["e2"]
+        with pytest.raises(AmbiguousTaskError, match="acme.*globex"):
+            store.get("t1")  # without a tenant, an id of two tenants names no one task
+        with pytest.raises(AmbiguousTaskError):
+            store.timeline("t1")
+        assert store.count_by_status()["pending"] == store.count_by_status()["completed"] == 1
+
+    def test_task_without_a_tenant_is_its_own_task(self, store: ResultStore) -> None:
+        store.apply(update("t1", "e1", "processing", 0, tenant=None))
+        store.apply(update("t1", "e2", "processing", 0, tenant="acme"))
+        anonymous = store.get("t1", tenant="")
+        assert anonymous is not None and anonymous.tenant is None
+        assert [e.event_id for e in store.timeline("t1", tenant="")] == ["e1"]
+
+    def test_reserve_inserts_a_pending_row_once_per_tenant(self, store: ResultStore) -> None:
+        first = store.reserve("t1", "acme", time=at(0), digest="d1", kind="embed")
+        again = store.reserve("t1", "acme", time=at(1), digest="d2")
+        other = store.reserve("t1", "globex", time=at(2), digest="d3")
+        assert (first.new, again.new, other.new) == (True, False, True)
+        assert (first.digest, again.digest, other.digest) == ("d1", "d1", "d3")
+        assert again.task == first.task and first.task.status == "pending"
+        assert (first.task.kind, first.task.created_at, first.task.tenant) == (
+            "embed",
+            at(0),
+            "acme",
+        )
+        assert store.timeline("t1", tenant="acme") == []  # a reservation is not an event
+
+    def test_reserved_task_proceeds_through_the_pipeline(self, store: ResultStore) -> None:
+        store.reserve("t1", "acme", time=at(0), digest="d1", callback_url="https://cb")
+        store.apply(update("t1", "e1", "processing", 1, stage="preprocess"))
+        store.apply(update("t1", "e2", "completed", 2, result={"text": "hi"}))
         task = store.get("t1", tenant="acme")
-        assert task is not None and task.status == "completed"
+        assert task is not None and (task.status, task.callback_url, task.created_at) == (
+            "completed",
+            "https://cb",
+            at(0),
+        )
+        assert not store.release("t1", "acme", "d1")  # published and processed: stays
+        again = store.reserve("t1", "acme", time=at(3), digest="d1")
+        assert not again.new and again.task.status == "completed"
+
+    def test_release_frees_an_unpublished_reservation(self, store: ResultStore) -> None:
+        store.reserve("t1", "acme", time=at(0), digest="d1")
+        assert not store.release("t1", "acme", "other-submission")
+        assert not store.release("t1", "globex", "d1")
+        assert store.release("t1", "acme", "d1")
+        assert store.get("t1", tenant="acme") is None
+        assert store.reserve("t1", "acme", time=at(1), digest="d2").new
+
+    def test_notifications_are_per_tenant(self, store: ResultStore) -> None:
+        assert store.claim_notification("t1", "e1", "https://a", tenant="acme")
+        assert store.claim_notification("t1", "e2", "https://g", tenant="globex")
+        assert not store.claim_notification("t1", "e3", "https://a", tenant="acme")
+        assert store.complete_notification("t1", 200, tenant="globex")
+        acme = store.notification("t1", tenant="acme")
+        globex = store.notification("t1", tenant="globex")
+        assert acme is not None and (acme.status, acme.tenant, acme.url) == (
+            "claimed",
+            "acme",
+            "https://a",
+        )
+        assert globex is not None and (globex.status, globex.http_status) == ("delivered", 200)
+        assert store.release_notification("t1", tenant="acme")
+        assert store.notification("t1", tenant="acme") is None
+        assert store.notification("t1", tenant="globex") is not None
 
     def test_other_tenant_sees_nothing(self, store: ResultStore) -> None:
         store.apply(update("t1", "e1", "pending", 0, tenant="acme"))
@@ -410,6 +483,32 @@ class SharedStoreContract(StoreContract):
         for opened in stores:
             opened.close()
 
+    def test_concurrent_reservations_take_each_id_once_per_tenant(self, store_url: str) -> None:
+        # Two store objects (two gateway replicas) reserve the same ids at once: per (tenant, id)
+        # exactly one call wins, whichever store it ran on.
+        stores = [open_store(store_url) for _ in range(4)]
+        won: list[tuple[str, str]] = []
+        lock = threading.Lock()
+
+        def work(index: int) -> None:
+            tenant = ("acme", "globex")[index % 2]
+            for n in range(15):
+                got = stores[index].reserve(f"r{n}", tenant, time=at(n), digest=f"d{index}")
+                if got.new:
+                    with lock:
+                        won.append((tenant, f"r{n}"))
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert sorted(won) == sorted((t, f"r{n}") for t in ("acme", "globex") for n in range(15))
+        assert stores[0].count_by_status()["pending"] == 30
+        for opened in stores:
+            opened.close()
+
     def test_data_survives_reopen(self, store: ResultStore, store_url: str) -> None:
         store.apply(update("t1", "e1", "completed", 1, result={"text": "héllo ✓"}))
         reopened = open_store(store_url)
@@ -431,6 +530,61 @@ class TestSqliteFileStore(SharedStoreContract):
 
 
 # --- SQLite and URL specifics ----------------------------------------------------------------
+
+
+_V1_SCHEMA = """
+CREATE TABLE tasks (task_id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL, tenant TEXT, kind TEXT, stage TEXT, result TEXT, verdict TEXT,
+    moderation TEXT, trace_id TEXT, error TEXT, callback_url TEXT, completed_at TEXT);
+CREATE INDEX tasks_status_idx ON tasks (status);
+CREATE TABLE task_events (event_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, type TEXT NOT NULL,
+    status TEXT NOT NULL, time TEXT NOT NULL, stage TEXT, detail TEXT);
+CREATE INDEX task_events_task_time_idx ON task_events (task_id, time);
+CREATE TABLE notifications (task_id TEXT PRIMARY KEY, event_id TEXT NOT NULL,
+    status TEXT NOT NULL, url TEXT NOT NULL, claimed_at TEXT NOT NULL, http_status INTEGER,
+    delivered_at TEXT);
+INSERT INTO tasks VALUES ('t1', 'completed', '2024-05-01T12:00:00.000000+00:00',
+    '2024-05-01T12:00:05.000000+00:00', 'acme', 'embed', 'writeback', '{"x":1}', NULL, NULL,
+    NULL, NULL, 'https://cb', '2024-05-01T12:00:05.000000+00:00');
+INSERT INTO tasks VALUES ('t2', 'processing', '2024-05-01T12:00:00.000000+00:00',
+    '2024-05-01T12:00:00.000000+00:00', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+    NULL);
+INSERT INTO task_events VALUES ('e1', 't1', 'x', 'processing', '2024-05-01T12:00:00.000000+00:00',
+    NULL, NULL);
+INSERT INTO task_events VALUES ('e2', 't1', 'x', 'completed', '2024-05-01T12:00:05.000000+00:00',
+    NULL, NULL);
+INSERT INTO task_events VALUES ('e3', 't2', 'x', 'processing', '2024-05-01T12:00:00.000000+00:00',
+    NULL, NULL);
+INSERT INTO notifications VALUES ('t1', 'e2', 'delivered', 'https://cb',
+    '2024-05-01T12:00:06.000000+00:00', 204, '2024-05-01T12:00:07.000000+00:00');
+"""
+
+
+def test_sqlite_file_of_the_global_id_layout_is_migrated(tmp_path: Path) -> None:
+    # A file written before ids were per tenant: rows keep their data under their tenant.
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        conn.executescript(_V1_SCHEMA)
+    store = open_store(f"sqlite:///{tmp_path}/old.db")
+    try:
+        t1 = store.get("t1", tenant="acme")
+        assert t1 is not None and (t1.status, t1.result, t1.callback_url) == (
+            "completed",
+            {"x": 1},
+            "https://cb",
+        )
+        assert [e.event_id for e in store.timeline("t1", tenant="acme")] == ["e1", "e2"]
+        t2 = store.get("t2")
+        assert t2 is not None and t2.tenant is None and store.get("t2", tenant="") == t2
+        notice = store.notification("t1", tenant="acme")
+        assert notice is not None and (notice.status, notice.tenant) == ("delivered", "acme")
+        assert store.reserve("t1", "globex", time=at(9), digest="d").new  # now a separate task
+        assert store.apply(update("t1", "e2", "completed", 5)) is False  # old ids still dedupe
+    finally:
+        store.close()
+    with sqlite3.connect(tmp_path / "old.db") as conn:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert tables == {"tasks", "task_events", "notifications"}
+    open_store(f"sqlite:///{tmp_path}/old.db").close()  # a second open finds the new layout
 
 
 def test_sqlite_file_uses_wal(tmp_path: Path) -> None:

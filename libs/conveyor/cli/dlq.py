@@ -1,7 +1,8 @@
 """`conveyor dlq list|show|redrive`: inspect dead letters and send them back once fixed.
 
 Filters (all optional, all must match): `--stage`, `--error-class` (repeatable, any of them),
-`--since`/`--until` (RFC 3339 or relative: `30m`, `2h`, `1d`), `--task-id`, `--trace-id`.
+`--since`/`--until` (RFC 3339 or relative: `30m`, `2h`, `1d`), `--task-id`, `--tenant`,
+`--trace-id`.
 Reads are bounded: what the DLQs held when the command started. See `conveyor.dlq.redrive` for
 what a redrive sends and how it avoids redriving a record twice.
 """
@@ -47,6 +48,9 @@ def _filters(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", help="dead-lettered at or after (RFC 3339, or 1h = 1 h ago)")
     parser.add_argument("--until", help="dead-lettered before (RFC 3339 or relative)")
     parser.add_argument("--task-id")
+    parser.add_argument(
+        "--tenant", help="only that tenant's letters (task ids are per tenant, like tasks)"
+    )
     parser.add_argument("--trace-id", help="32 hex digits, from traceparent / ce_traceparent")
 
 
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             until=args.until,
             task_id=args.task_id,
             trace_id=args.trace_id,
+            tenant=args.tenant,
         )
         action = {"list": list_letters, "show": show_letters, "redrive": redrive_letters}
         return action[args.action](args, flt)
@@ -90,6 +95,7 @@ def summary(dl: DeadLetter, redriven: bool) -> dict[str, Any]:
         "time": _iso(dl),
         "stage": dl.stage,
         "task_id": dl.task_id,
+        "tenant": dl.tenant or None,
         "error_class": dl.error_class,
         "message": dl.message,
         "original": dl.original,

@@ -34,7 +34,9 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
         parser.set_defaults(func=submit)
     else:
         parser.add_argument("task_id")
-        parser.add_argument("--tenant", help="only that tenant's task")
+        parser.add_argument(
+            "--tenant", help="the tenant whose task it is (needed when several use the id)"
+        )
         parser.add_argument("--json", action="store_true", help="machine-readable output")
         parser.set_defaults(func=status)
 
@@ -98,18 +100,22 @@ def submit(args: argparse.Namespace) -> int:
 
 
 def status(args: argparse.Namespace) -> int:
-    from conveyor.store import open_store
+    from conveyor.store import AmbiguousTaskError, open_store
 
     store = open_store(store_url())
     try:
-        record = store.get(args.task_id, tenant=args.tenant)
+        try:
+            record = store.get(args.task_id, tenant=args.tenant)
+        except AmbiguousTaskError as exc:
+            print(f"{exc}: use --tenant", file=sys.stderr)
+            return 2
         if record is None:
             print(
                 f"task {args.task_id} not found (not yet stored, or another tenant's)",
                 file=sys.stderr,
             )
             return 1
-        timeline = store.timeline(args.task_id, tenant=args.tenant)
+        timeline = store.timeline(args.task_id, tenant=record.tenant or "")
     finally:
         store.close()
     doc = {

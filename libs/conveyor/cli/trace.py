@@ -20,7 +20,9 @@ DEFAULT_JAEGER_URL = "http://127.0.0.1:16686"
 
 def configure(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task_id")
-    parser.add_argument("--tenant", help="only that tenant's task")
+    parser.add_argument(
+        "--tenant", help="the tenant whose task it is (needed when several use the id)"
+    )
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=show)
 
@@ -31,11 +33,14 @@ def jaeger_link(trace_id: str) -> str:
 
 
 def show(args: argparse.Namespace) -> int:
-    from conveyor.store import open_store
+    from conveyor.store import AmbiguousTaskError, open_store
 
     store = open_store(store_url())
     try:
         record = store.get(args.task_id, tenant=args.tenant)
+    except AmbiguousTaskError as exc:
+        print(f"{exc}: use --tenant", file=sys.stderr)
+        return 2
     finally:
         store.close()
     if record is None:

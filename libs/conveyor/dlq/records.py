@@ -101,6 +101,19 @@ class DeadLetter:
         )
 
     @property
+    def tenant(self) -> str:
+        """Its `ce_tenant` header, else the `tenant` of JSON task data; "" if it names none.
+        A task is (tenant, task id): with `--task-id`, this tells equal ids apart."""
+        tenant = self.hmap.get("ce_tenant")
+        if tenant:
+            return tenant
+        return _json_field(
+            self.value,
+            "tenant",
+            structured=self.hmap.get("content-type", "").startswith(STRUCTURED),
+        )
+
+    @property
     def original_topic(self) -> str:
         return self.hmap.get(ORIGINAL_TOPIC_HEADER, "")
 
@@ -134,13 +147,20 @@ class DeadLetter:
 
 
 def _json_task_id(value: bytes, *, structured: bool) -> str:
+    return _json_field(value, "task_id", structured=structured)
+
+
+def _json_field(value: bytes, name: str, *, structured: bool) -> str:
+    """A string field of JSON task data (flat ingress, or internal `task`), else ""."""
     try:
         doc = json.loads(value)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return ""  # Avro, or not a task at all
     data = doc.get("data") if structured and isinstance(doc, dict) else doc
-    task_id = data.get("task_id") if isinstance(data, dict) else None
-    return task_id if isinstance(task_id, str) else ""
+    if isinstance(data, dict) and isinstance(data.get("task"), dict):
+        data = data["task"]
+    found = data.get(name) if isinstance(data, dict) else None
+    return found if isinstance(found, str) else ""
 
 
 def stage_of_dlq(topic: str) -> str:
@@ -166,6 +186,7 @@ class DeadLetterFilter:
     until_ms: int | None = None  # exclusive
     task_id: str | None = None
     trace_id: str | None = None
+    tenant: str | None = None
 
     def matches(self, dl: DeadLetter) -> bool:
         if self.stage and dl.stage != self.stage:
@@ -177,6 +198,8 @@ class DeadLetterFilter:
         if self.until_ms is not None and dl.timestamp_ms >= self.until_ms:
             return False
         if self.task_id and self.task_id not in (dl.task_id, _text(dl.key)):
+            return False
+        if self.tenant is not None and dl.tenant != self.tenant:
             return False
         return not self.trace_id or self.trace_id.lower() in dl.trace_ids()
 
@@ -190,6 +213,7 @@ class DeadLetterFilter:
         until: str | None = None,
         task_id: str | None = None,
         trace_id: str | None = None,
+        tenant: str | None = None,
         now: datetime | None = None,
     ) -> DeadLetterFilter:
         """From command-line values; times are RFC 3339 or relative to `now` (`90s`, `1h`)."""
@@ -201,6 +225,7 @@ class DeadLetterFilter:
             until_ms=to_ms(parse_time(until, now=now)) if until else None,
             task_id=task_id,
             trace_id=trace_id,
+            tenant=tenant,
         )
 
 

@@ -32,6 +32,7 @@ from conveyor.events.model import (
     FIRSTFAILEDAT,
     RERUN,
     RETRY_STATE,
+    TENANT,
     TRACEPARENT,
     Event,
     event_id,
@@ -131,7 +132,7 @@ class Router:
                 ext[TRACEPARENT] = start  # this hop starts the task's trace
         ext.update(emit.extensions)
         event = Event(
-            id=event_id(task_id, emit.type, discriminator),
+            id=event_id(task_id, emit.type, discriminator, tenant=ext.get(TENANT) or ""),
             type=emit.type,
             source=self.source,
             subject=task_id,

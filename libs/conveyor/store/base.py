@@ -1,8 +1,13 @@
 """The result store contract: status model, records, precedence rule, `ResultStore` protocol.
 
-A task's row in `tasks` is the merge of every event seen for it; `task_events` keeps each event
-once (primary key = CloudEvent id), which both deduplicates redelivered records and forms the
-timeline. Status precedence is one function, `status_wins`, and makes the merge independent of
+A task is identified by (tenant, task id): two tenants' equal task ids are two tasks, with
+their own rows, timelines and notifications (a task that names no tenant has the tenant key "",
+read back as None). A task's row in `tasks` is the merge of every event seen for it;
+`task_events` keeps each event once (primary key = CloudEvent id, which includes the tenant),
+which both deduplicates redelivered records and forms the timeline. The gateway reserves a task
+(`reserve`: a `pending` row, inserted only if (tenant, task id) is free) before it publishes it,
+so one id is accepted once per tenant, also across gateway replicas.
+Status precedence is one function, `status_wins`, and makes the merge independent of
 arrival order. A finished task stays finished: a terminal status (completed, blocked, failed,
 expired, cancelled) is never replaced, except by an event of an explicit operator re-run of the
 task (`conveyor dlq redrive` / `conveyor replay`, carried as `TaskUpdate.override`) that is newer
@@ -11,7 +16,8 @@ non-terminal one whatever the times; between two non-terminal ones the newer eve
 (ties: `processing`/`retrying` beat `pending`, otherwise the stored row stays).
 A record rejected before it decoded names its task by its record key alone, which is not
 trustworthy (`TaskUpdate.rejected_record`): it becomes a `rejected-record` timeline note of an
-existing task and changes nothing else, or, when no task has that id, a `failed` task.
+existing task and changes nothing else, or, when no task has that id, a `failed` task; without a
+tenant it is attributed to the one task of that id, if there is exactly one.
 Fields an update leaves as None never erase stored values; a losing update may still fill a NULL
 trace id, but never touches the outcome (`stage`, result, verdict, moderation, error), so a late
 failure leaves no error on a completed task; `stage` is the stage of the event that set the
@@ -32,6 +38,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any, Protocol
+
+
+class AmbiguousTaskError(ValueError):
+    """A task id asked for without a tenant names tasks of several tenants."""
+
+    def __init__(self, task_id: str, tenants: Sequence[str]) -> None:
+        names = ", ".join(repr(t) for t in tenants)
+        super().__init__(f"task id {task_id!r} exists for several tenants ({names}): name one")
+        self.tenants = tuple(tenants)
+
+
+def tenant_key(tenant: str | None) -> str:
+    """The tenant part of a task's store key: a task that names no tenant has the key ""."""
+    return tenant or ""
 
 
 class TaskStatus(StrEnum):
@@ -192,6 +212,17 @@ class Applied:
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """What `ResultStore.reserve` found: whether this call took the (tenant, task id), the
+    task's row, and the digest of the submission that reserved it (None: the task was not
+    reserved by a submission, e.g. it came in straight through the ingress topic)."""
+
+    new: bool
+    task: TaskRecord
+    digest: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class NotificationRecord:
     """The single terminal notification of a task: claimed, then delivered or rejected."""
 
@@ -202,6 +233,7 @@ class NotificationRecord:
     claimed_at: datetime
     http_status: int | None = None
     delivered_at: datetime | None = None
+    tenant: str | None = None
 
 
 def _fill(current: Any, new: Any, *, wins: bool) -> Any:
@@ -297,6 +329,7 @@ NOTIFICATION_COLUMNS = (
     "claimed_at",
     "http_status",
     "delivered_at",
+    "tenant",
 )
 
 
@@ -307,6 +340,7 @@ def task_from_row(row: Sequence[Any], to_time: Callable[[Any], datetime | None])
         values[name] = to_time(values[name])
     values["result"] = load_json(values["result"])
     values["moderation"] = load_json(values["moderation"])
+    values["tenant"] = values["tenant"] or None  # the key "" is "no tenant"
     return TaskRecord(**values)
 
 
@@ -318,6 +352,8 @@ def task_params(task: TaskRecord, from_time: Callable[[datetime | None], Any]) -
             values[i] = from_time(values[i])
         elif name in ("result", "moderation"):
             values[i] = dump_json(values[i])
+        elif name == "tenant":
+            values[i] = tenant_key(values[i])
     return tuple(values)
 
 
@@ -343,11 +379,32 @@ class ResultStore(Protocol):
         ...
 
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
-        """The task, or None; with `tenant`, None unless the task belongs to that tenant."""
+        """That tenant's task, or None; without `tenant`, the one task of that id whatever its
+        tenant (`AmbiguousTaskError` when several tenants have one)."""
         ...
 
     def timeline(self, task_id: str, *, tenant: str | None = None) -> list[TaskEventRecord]:
-        """The task's events ordered by event time (ties: arrival order)."""
+        """The task's events ordered by event time (ties: arrival order); the tenant as in
+        `get`."""
+        ...
+
+    def reserve(
+        self,
+        task_id: str,
+        tenant: str,
+        *,
+        time: datetime,
+        digest: str,
+        kind: str | None = None,
+        callback_url: str | None = None,
+    ) -> Reservation:
+        """Insert a `pending` row for (tenant, task id) unless one exists, atomically (also
+        between processes and hosts); `new` says whether this call inserted it."""
+        ...
+
+    def release(self, task_id: str, tenant: str, digest: str) -> bool:
+        """Drop a reservation whose task was never published (no event recorded for it, still
+        the submission with `digest`), so the caller may submit again; False if none."""
         ...
 
     def count_by_status(self) -> dict[str, int]:
@@ -355,7 +412,13 @@ class ResultStore(Protocol):
         ...
 
     def claim_notification(
-        self, task_id: str, event_id: str, url: str, *, lease_s: float | None = None
+        self,
+        task_id: str,
+        event_id: str,
+        url: str,
+        *,
+        tenant: str | None = None,
+        lease_s: float | None = None,
     ) -> bool:
         """Claim the task's notification: True only for the first claim.
 
@@ -364,15 +427,17 @@ class ResultStore(Protocol):
         """
         ...
 
-    def complete_notification(self, task_id: str, http_status: int) -> bool:
+    def complete_notification(
+        self, task_id: str, http_status: int, *, tenant: str | None = None
+    ) -> bool:
         """Mark the claimed notification as answered; False if there was no claim."""
         ...
 
-    def release_notification(self, task_id: str) -> bool:
+    def release_notification(self, task_id: str, *, tenant: str | None = None) -> bool:
         """Drop an unfinished claim so a retry can claim again; False if there was none."""
         ...
 
-    def notification(self, task_id: str) -> NotificationRecord | None:
+    def notification(self, task_id: str, *, tenant: str | None = None) -> NotificationRecord | None:
         """The task's notification claim, or None if it was never claimed (or was released)."""
         ...
 

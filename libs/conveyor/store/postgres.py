@@ -4,7 +4,8 @@ One connection per store object (autocommit off, guarded by a lock), one transac
 `apply` inserts the event with `INSERT ... ON CONFLICT (event_id) DO NOTHING` (a duplicate ends
 the call), locks the task row with `SELECT ... FOR UPDATE`, merges in Python with the same pure
 `merge_task` the SQLite backend uses, and writes the row back; two writers racing to create the
-same task are resolved by `ON CONFLICT (task_id) DO NOTHING` and a second locked read. Timestamps
+same task are resolved by `ON CONFLICT (tenant, task_id) DO NOTHING` and a second locked read;
+tasks are keyed by (tenant, task id), and `reserve` is the same `ON CONFLICT DO NOTHING`. Timestamps
 are `timestamptz` (read back as UTC), JSON columns are text so both backends store the same bytes,
 and `task_events.seq` (identity) orders timeline ties by arrival. The schema is created at open
 under an advisory lock, so services starting together do not race on `CREATE TABLE IF NOT
@@ -14,6 +15,7 @@ raise `RetryableError`; a broken connection is replaced on the next call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -32,14 +34,18 @@ from conveyor.store.base import (
     NOTIFICATION_REJECTED,
     STATUSES,
     TASK_COLUMNS,
+    AmbiguousTaskError,
     Applied,
     NotificationRecord,
+    Reservation,
     TaskEventRecord,
     TaskRecord,
+    TaskStatus,
     TaskUpdate,
     merge_task,
     task_from_row,
     task_params,
+    tenant_key,
     utcnow,
 )
 
@@ -50,13 +56,15 @@ CONNECT_TIMEOUT_S = 10
 # Any key will do as long as every Conveyor process uses the same one for schema creation.
 _SCHEMA_LOCK_KEY = 0x436F6E76  # "Conv"
 
+# Keys include the tenant: a task is (tenant, task_id). `digest` identifies the gateway
+# submission that reserved the row (not part of `TaskRecord`).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    task_id      text PRIMARY KEY,
+    tenant       text NOT NULL DEFAULT '',
+    task_id      text NOT NULL,
     status       text NOT NULL,
     created_at   timestamptz NOT NULL,
     updated_at   timestamptz NOT NULL,
-    tenant       text,
     kind         text,
     stage        text,
     result       text,
@@ -65,11 +73,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     trace_id     text,
     error        text,
     callback_url text,
-    completed_at timestamptz
+    completed_at timestamptz,
+    digest       text,
+    PRIMARY KEY (tenant, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_status_idx ON tasks (status);
+CREATE INDEX IF NOT EXISTS tasks_task_id_idx ON tasks (task_id);
 CREATE TABLE IF NOT EXISTS task_events (
     event_id text PRIMARY KEY,
+    tenant   text NOT NULL DEFAULT '',
     task_id  text NOT NULL,
     type     text NOT NULL,
     status   text NOT NULL,
@@ -78,35 +90,69 @@ CREATE TABLE IF NOT EXISTS task_events (
     detail   text,
     seq      bigint GENERATED ALWAYS AS IDENTITY
 );
-CREATE INDEX IF NOT EXISTS task_events_task_time_idx ON task_events (task_id, time, seq);
+CREATE INDEX IF NOT EXISTS task_events_task_time_idx ON task_events (tenant, task_id, time, seq);
 CREATE TABLE IF NOT EXISTS notifications (
-    task_id      text PRIMARY KEY,
+    tenant       text NOT NULL DEFAULT '',
+    task_id      text NOT NULL,
     event_id     text NOT NULL,
     status       text NOT NULL,
     url          text NOT NULL,
     claimed_at   timestamptz NOT NULL,
     http_status  integer,
-    delivered_at timestamptz
+    delivered_at timestamptz,
+    PRIMARY KEY (tenant, task_id)
 )
 """
 
+# A database written before task ids were per tenant (`tasks` without `digest`) is migrated in
+# place at open, in the schema transaction under the advisory lock: its tables are renamed *_v1,
+# the new ones created, the rows copied (a NULL tenant becomes "", an event or notification takes
+# its task's tenant; events in arrival order) and the old tables dropped. Old event ids stay.
+_OLD_TABLES = ("tasks", "task_events", "notifications")
+_OLD_INDEXES = ("tasks_status_idx", "task_events_task_time_idx")
+_OLD_LAYOUT = (
+    "SELECT count(*) FILTER (WHERE column_name = 'digest'), count(*) "
+    "FROM information_schema.columns WHERE table_schema = current_schema() "
+    "AND table_name = 'tasks'"
+)
+_OWNER = "COALESCE((SELECT t.tenant FROM tasks_v1 t WHERE t.task_id = o.task_id), '')"
+_MIGRATE = (
+    f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) SELECT "
+    + ", ".join("COALESCE(tenant, '')" if c == "tenant" else c for c in TASK_COLUMNS)
+    + " FROM tasks_v1",
+    f"INSERT INTO task_events (tenant, {', '.join(EVENT_COLUMNS)}) SELECT {_OWNER}, "
+    + ", ".join(f"o.{c}" for c in EVENT_COLUMNS)
+    + " FROM task_events_v1 o ORDER BY o.seq",
+    f"INSERT INTO notifications ({', '.join(NOTIFICATION_COLUMNS)}) SELECT "
+    + ", ".join(_OWNER if c == "tenant" else f"o.{c}" for c in NOTIFICATION_COLUMNS)
+    + " FROM notifications_v1 o",
+)
+
+_KEY = "tenant = %s AND task_id = %s"
 _TASK_SELECT = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks"
 _TASK_INSERT = (
     f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) "
-    f"VALUES ({', '.join(['%s'] * len(TASK_COLUMNS))}) ON CONFLICT (task_id) DO NOTHING"
+    f"VALUES ({', '.join(['%s'] * len(TASK_COLUMNS))}) ON CONFLICT (tenant, task_id) DO NOTHING"
 )
-_TASK_UPDATE = (
-    "UPDATE tasks SET " + ", ".join(f"{c} = %s" for c in TASK_COLUMNS[1:]) + " WHERE task_id = %s"
+_UPDATED = tuple(c for c in TASK_COLUMNS if c not in ("task_id", "tenant"))
+_TASK_UPDATE = "UPDATE tasks SET " + ", ".join(f"{c} = %s" for c in _UPDATED) + f" WHERE {_KEY}"
+_RESERVE = (
+    "INSERT INTO tasks (tenant, task_id, status, created_at, updated_at, kind, callback_url, "
+    "digest) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, task_id) DO NOTHING"
+)
+_RELEASE = (
+    f"DELETE FROM tasks WHERE {_KEY} AND status = %s AND digest = %s "
+    f"AND NOT EXISTS (SELECT 1 FROM task_events WHERE {_KEY})"
 )
 _EVENT_INSERT = (
-    f"INSERT INTO task_events ({', '.join(EVENT_COLUMNS)}) "
-    "VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
+    f"INSERT INTO task_events (tenant, {', '.join(EVENT_COLUMNS)}) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (event_id) DO NOTHING"
 )
 # An unfinished claim older than the cutoff is taken over; without a lease the cutoff is
 # datetime.min, which no claim predates.
 _CLAIM = (
-    f"INSERT INTO notifications ({', '.join(NOTIFICATION_COLUMNS[:5])}) "
-    "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (task_id) DO UPDATE SET "
+    "INSERT INTO notifications (tenant, task_id, event_id, status, url, claimed_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (tenant, task_id) DO UPDATE SET "
     "event_id = excluded.event_id, url = excluded.url, claimed_at = excluded.claimed_at "
     "WHERE notifications.status = %s AND notifications.claimed_at < %s"
 )
@@ -137,8 +183,18 @@ class PostgresResultStore:
         self._closed = False
         with self._transaction() as cur:
             cur.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK_KEY,))
+            with_digest, columns = cur.execute(_OLD_LAYOUT).fetchone() or (0, 0)
+            old = columns > 0 and with_digest == 0
+            if old:
+                _rename_old(cur)
             for statement in _SCHEMA.split(";"):
                 cur.execute(statement)
+            if old:
+                for statement in _MIGRATE:
+                    cur.execute(statement)
+                for table in _OLD_TABLES:
+                    cur.execute(f"DROP TABLE {table}_v1")
+                log.warning("result store migrated to per-tenant task keys backend=postgresql")
         log.info("result store opened backend=postgresql")
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -182,9 +238,15 @@ class PostgresResultStore:
             return [self._apply_one(cur, update) for update in updates]
 
     def _apply_one(self, cur: psycopg.Cursor[Any], update: TaskUpdate) -> Applied:
+        tenant = tenant_key(update.tenant)
+        if update.rejected_record:  # its tenant is as untrustworthy as its key
+            tenant = _rejected_owner(cur, update.task_id, tenant)
+            update = dataclasses.replace(update, tenant=tenant or None)
+        key = (tenant, update.task_id)
         cur.execute(
             _EVENT_INSERT,
             (
+                tenant,
                 update.event_id,
                 update.task_id,
                 update.event_type,
@@ -198,21 +260,19 @@ class PostgresResultStore:
             log.debug(
                 "duplicate event skipped task_id=%s event_id=%s", update.task_id, update.event_id
             )
-            row = cur.execute(f"{_TASK_SELECT} WHERE task_id = %s", (update.task_id,)).fetchone()
+            row = cur.execute(f"{_TASK_SELECT} WHERE {_KEY}", key).fetchone()
             assert row is not None  # its event was recorded with the row, in one transaction
             return Applied(False, task_from_row(row, _utc))
         # Two rounds at most: the first may lose a race to insert the row, the second then finds
         # it (committed) and locks it.
         for _ in range(2):
-            row = cur.execute(
-                f"{_TASK_SELECT} WHERE task_id = %s FOR UPDATE", (update.task_id,)
-            ).fetchone()
+            row = cur.execute(f"{_TASK_SELECT} WHERE {_KEY} FOR UPDATE", key).fetchone()
             current = None if row is None else task_from_row(row, _utc)
             merged = merge_task(current, update)
             if current is not None:
                 if merged is not current:
-                    params = task_params(merged, _utc)
-                    cur.execute(_TASK_UPDATE, (*params[1:], update.task_id))
+                    params = dict(zip(TASK_COLUMNS, task_params(merged, _utc), strict=True))
+                    cur.execute(_TASK_UPDATE, (*(params[c] for c in _UPDATED), *key))
                 return Applied(True, merged)
             cur.execute(_TASK_INSERT, task_params(merged, _utc))
             if cur.rowcount == 1:
@@ -220,24 +280,51 @@ class PostgresResultStore:
         raise RetryableError(f"task row contention task_id={update.task_id}")
 
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
-        sql, params = f"{_TASK_SELECT} WHERE task_id = %s", [task_id]
-        if tenant is not None:
-            sql, params = sql + " AND tenant = %s", [task_id, tenant]
         with self._transaction() as cur:
-            row = cur.execute(sql, params).fetchone()
+            row = _task_row(cur, task_id, tenant)
         return None if row is None else task_from_row(row, _utc)
 
     def timeline(self, task_id: str, *, tenant: str | None = None) -> list[TaskEventRecord]:
-        columns = ", ".join(f"e.{c}" for c in EVENT_COLUMNS)
-        sql, params = f"SELECT {columns} FROM task_events e WHERE e.task_id = %s", [task_id]
-        if tenant is not None:
-            sql += (
-                " AND EXISTS (SELECT 1 FROM tasks t WHERE t.task_id = e.task_id AND t.tenant = %s)"
-            )
-            params.append(tenant)
         with self._transaction() as cur:
-            rows = cur.execute(sql + " ORDER BY e.time, e.seq", params).fetchall()
+            row = _task_row(cur, task_id, tenant)
+            if row is None:
+                return []
+            rows = cur.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM task_events WHERE {_KEY} "
+                "ORDER BY time, seq",
+                (row[TASK_COLUMNS.index("tenant")], task_id),
+            ).fetchall()
         return [TaskEventRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], r[6]) for r in rows]
+
+    def reserve(
+        self,
+        task_id: str,
+        tenant: str,
+        *,
+        time: datetime,
+        digest: str,
+        kind: str | None = None,
+        callback_url: str | None = None,
+    ) -> Reservation:
+        key = (tenant_key(tenant), task_id)
+        with self._transaction() as cur:
+            cur.execute(
+                _RESERVE, (*key, TaskStatus.PENDING, time, time, kind, callback_url, digest)
+            )
+            new = cur.rowcount == 1
+            row = cur.execute(
+                f"SELECT {', '.join(TASK_COLUMNS)}, digest FROM tasks WHERE {_KEY}", key
+            ).fetchone()
+        # Not found only if a concurrent release dropped it between the two statements.
+        if row is None:
+            raise RetryableError(f"reservation of task {task_id} released concurrently")
+        return Reservation(new, task_from_row(row[:-1], _utc), row[-1])
+
+    def release(self, task_id: str, tenant: str, digest: str) -> bool:
+        key = (tenant_key(tenant), task_id)
+        with self._transaction() as cur:
+            cur.execute(_RELEASE, (*key, TaskStatus.PENDING, digest, *key))
+            return cur.rowcount == 1
 
     def count_by_status(self) -> dict[str, int]:
         with self._transaction() as cur:
@@ -247,41 +334,49 @@ class PostgresResultStore:
         return counts
 
     def claim_notification(
-        self, task_id: str, event_id: str, url: str, *, lease_s: float | None = None
+        self,
+        task_id: str,
+        event_id: str,
+        url: str,
+        *,
+        tenant: str | None = None,
+        lease_s: float | None = None,
     ) -> bool:
         now = utcnow()
         cutoff = datetime.min.replace(tzinfo=UTC)
         if lease_s is not None:
             cutoff = now - timedelta(seconds=lease_s)
+        claimed = NOTIFICATION_CLAIMED
         with self._transaction() as cur:
             cur.execute(
-                _CLAIM,
-                (task_id, event_id, NOTIFICATION_CLAIMED, url, now, NOTIFICATION_CLAIMED, cutoff),
+                _CLAIM, (tenant_key(tenant), task_id, event_id, claimed, url, now, claimed, cutoff)
             )
             return cur.rowcount == 1
 
-    def complete_notification(self, task_id: str, http_status: int) -> bool:
+    def complete_notification(
+        self, task_id: str, http_status: int, *, tenant: str | None = None
+    ) -> bool:
         status = NOTIFICATION_DELIVERED if 200 <= http_status < 400 else NOTIFICATION_REJECTED
         with self._transaction() as cur:
             cur.execute(
                 "UPDATE notifications SET status = %s, http_status = %s, delivered_at = %s "
-                "WHERE task_id = %s AND status = %s",
-                (status, http_status, utcnow(), task_id, NOTIFICATION_CLAIMED),
+                f"WHERE {_KEY} AND status = %s",
+                (status, http_status, utcnow(), tenant_key(tenant), task_id, NOTIFICATION_CLAIMED),
             )
             return cur.rowcount == 1
 
-    def release_notification(self, task_id: str) -> bool:
+    def release_notification(self, task_id: str, *, tenant: str | None = None) -> bool:
         with self._transaction() as cur:
             cur.execute(
-                "DELETE FROM notifications WHERE task_id = %s AND status = %s",
-                (task_id, NOTIFICATION_CLAIMED),
+                f"DELETE FROM notifications WHERE {_KEY} AND status = %s",
+                (tenant_key(tenant), task_id, NOTIFICATION_CLAIMED),
             )
             return cur.rowcount == 1
 
-    def notification(self, task_id: str) -> NotificationRecord | None:
-        sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE task_id = %s"
+    def notification(self, task_id: str, *, tenant: str | None = None) -> NotificationRecord | None:
+        sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE {_KEY}"
         with self._transaction() as cur:
-            r = cur.execute(sql, (task_id,)).fetchone()
+            r = cur.execute(sql, (tenant_key(tenant), task_id)).fetchone()
         return None if r is None else _notification(r)
 
     def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
@@ -302,4 +397,32 @@ class PostgresResultStore:
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:
-    return NotificationRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], _utc(r[6]))
+    return NotificationRecord(r[0], r[1], r[2], r[3], _as_utc(r[4]), r[5], _utc(r[6]), r[7] or None)
+
+
+def _task_row(cur: psycopg.Cursor[Any], task_id: str, tenant: str | None) -> Any:
+    """The task's row: that tenant's, or without a tenant the one row of that id."""
+    if tenant is not None:
+        return cur.execute(f"{_TASK_SELECT} WHERE {_KEY}", (tenant_key(tenant), task_id)).fetchone()
+    rows = cur.execute(f"{_TASK_SELECT} WHERE task_id = %s LIMIT 2", (task_id,)).fetchall()
+    if len(rows) > 1:
+        tenants = cur.execute("SELECT tenant FROM tasks WHERE task_id = %s", (task_id,)).fetchall()
+        raise AmbiguousTaskError(task_id, sorted(t for (t,) in tenants))
+    return rows[0] if rows else None
+
+
+def _rejected_owner(cur: psycopg.Cursor[Any], task_id: str, named: str) -> str:
+    """Whose task a rejected record is a note of: the named tenant's task of that id, else the
+    one task of that id (as before tenants were keys), else a new task of the named tenant."""
+    rows = cur.execute("SELECT tenant FROM tasks WHERE task_id = %s", (task_id,)).fetchall()
+    owners = {str(t) for (t,) in rows}
+    if named in owners or len(owners) != 1:
+        return named
+    return owners.pop()
+
+
+def _rename_old(cur: psycopg.Cursor[Any]) -> None:
+    for index in _OLD_INDEXES:
+        cur.execute(f"DROP INDEX IF EXISTS {index}")
+    for table in _OLD_TABLES:
+        cur.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")

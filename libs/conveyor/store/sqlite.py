@@ -11,6 +11,7 @@ in-memory database for unit tests. "database is locked" and I/O faults raise `Re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 import threading
@@ -30,14 +31,18 @@ from conveyor.store.base import (
     NOTIFICATION_REJECTED,
     STATUSES,
     TASK_COLUMNS,
+    AmbiguousTaskError,
     Applied,
     NotificationRecord,
+    Reservation,
     TaskEventRecord,
     TaskRecord,
+    TaskStatus,
     TaskUpdate,
     merge_task,
     task_from_row,
     task_params,
+    tenant_key,
     utcnow,
 )
 
@@ -50,13 +55,15 @@ BUSY_TIMEOUT_MS = 5000
 # Messages of sqlite3.OperationalError that describe a transient condition, not a bug.
 _TRANSIENT = ("locked", "busy", "disk i/o error", "unable to open database file")
 
+# Keys include the tenant: a task is (tenant, task_id). `digest` identifies the gateway
+# submission that reserved the row (not part of `TaskRecord`).
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
-    task_id      TEXT PRIMARY KEY,
+    tenant       TEXT NOT NULL DEFAULT '',
+    task_id      TEXT NOT NULL,
     status       TEXT NOT NULL,
     created_at   TEXT NOT NULL,
     updated_at   TEXT NOT NULL,
-    tenant       TEXT,
     kind         TEXT,
     stage        TEXT,
     result       TEXT,
@@ -65,11 +72,15 @@ CREATE TABLE IF NOT EXISTS tasks (
     trace_id     TEXT,
     error        TEXT,
     callback_url TEXT,
-    completed_at TEXT
+    completed_at TEXT,
+    digest       TEXT,
+    PRIMARY KEY (tenant, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_status_idx ON tasks (status);
+CREATE INDEX IF NOT EXISTS tasks_task_id_idx ON tasks (task_id);
 CREATE TABLE IF NOT EXISTS task_events (
     event_id TEXT PRIMARY KEY,
+    tenant   TEXT NOT NULL DEFAULT '',
     task_id  TEXT NOT NULL,
     type     TEXT NOT NULL,
     status   TEXT NOT NULL,
@@ -77,34 +88,65 @@ CREATE TABLE IF NOT EXISTS task_events (
     stage    TEXT,
     detail   TEXT
 );
-CREATE INDEX IF NOT EXISTS task_events_task_time_idx ON task_events (task_id, time);
+CREATE INDEX IF NOT EXISTS task_events_task_time_idx ON task_events (tenant, task_id, time);
 CREATE TABLE IF NOT EXISTS notifications (
-    task_id      TEXT PRIMARY KEY,
+    tenant       TEXT NOT NULL DEFAULT '',
+    task_id      TEXT NOT NULL,
     event_id     TEXT NOT NULL,
     status       TEXT NOT NULL,
     url          TEXT NOT NULL,
     claimed_at   TEXT NOT NULL,
     http_status  INTEGER,
-    delivered_at TEXT
+    delivered_at TEXT,
+    PRIMARY KEY (tenant, task_id)
 );
 """
 
+# A database written before task ids were per tenant (no `digest` column) is migrated in place
+# at open, in the schema transaction: its tables are renamed *_v1, the new ones created, the rows
+# copied (a NULL tenant becomes "", an event or notification takes its task's tenant), and the
+# old tables dropped. Old event ids (computed without the tenant) stay as they were.
+_OLD_TABLES = ("tasks", "task_events", "notifications")
+_OLD_INDEXES = ("tasks_status_idx", "task_events_task_time_idx")
+_OWNER = "COALESCE((SELECT t.tenant FROM tasks_v1 t WHERE t.task_id = o.task_id), '')"
+_MIGRATE = (
+    f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) SELECT "
+    + ", ".join("COALESCE(tenant, '')" if c == "tenant" else c for c in TASK_COLUMNS)
+    + " FROM tasks_v1",
+    f"INSERT INTO task_events (tenant, {', '.join(EVENT_COLUMNS)}) SELECT {_OWNER}, "
+    + ", ".join(f"o.{c}" for c in EVENT_COLUMNS)
+    + " FROM task_events_v1 o ORDER BY o.rowid",
+    f"INSERT INTO notifications ({', '.join(NOTIFICATION_COLUMNS)}) SELECT "
+    + ", ".join(_OWNER if c == "tenant" else f"o.{c}" for c in NOTIFICATION_COLUMNS)
+    + " FROM notifications_v1 o",
+)
+
+_KEY = "tenant = ? AND task_id = ?"
 _TASK_SELECT = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks"
 _TASK_UPSERT = (
     f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) VALUES ({', '.join('?' * len(TASK_COLUMNS))}) "
-    "ON CONFLICT (task_id) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS[1:])
+    "ON CONFLICT (tenant, task_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in TASK_COLUMNS if c not in ("task_id", "tenant"))
+)
+_RESERVE = (
+    "INSERT INTO tasks (tenant, task_id, status, created_at, updated_at, kind, callback_url, "
+    "digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (tenant, task_id) DO NOTHING"
+)
+_RELEASE = (
+    f"DELETE FROM tasks WHERE {_KEY} AND status = ? AND digest = ? "
+    f"AND NOT EXISTS (SELECT 1 FROM task_events WHERE {_KEY})"
 )
 _EVENT_INSERT = (
-    f"INSERT INTO task_events ({', '.join(EVENT_COLUMNS)}) VALUES (?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (event_id) DO NOTHING"
+    f"INSERT INTO task_events (tenant, {', '.join(EVENT_COLUMNS)}) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (event_id) DO NOTHING"
 )
 # An unfinished claim older than the cutoff is taken over; without a lease the cutoff is
 # datetime.min, which no claim predates.
 _CLAIM = (
-    f"INSERT INTO notifications ({', '.join(NOTIFICATION_COLUMNS[:5])}) VALUES (?, ?, ?, ?, ?) "
-    "ON CONFLICT (task_id) DO UPDATE SET event_id = excluded.event_id, url = excluded.url, "
-    "claimed_at = excluded.claimed_at "
+    "INSERT INTO notifications (tenant, task_id, event_id, status, url, claimed_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (tenant, task_id) DO UPDATE SET event_id = excluded.event_id, "
+    "url = excluded.url, claimed_at = excluded.claimed_at "
     "WHERE notifications.status = ? AND notifications.claimed_at < ?"
 )
 
@@ -140,9 +182,14 @@ class SqliteResultStore:
                 # FULL: a commit survives power loss, since Kafka offsets are committed after it.
                 self._conn.execute("PRAGMA synchronous = FULL")
             with self._transaction() as cur:
+                old = _old_layout(cur)
+                if old:
+                    _rename_old(cur)
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         cur.execute(statement)
+                if old:
+                    _copy_old(cur, path)
         except sqlite3.OperationalError as exc:
             if _transient(exc):
                 raise RetryableError(f"sqlite: {exc}") from exc
@@ -183,9 +230,14 @@ class SqliteResultStore:
             return [self._apply_one(cur, update) for update in updates]
 
     def _apply_one(self, cur: sqlite3.Cursor, update: TaskUpdate) -> Applied:
+        tenant = tenant_key(update.tenant)
+        if update.rejected_record:  # its tenant is as untrustworthy as its key
+            tenant = _rejected_owner(cur, update.task_id, tenant)
+            update = dataclasses.replace(update, tenant=tenant or None)
         cur.execute(
             _EVENT_INSERT,
             (
+                tenant,
                 update.event_id,
                 update.task_id,
                 update.event_type,
@@ -196,7 +248,7 @@ class SqliteResultStore:
             ),
         )
         new = cur.rowcount == 1
-        row = cur.execute(f"{_TASK_SELECT} WHERE task_id = ?", (update.task_id,)).fetchone()
+        row = cur.execute(f"{_TASK_SELECT} WHERE {_KEY}", (tenant, update.task_id)).fetchone()
         current = None if row is None else task_from_row(row, _dt)
         if not new:
             log.debug(
@@ -210,24 +262,49 @@ class SqliteResultStore:
         return Applied(True, merged)
 
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
-        sql, params = f"{_TASK_SELECT} WHERE task_id = ?", [task_id]
-        if tenant is not None:
-            sql, params = sql + " AND tenant = ?", [task_id, tenant]
         with self._read() as cur:
-            row = cur.execute(sql, params).fetchone()
+            row = _task_row(cur, task_id, tenant)
         return None if row is None else task_from_row(row, _dt)
 
     def timeline(self, task_id: str, *, tenant: str | None = None) -> list[TaskEventRecord]:
-        columns = ", ".join(f"e.{c}" for c in EVENT_COLUMNS)
-        sql, params = f"SELECT {columns} FROM task_events e WHERE e.task_id = ?", [task_id]
-        if tenant is not None:
-            sql += (
-                " AND EXISTS (SELECT 1 FROM tasks t WHERE t.task_id = e.task_id AND t.tenant = ?)"
-            )
-            params.append(tenant)
         with self._read() as cur:
-            rows = cur.execute(sql + " ORDER BY e.time, e.rowid", params).fetchall()
+            row = _task_row(cur, task_id, tenant)
+            if row is None:
+                return []
+            rows = cur.execute(
+                f"SELECT {', '.join(EVENT_COLUMNS)} FROM task_events WHERE {_KEY} "
+                "ORDER BY time, rowid",
+                (row[TASK_COLUMNS.index("tenant")], task_id),
+            ).fetchall()
         return [TaskEventRecord(r[0], r[1], r[2], r[3], _as_dt(r[4]), r[5], r[6]) for r in rows]
+
+    def reserve(
+        self,
+        task_id: str,
+        tenant: str,
+        *,
+        time: datetime,
+        digest: str,
+        kind: str | None = None,
+        callback_url: str | None = None,
+    ) -> Reservation:
+        key = (tenant_key(tenant), task_id)
+        with self._transaction() as cur:
+            cur.execute(
+                _RESERVE,
+                (*key, TaskStatus.PENDING, _ts(time), _ts(time), kind, callback_url, digest),
+            )
+            new = cur.rowcount == 1
+            row = cur.execute(
+                f"SELECT {', '.join(TASK_COLUMNS)}, digest FROM tasks WHERE {_KEY}", key
+            ).fetchone()
+        return Reservation(new, task_from_row(row[:-1], _dt), row[-1])
+
+    def release(self, task_id: str, tenant: str, digest: str) -> bool:
+        key = (tenant_key(tenant), task_id)
+        with self._transaction() as cur:
+            cur.execute(_RELEASE, (*key, TaskStatus.PENDING, digest, *key))
+            return cur.rowcount == 1
 
     def count_by_status(self) -> dict[str, int]:
         with self._read() as cur:
@@ -237,49 +314,66 @@ class SqliteResultStore:
         return counts
 
     def claim_notification(
-        self, task_id: str, event_id: str, url: str, *, lease_s: float | None = None
+        self,
+        task_id: str,
+        event_id: str,
+        url: str,
+        *,
+        tenant: str | None = None,
+        lease_s: float | None = None,
     ) -> bool:
         now = utcnow()
         cutoff = datetime.min.replace(tzinfo=UTC)
         if lease_s is not None:
             cutoff = now - timedelta(seconds=lease_s)
+        claimed = NOTIFICATION_CLAIMED
         with self._transaction() as cur:
             cur.execute(
                 _CLAIM,
                 (
+                    tenant_key(tenant),
                     task_id,
                     event_id,
-                    NOTIFICATION_CLAIMED,
+                    claimed,
                     url,
                     _ts(now),
-                    NOTIFICATION_CLAIMED,
+                    claimed,
                     _ts(cutoff),
                 ),
             )
             return cur.rowcount == 1
 
-    def complete_notification(self, task_id: str, http_status: int) -> bool:
+    def complete_notification(
+        self, task_id: str, http_status: int, *, tenant: str | None = None
+    ) -> bool:
         status = NOTIFICATION_DELIVERED if 200 <= http_status < 400 else NOTIFICATION_REJECTED
         with self._transaction() as cur:
             cur.execute(
                 "UPDATE notifications SET status = ?, http_status = ?, delivered_at = ? "
-                "WHERE task_id = ? AND status = ?",
-                (status, http_status, _ts(utcnow()), task_id, NOTIFICATION_CLAIMED),
+                f"WHERE {_KEY} AND status = ?",
+                (
+                    status,
+                    http_status,
+                    _ts(utcnow()),
+                    tenant_key(tenant),
+                    task_id,
+                    NOTIFICATION_CLAIMED,
+                ),
             )
             return cur.rowcount == 1
 
-    def release_notification(self, task_id: str) -> bool:
+    def release_notification(self, task_id: str, *, tenant: str | None = None) -> bool:
         with self._transaction() as cur:
             cur.execute(
-                "DELETE FROM notifications WHERE task_id = ? AND status = ?",
-                (task_id, NOTIFICATION_CLAIMED),
+                f"DELETE FROM notifications WHERE {_KEY} AND status = ?",
+                (tenant_key(tenant), task_id, NOTIFICATION_CLAIMED),
             )
             return cur.rowcount == 1
 
-    def notification(self, task_id: str) -> NotificationRecord | None:
-        sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE task_id = ?"
+    def notification(self, task_id: str, *, tenant: str | None = None) -> NotificationRecord | None:
+        sql = f"SELECT {', '.join(NOTIFICATION_COLUMNS)} FROM notifications WHERE {_KEY}"
         with self._read() as cur:
-            r = cur.execute(sql, (task_id,)).fetchone()
+            r = cur.execute(sql, (tenant_key(tenant), task_id)).fetchone()
         return None if r is None else _notification(r)
 
     def list_notifications(self, *, limit: int = 1000) -> list[NotificationRecord]:
@@ -314,4 +408,45 @@ def _mapped_errors() -> Iterator[None]:
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:
-    return NotificationRecord(r[0], r[1], r[2], r[3], _as_dt(r[4]), r[5], _dt(r[6]))
+    return NotificationRecord(r[0], r[1], r[2], r[3], _as_dt(r[4]), r[5], _dt(r[6]), r[7] or None)
+
+
+def _task_row(cur: sqlite3.Cursor, task_id: str, tenant: str | None) -> Any:
+    """The task's row: that tenant's, or without a tenant the one row of that id."""
+    if tenant is not None:
+        return cur.execute(f"{_TASK_SELECT} WHERE {_KEY}", (tenant_key(tenant), task_id)).fetchone()
+    rows = cur.execute(f"{_TASK_SELECT} WHERE task_id = ? LIMIT 2", (task_id,)).fetchall()
+    if len(rows) > 1:
+        tenants = cur.execute("SELECT tenant FROM tasks WHERE task_id = ?", (task_id,)).fetchall()
+        raise AmbiguousTaskError(task_id, sorted(t for (t,) in tenants))
+    return rows[0] if rows else None
+
+
+def _rejected_owner(cur: sqlite3.Cursor, task_id: str, named: str) -> str:
+    """Whose task a rejected record is a note of: the named tenant's task of that id, else the
+    one task of that id (as before tenants were keys), else a new task of the named tenant."""
+    rows = cur.execute("SELECT tenant FROM tasks WHERE task_id = ?", (task_id,)).fetchall()
+    owners = {str(t) for (t,) in rows}
+    if named in owners or len(owners) != 1:
+        return named
+    return owners.pop()
+
+
+def _old_layout(cur: sqlite3.Cursor) -> bool:
+    columns = [r[1] for r in cur.execute("PRAGMA table_info(tasks)").fetchall()]
+    return bool(columns) and "digest" not in columns
+
+
+def _rename_old(cur: sqlite3.Cursor) -> None:
+    for index in _OLD_INDEXES:
+        cur.execute(f"DROP INDEX IF EXISTS {index}")
+    for table in _OLD_TABLES:
+        cur.execute(f"ALTER TABLE {table} RENAME TO {table}_v1")
+
+
+def _copy_old(cur: sqlite3.Cursor, path: str) -> None:
+    for statement in _MIGRATE:
+        cur.execute(statement)
+    for table in _OLD_TABLES:
+        cur.execute(f"DROP TABLE {table}_v1")
+    log.warning("result store migrated to per-tenant task keys backend=sqlite path=%s", path)

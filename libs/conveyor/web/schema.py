@@ -92,7 +92,11 @@ def _task_request_schema() -> dict[str, Any]:
     schema["required"] = [name for name in schema["required"] if name not in ("tenant", "task_id")]
     for name, description in (
         ("tenant", "defaults to the token's tenant; another: 403"),
-        ("task_id", "defaults to a new UUID; must be unused"),
+        (
+            "task_id",
+            "defaults to a new UUID; ids are per tenant: the tenant's exact repeat answers 200, "
+            "another body under an id it used 409",
+        ),
     ):
         prop = schema["properties"][name]
         schema["properties"][name] = {
@@ -181,15 +185,23 @@ _PATHS: dict[str, Any] = {
                 },
             },
             "responses": {
+                "200": _answer(
+                    "a repeat of this tenant's same submission: nothing is published again; "
+                    "`status` is the task's current one",
+                    "TaskRepeated",
+                ),
                 "202": _answer("accepted: the broker holds the task", "TaskAccepted"),
                 "400": _answer("body is not a JSON object, or nests too deeply"),
                 **_AUTH_ERRORS,
                 "403": _answer("the body names another tenant"),
                 "408": _answer("the body did not arrive within the read timeout"),
-                "409": _answer("the task id is already in use"),
+                "409": _answer("this tenant already used the task id for another submission"),
                 "413": _answer("body too large"),
                 "415": _answer("the body is not application/json"),
-                "422": _answer("invalid task (reason in `error`, invalid fields in `fields`)"),
+                "422": _answer(
+                    "invalid task (reason in `error`, invalid fields in `fields`; "
+                    "`callback_url` for a refused webhook destination)"
+                ),
                 "503": _answer("broker did not acknowledge in time; retry with the same task_id"),
             },
         }
@@ -252,7 +264,7 @@ def _document() -> dict[str, Any]:
     }
     message = copy.deepcopy(_TASK)
     message["properties"]["final"] = {"type": "boolean", "description": "terminal status"}
-    accepted = {
+    accepted: dict[str, Any] = {
         "type": "object",
         "required": ["task_id", "status", "status_url", "trace_id"],
         "properties": {
@@ -266,6 +278,8 @@ def _document() -> dict[str, Any]:
             "trace_id": _nullable("string", "null when tracing is off"),
         },
     }
+    repeated = copy.deepcopy(accepted)
+    repeated["properties"]["status"] = {"enum": sorted(STATUSES)}
     return {
         "openapi": "3.1.0",
         "info": {
@@ -294,6 +308,7 @@ def _document() -> dict[str, Any]:
             "schemas": {
                 "TaskRequest": _task_request_schema(),
                 "TaskAccepted": accepted,
+                "TaskRepeated": repeated,
                 "Task": _TASK,
                 "TaskWithTimeline": task_with_timeline,
                 "TaskMessage": message,

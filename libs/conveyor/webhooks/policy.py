@@ -19,6 +19,7 @@ subdomains). An address inside an allowed network, or any address of an allowed 
 from __future__ import annotations
 
 import ipaddress
+import json
 import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -215,6 +216,46 @@ def _effective(address: IP) -> IP:
         if address in _NAT64:
             return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return address
+
+
+def literal_resolver(host: str, port: int) -> list[str]:
+    """Addresses of `host` without asking DNS: an address literal in any spelling the OS accepts
+    (`127.1`, `2130706434`), and `localhost` / `*.localhost` (always loopback, RFC 6761); any
+    other name raises `socket.gaierror` (an OSError), so the policy leaves it undecided."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return ["127.0.0.1", "::1"]
+    flags = socket.AI_NUMERICHOST
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=flags)
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def edge_refusal(url: str, allow: Iterable[str] = ()) -> str | None:
+    """Why the gateway refuses `url` at submit time, or None.
+
+    The edge judges what needs no DNS: the URL's form and scheme, address literals and
+    `localhost`. A host name is left to notify, which resolves it when it sends and connects
+    to the checked addresses only (a name's answer at submit time proves nothing later, and
+    resolving there would make a slow resolver slow down every POST).
+    """
+    try:
+        DestinationPolicy(allow, resolver=literal_resolver).check(url)
+    except DestinationRefusedError as exc:
+        return str(exc)
+    except RetryableError:
+        return None  # a name: notify judges its addresses when it delivers
+    return None
+
+
+def parse_allow(value: object) -> object:
+    """The `webhook_allow` setting's entries from a JSON list or a comma/space separated string,
+    checked (a bad entry fails at start, not at the first webhook); anything else as is."""
+    if isinstance(value, str) and value.strip().startswith("["):
+        value = json.loads(value)
+    if isinstance(value, (str, list, tuple)):
+        entries = allow_entries(value)
+        DestinationPolicy(entries)
+        return entries
+    return value
 
 
 def allow_entries(raw: str | Sequence[str]) -> list[str]:
