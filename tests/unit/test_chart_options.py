@@ -478,3 +478,17 @@ def test_model_list_reaches_every_service_that_checks_model_names(helm_bin: str)
         assert ("CONVEYOR_MODELS" in variables) == wanted, service
         if wanted:
             assert json.loads(variables["CONVEYOR_MODELS"]["value"]) == models, service
+
+
+def test_webhook_allowlist_reaches_notify_and_the_gateway(helm_bin: str) -> None:
+    # notify's destination policy and the gateway's callback_url check read the same list.
+    objects = render(helm_bin, *TRIAL_SECRETS, "--set-json", 'config.webhookAllow=["10.8.0.0/16"]')
+    (config,) = [
+        o
+        for o in by_kind(objects, "ConfigMap").values()
+        if "CONVEYOR_RETRY_DELAYS" in o.get("data", {})
+    ]
+    assert json.loads(config["data"]["CONVEYOR_WEBHOOK_ALLOW"]) == ["10.8.0.0/16"]
+    default = render(helm_bin, *TRIAL_SECRETS)
+    for obj in by_kind(default, "ConfigMap").values():
+        assert "CONVEYOR_WEBHOOK_ALLOW" not in obj.get("data", {})

@@ -140,6 +140,11 @@ CONVEYOR_RETRY_DELAYS: {{ toJson .Values.config.retryDelays | quote }}
 CONVEYOR_EXACTLY_ONCE: {{ .Values.config.exactlyOnce | toString | quote }}
 CONVEYOR_LOG_FORMAT: {{ .Values.config.logFormat | quote }}
 CONVEYOR_LOG_LEVEL: {{ .Values.config.logLevel | quote }}
+{{- if .Values.config.webhookAllow }}
+{{- /* notify lets webhooks reach these internal networks/hosts; the gateway refuses a literal
+internal callback_url unless it is listed here too, so both read the same list. */}}
+CONVEYOR_WEBHOOK_ALLOW: {{ toJson .Values.config.webhookAllow | quote }}
+{{- end }}
 CONVEYOR_METRICS_HOST: "0.0.0.0"
 CONVEYOR_METRICS_PORT: {{ .Values.metrics.port | toString | quote }}
 CONVEYOR_HOME: {{ include "conveyor.homeDir" . | quote }}
