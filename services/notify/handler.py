@@ -75,8 +75,14 @@ def handle_batch(events: Sequence[Event], ctx: StageContext[NotifySettings]) -> 
     def settle(position: int, result: int | Exception) -> None:
         # Recorded as each answer comes, not after the slowest receiver: a crash repeats only
         # the webhooks still in flight.
+        # A store fault while recording one answer fails that record alone (it retries), never
+        # the batch: a raising batch is re-run record by record, and every webhook of it still
+        # claimed would then wait out its lease and be sent again.
         item = pending[position]
-        outcomes[item.index] = _settle(item.event, result, ctx)
+        try:
+            outcomes[item.index] = _settle(item.event, result, ctx)
+        except Exception as exc:
+            outcomes[item.index] = exc
 
     ctx.resources["webhooks"].deliver([p.request for p in pending], settle)
     return outcomes

@@ -18,7 +18,7 @@ from pydantic_settings import NoDecode
 
 from conveyor.settings import StageSettings, store_url_field
 from conveyor.webhooks.policy import parse_allow
-from conveyor.webhooks.sender import RESOLVE_GRACE_S
+from conveyor.webhooks.sender import RESOLVE_GRACE_S, batch_bound_s
 from conveyor.webhooks.signing import SecretFormatError, secret_key
 
 
@@ -93,12 +93,14 @@ class NotifySettings(StageSettings):
 
     @model_validator(mode="after")
     def _batch_fits_liveness(self) -> NotifySettings:
-        # A batch of webhooks takes at most about one delivery deadline (plus name-resolution
-        # grace); the loop must come round within the liveness stall limit.
-        if self.webhook_timeout_s + RESOLVE_GRACE_S >= self.health_stall_s:
+        # A batch of webhooks takes at most two delivery deadlines (the start window, then the
+        # last started delivery's own) plus name-resolution grace; the loop must come round
+        # within the liveness stall limit.
+        bound = batch_bound_s(self.webhook_timeout_s)
+        if bound >= self.health_stall_s:
             raise ValueError(
-                f"webhook_timeout_s ({self.webhook_timeout_s:g} s) + {RESOLVE_GRACE_S:g} s must "
-                f"stay under health_stall_s ({self.health_stall_s:g} s)"
+                f"2 x webhook_timeout_s ({self.webhook_timeout_s:g} s) + {RESOLVE_GRACE_S:g} s "
+                f"must stay under health_stall_s ({self.health_stall_s:g} s)"
             )
         return self
 

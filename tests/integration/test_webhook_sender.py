@@ -179,3 +179,25 @@ def test_a_batch_ends_within_one_deadline_even_when_slow_receivers_fill_every_wo
     # they were never sent (and are retried later), so nothing goes out after the batch.
     assert all(isinstance(r, RetryableError) for r in results)
     assert len(slow.requests) == 2, len(slow.requests)
+
+
+def test_a_delivery_started_late_in_the_batch_keeps_its_own_full_deadline(
+    servers: Callable[[Behaviour], Server],
+) -> None:
+    # One worker, two webhooks to a receiver that takes 1.5 s: the second starts 1.5 s into the
+    # batch's 3 s start window and ends after it. Cutting it at the batch's deadline would report
+    # a failure for a webhook the receiver had already acted on, and its retry would repeat it.
+    def slow_ok(handler: BaseHTTPRequestHandler) -> None:
+        time.sleep(1.5)
+        ok(handler)
+
+    server = servers(slow_ok)
+    hooks = WebhookSender(
+        DestinationPolicy(["127.0.0.1/32"]), timeout_s=3.0, max_answer_bytes=4096, concurrency=1
+    )
+    try:
+        results = hooks.deliver([request(server.url), request(server.url)])
+    finally:
+        hooks.close()
+    assert results == [204, 204]
+    assert len(server.requests) == 2

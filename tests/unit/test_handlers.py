@@ -536,3 +536,34 @@ def test_notify_settles_each_webhook_of_a_batch_on_its_own() -> None:
     assert isinstance(outcomes[1], Emit) and outcomes[1].data["channel"] == "none"
     assert isinstance(outcomes[2], RetryableError)  # same task, claimed by the first: later
     assert len(seen) == 1
+
+
+class FlakyStore:
+    """The real store, except that recording the answer of `task_id` fails transiently."""
+
+    def __init__(self, task_id: str) -> None:
+        self.inner = open_store("sqlite:///:memory:")
+        self.task_id = task_id
+
+    def complete_notification(self, task_id: str, http_status: int, **kw: Any) -> bool:
+        if task_id == self.task_id:
+            raise RetryableError("sqlite: database is locked")
+        return self.inner.complete_notification(task_id, http_status, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_notify_a_store_fault_recording_one_answer_fails_that_record_alone() -> None:
+    # Raising out of the batch would re-run it record by record, and every webhook still
+    # claimed would then wait out its lease and be sent a second time.
+    seen: list[WebhookRequest] = []
+    c = notify_ctx(200, seen)
+    store = FlakyStore("b")
+    c.resources["store"] = store
+    outcomes = notify_batch([stored("a"), stored("b"), stored("c")], c)
+    assert isinstance(outcomes[1], RetryableError) and "locked" in str(outcomes[1])
+    assert all(isinstance(outcomes[i], Emit) for i in (0, 2))
+    assert len(seen) == 3
+    assert store.notification("a", tenant="acme").status == "delivered"
+    assert store.notification("c", tenant="acme").status == "delivered"

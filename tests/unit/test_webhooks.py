@@ -213,4 +213,4 @@ def test_a_bad_allowlist_entry_fails_at_start() -> None:
 def test_a_webhook_deadline_longer_than_the_liveness_limit_fails_at_start() -> None:
     with pytest.raises(ValidationError, match="health_stall_s"):
         NotifySettings(stage="notify", webhook_timeout_s=60, health_stall_s=30)
-    NotifySettings(stage="notify", webhook_timeout_s=60, health_stall_s=90)
+    NotifySettings(stage="notify", webhook_timeout_s=60, health_stall_s=130)

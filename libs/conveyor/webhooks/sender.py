@@ -8,6 +8,12 @@ bounds the whole delivery: connect, TLS, sending the body, and every read of the
 receiver that trickles a byte every few seconds is cut off when it passes. At most
 `max_answer_bytes` of the answer are read; the rest is never fetched. A batch's deliveries run
 concurrently on a bounded thread pool, so a slow receiver holds one worker, not the others.
+
+A batch has a start window of one timeout: a delivery still queued when it closes is not sent
+(it retries through the ladder, never having reached the receiver). A delivery that has started
+keeps its own full deadline and its answer is waited for: cutting it at the batch's deadline
+would report a failure for a webhook the receiver may already have acted on, and the retry would
+repeat it. A batch therefore takes at most two timeouts (plus name-resolution grace).
 """
 
 from __future__ import annotations
@@ -39,6 +45,12 @@ RESOLVE_GRACE_S = 5.0
 MIN_ATTEMPT_S = 0.1
 ResultHook = Callable[[int, "int | Exception"], None]
 _SOCKET_ERRORS = (httpcore.TimeoutException, httpcore.NetworkError, httpcore.ProtocolError)
+
+
+def batch_bound_s(timeout_s: float) -> float:
+    """The longest one batch of deliveries takes: its start window, then the last delivery's
+    own deadline, then the name-resolution grace."""
+    return 2 * timeout_s + RESOLVE_GRACE_S
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,12 +94,12 @@ class WebhookSender:
         the caller can record an answer at once rather than after the slowest receiver: a crash
         then repeats only the webhooks still in flight.
         """
-        # A webhook queued behind slow ones gets what is left of the batch's deadline, so no
-        # delivery outlives the batch (name resolution aside) and none is sent after it.
+        # A webhook queued behind slow ones is not started once the batch's start window has
+        # closed; one that has started runs to its own deadline (see the module docstring).
         not_after = time.monotonic() + self.timeout_s
         futures = {self._pool.submit(self.post, r, not_after): i for i, r in enumerate(requests)}
         results: list[int | Exception | None] = [None] * len(requests)
-        bound = self.timeout_s + RESOLVE_GRACE_S
+        bound = batch_bound_s(self.timeout_s)
 
         def record(index: int, result: int | Exception) -> None:
             results[index] = result
@@ -109,13 +121,13 @@ class WebhookSender:
     def post(self, request: WebhookRequest, not_after: float | None = None) -> int:
         """One delivery, in its own CLIENT span; raises RetryableError or a policy refusal.
 
-        It must end within the sender's timeout, and by `not_after` (monotonic) when given.
+        It must end within the sender's timeout, and is not started after `not_after`
+        (monotonic) when given.
         """
-        deadline = time.monotonic() + self.timeout_s
-        if not_after is not None:
-            deadline = min(deadline, not_after)
-        if deadline - time.monotonic() < MIN_ATTEMPT_S:
+        now = time.monotonic()
+        if not_after is not None and not_after - now < MIN_ATTEMPT_S:
             raise RetryableError(f"webhook to {redact(request.url)} waited past its deadline")
+        deadline = now + self.timeout_s
         shown = redact(request.url)
         span = tracing.start_span(
             "webhook POST",
