@@ -29,6 +29,7 @@ from conveyor.kafka.config import common
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.settings import KafkaSettings, StageSettings
 from conveyor.telemetry import tracing
+from conveyor.telemetry.traceparent import trace_id_of
 
 SUBMITTED = INGRESS_TYPE
 
@@ -133,7 +134,7 @@ class TaskClient:
         )
         self.producer.poll(0)
         tracing.end_span(span)
-        return data["task_id"], parent.split("-")[1]
+        return data["task_id"], trace_id_of(parent)
 
     def _check_size(
         self, task_id: str, value: bytes, headers: list[tuple[str, bytes]], span: Any

@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from conveyor.events.model import ASSIGNED_ID, RERUN, Event
+from conveyor.events.model import ASSIGNED_ID, RERUN, TRACEPARENT, Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.store import TaskRecord, TaskUpdate, is_terminal
+from conveyor.telemetry.traceparent import trace_id_of
 from conveyor.telemetry.tracing import span
 from services.writeback.settings import WritebackSettings
 
@@ -55,7 +56,7 @@ def update_for(event: Event) -> TaskUpdate | None:
     """The store update an event makes, or None for events that don't touch the task row."""
     data = event.data
     time = _time(event.time)
-    trace_id = _trace_id(event)
+    trace_id = trace_id_of(event.ext(TRACEPARENT))
     rerun = event.ext(RERUN)
     if event.type == "conveyor.task.status.v1":
         if data["stage"] == "notify":
@@ -176,8 +177,3 @@ def _time(text: str | None) -> datetime:
         except ValueError:
             pass
     return datetime.now(UTC)
-
-
-def _trace_id(event: Event) -> str | None:
-    parts = (event.ext("traceparent") or "").split("-")
-    return parts[1] if len(parts) == 4 and len(parts[1]) == 32 else None

@@ -17,6 +17,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from conveyor.telemetry import tracing
 from conveyor.telemetry.logging import JsonFormatter, TextFormatter
+from conveyor.telemetry.traceparent import trace_id_of
 
 
 @pytest.fixture
@@ -216,6 +217,24 @@ def test_traceparent_is_read_as_the_w3c_propagator_reads_it(header: str, state: 
     else:
         assert got is not None and got.get_span_context() == expected.get_span_context()
         assert got.get_span_context().trace_state == expected.get_span_context().trace_state
+
+
+@pytest.mark.parametrize("header", [*HEADERS, None])
+def test_trace_id_of_names_the_trace_the_propagator_would_continue(header: str | None) -> None:
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    carrier = {"traceparent": header} if header is not None else {}
+    extracted = TraceContextTextMapPropagator().extract(carrier)
+    ctx = trace.get_current_span(extracted).get_span_context()
+    expected = f"{ctx.trace_id:032x}" if ctx.is_valid else None
+    assert trace_id_of(header) == expected
+
+
+def test_a_new_traceparent_is_valid_and_names_its_own_trace() -> None:
+    first, second = tracing.new_traceparent(), tracing.new_traceparent()
+    assert tracing.remote_span(first) is not None
+    assert trace_id_of(first) == first[3:35] != trace_id_of(second)
 
 
 def test_injected_headers_are_what_the_w3c_propagator_writes() -> None:

@@ -24,6 +24,7 @@ from conveyor.runtime.deadletter import (
     REDRIVEN_FROM,
 )
 from conveyor.runtime.deadletter import ORIGINAL_TOPIC as ORIGINAL_TOPIC_HEADER
+from conveyor.telemetry.traceparent import trace_id_of
 
 Headers = list[tuple[str, bytes]]
 # The trace context of the record before the redrive (the redrive span links to it).
@@ -167,13 +168,6 @@ def stage_of_dlq(topic: str) -> str:
     """`<prefix>conveyor.<stage>.dlq` -> `<stage>`."""
     name = topic.removesuffix(".dlq")
     return name.rsplit(".", 1)[-1]
-
-
-def trace_id_of(traceparent: str) -> str | None:
-    parts = traceparent.strip().split("-")
-    if len(parts) == 4 and len(parts[1]) == 32:
-        return parts[1].lower()
-    return None
 
 
 @dataclass(frozen=True, slots=True)

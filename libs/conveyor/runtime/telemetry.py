@@ -25,6 +25,7 @@ from conveyor.runtime.routing import Item, OutRecord
 from conveyor.runtime.step import BatchResult, RecordOutcome
 from conveyor.telemetry import tracing
 from conveyor.telemetry.metrics import StageMetrics
+from conveyor.telemetry.traceparent import trace_id_of
 
 log = logging.getLogger("conveyor.runtime.stage")
 
@@ -234,6 +235,4 @@ def _parent(hmap: Mapping[str, str], event: Event | None) -> Span | None:
 
 
 def _trace_of(hmap: Mapping[str, str]) -> str | None:
-    parent = hmap.get("traceparent") or hmap.get("ce_traceparent") or ""
-    parts = parent.split("-")
-    return parts[1] if len(parts) == 4 else None
+    return trace_id_of(hmap.get("traceparent") or hmap.get("ce_traceparent"))

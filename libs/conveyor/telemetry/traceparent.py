@@ -27,19 +27,23 @@ def parse(traceparent: str, tracestate: str | None = None) -> SpanContext | None
     Version `ff` and all-zero trace or parent ids are invalid; version `00` has exactly four
     fields; spaces and tabs around the value are allowed, as the propagator allows them.
     """
-    fields = traceparent if len(traceparent) == _LENGTH else _four_fields(traceparent)
-    if fields is None or _FIELDS.fullmatch(fields) is None or fields.startswith("ff"):
-        return None
-    trace_id, span_id = int(fields[3:35], 16), int(fields[36:52], 16)
-    if not trace_id or not span_id:
+    fields = _valid_fields(traceparent)
+    if fields is None:
         return None
     state = None
     if tracestate and len(tracestate) <= _MAX_TRACESTATE:
         state = TraceState.from_header([tracestate])
-    return SpanContext(trace_id, span_id, True, _FLAGS[int(fields[53:], 16)], state)
+    return SpanContext(
+        int(fields[3:35], 16), int(fields[36:52], 16), True, _FLAGS[int(fields[53:], 16)], state
+    )
 
 
-_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+def trace_id_of(traceparent: str | None) -> str | None:
+    """The trace id (32 lower-case hex digits) of a `traceparent` that `parse` accepts, else
+    None: the one reading of a header's trace id for logs, the store and `dlq` filters, so a
+    header the propagator would reject names no trace anywhere."""
+    fields = _valid_fields(traceparent) if traceparent else None
+    return fields[3:35] if fields is not None else None
 
 
 def is_unsampled(traceparent: str) -> bool:
@@ -48,11 +52,25 @@ def is_unsampled(traceparent: str) -> bool:
     return (
         len(traceparent) == _LENGTH
         and traceparent[54] in "02468ace"  # the flags' low bit: sampled
-        and _FIELDS.fullmatch(traceparent) is not None
-        and not traceparent.startswith("ff")
-        and traceparent[3:35] != _ZERO_TRACE
-        and traceparent[36:52] != _ZERO_SPAN
+        and _valid_fields(traceparent) is not None
     )
+
+
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
+def _valid_fields(traceparent: str) -> str | None:
+    """The four fields of a valid `traceparent` (the rules in `parse`), else None."""
+    fields = traceparent if len(traceparent) == _LENGTH else _four_fields(traceparent)
+    if (
+        fields is None
+        or _FIELDS.fullmatch(fields) is None
+        or fields.startswith("ff")
+        or fields[3:35] == _ZERO_TRACE
+        or fields[36:52] == _ZERO_SPAN
+    ):
+        return None
+    return fields
 
 
 def _four_fields(value: str) -> str | None:
@@ -69,6 +87,11 @@ def format_traceparent(ctx: SpanContext) -> str:
     """The `traceparent` naming `ctx` (version 00), as the propagator's `inject` writes it."""
     # printf-style: a third faster than format specifications, once per output record
     return "00-%032x-%016x-%02x" % (ctx.trace_id, ctx.span_id, ctx.trace_flags)  # noqa: UP031
+
+
+def format_trace_id(trace_id: int) -> str:
+    """A trace id as a `traceparent` writes it: 32 lower-case hex digits."""
+    return "%032x" % trace_id  # noqa: UP031 (printf-style, as format_traceparent)
 
 
 def format_tracestate(ctx: SpanContext) -> str | None:

@@ -41,9 +41,11 @@ from opentelemetry.trace import (
     Span,
     SpanContext,
     SpanKind,
+    TraceFlags,
 )
 
 from conveyor.telemetry.traceparent import (
+    format_trace_id,
     format_traceparent,
     format_tracestate,
     is_unsampled,
@@ -178,8 +180,10 @@ def new_traceparent() -> str:
     flag is what the configured root sampler (`OTEL_TRACES_SAMPLER`, `..._ARG`) decides for
     that trace id, so traced services downstream keep the configured share, not every task."""
     trace_id = secrets.randbits(128) or 1
-    flags = "01" if trace_id & _RATIO_MASK < _root_bound() else "00"
-    return f"00-{trace_id:032x}-{secrets.token_hex(8)}-{flags}"
+    sampled = trace_id & _RATIO_MASK < _root_bound()
+    flags = TraceFlags.SAMPLED if sampled else TraceFlags.DEFAULT
+    span_id = secrets.randbits(64) or 1
+    return format_traceparent(SpanContext(trace_id, span_id, False, TraceFlags(flags)))
 
 
 _RATIO_MASK = (1 << 64) - 1  # TraceIdRatioBased decides on the trace id's low 64 bits
@@ -463,7 +467,7 @@ def inject(span: Span) -> list[tuple[str, bytes]]:
 
 def trace_id_hex(span: Span) -> str | None:
     ctx = span.get_span_context()
-    return "%032x" % ctx.trace_id if ctx.is_valid else None  # noqa: UP031 (as traceparent's)
+    return format_trace_id(ctx.trace_id) if ctx.is_valid else None
 
 
 def traceparent_of(span: Span) -> str | None:
