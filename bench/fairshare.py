@@ -37,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import machine  # noqa: E402
 
 from conveyor.broker.local import LocalBroker  # noqa: E402
-from conveyor.events.avro import default_schemas  # noqa: E402
-from conveyor.events.catalog import schema_urn  # noqa: E402
+from conveyor.events.avro import default_schemas, schema_urn  # noqa: E402
 from conveyor.events.codec import encode_binary  # noqa: E402
 from conveyor.events.model import Event, event_id  # noqa: E402
 from conveyor.kafka.admin import apply_topics  # noqa: E402

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conveyor.events.avro import default_schemas
-from conveyor.events.catalog import schema_urn
+from conveyor.events.avro import default_schemas, schema_urn
 from conveyor.events.codec import encode_binary
 from conveyor.events.model import Event, event_id
 

@@ -10,8 +10,7 @@ from typing import Any
 
 import pytest
 
-from conveyor.events.avro import default_schemas
-from conveyor.events.catalog import schema_urn
+from conveyor.events.avro import default_schemas, schema_urn
 from conveyor.events.codec import encode_binary
 from conveyor.events.model import Event, event_id
 from conveyor.runtime.handler import StageContext, StageService

@@ -6,8 +6,7 @@ import threading
 import time
 from typing import Any
 
-from conveyor.events.avro import default_schemas
-from conveyor.events.catalog import schema_urn
+from conveyor.events.avro import default_schemas, schema_urn
 from conveyor.events.codec import encode_binary
 from conveyor.events.model import Event, event_id
 from conveyor.runtime.handler import StageContext, StageService

@@ -16,8 +16,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from conveyor.errors import PermanentError
-from conveyor.events.avro import default_schemas
-from conveyor.events.catalog import schema_urn
+from conveyor.events.avro import default_schemas, schema_urn
 from conveyor.events.codec import decode, encode_binary
 from conveyor.events.ingress import TaskRequest, parse_task
 from conveyor.events.model import AVRO, JSON, STRUCTURED, Event

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conveyor.events.avro import SchemaError, default_schemas
+from conveyor.events.avro import SchemaError, default_schemas, parse_schema_urn, schema_urn
 from conveyor.events.catalog import load_catalog
 
 SCHEMAS = default_schemas()
@@ -14,6 +14,32 @@ def test_every_catalog_event_names_a_known_schema_version() -> None:
     for spec in load_catalog().events:
         SCHEMAS.get(spec.schema, spec.version)
         assert spec.topics, spec.type
+
+
+def test_schema_urn_is_written_and_read_in_one_form() -> None:
+    for spec in load_catalog().events:
+        assert parse_schema_urn(spec.dataschema) == (spec.schema, spec.version)
+    assert schema_urn("task-status", 2) == "urn:conveyor:schema:task-status:2"
+
+
+@pytest.mark.parametrize(
+    "urn",
+    [
+        None,
+        "",
+        "urn:conveyor:schema:task-status",
+        "urn:conveyor:schema:task-status:2:3",
+        "urn:conveyor:schema:task-status:2\n",
+        "urn:conveyor:schema:task-status:\u0661",  # a digit, but not an ASCII one
+        "urn:conveyor:schema:Task-Status:2",
+        "urn:other:schema:task-status:2",
+    ],
+)
+def test_anything_but_a_conveyor_schema_urn_is_a_schema_error(urn: str | None) -> None:
+    with pytest.raises(SchemaError):
+        parse_schema_urn(urn)
+    with pytest.raises(SchemaError):
+        SCHEMAS.decode_urn(urn or "", b"")
 
 
 def test_data_written_with_v1_is_read_by_v2_with_defaults() -> None:

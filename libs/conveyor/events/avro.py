@@ -23,11 +23,25 @@ from conveyor.errors import PermanentError
 from conveyor.paths import schemas_dir
 
 _FILE = re.compile(r"^(?P<name>[a-z0-9-]+)\.v(?P<version>\d+)\.avsc$")
-_URN = re.compile(r"^urn:conveyor:schema:(?P<name>[a-z0-9-]+):(?P<version>\d+)$")
+_URN_PREFIX = "urn:conveyor:schema:"
+_URN = re.compile(re.escape(_URN_PREFIX) + r"(?P<name>[a-z0-9-]+):(?P<version>[0-9]+)")
 
 
 class SchemaError(PermanentError):
     """Data that does not match its schema, or a schema Conveyor does not know."""
+
+
+def schema_urn(name: str, version: int) -> str:
+    """The `dataschema` naming version `version` of schema `name`."""
+    return f"{_URN_PREFIX}{name}:{version}"
+
+
+def parse_schema_urn(urn: str | None) -> tuple[str, int]:
+    """(name, version) of a Conveyor schema urn; `SchemaError` for anything else."""
+    match = _URN.fullmatch(urn or "")
+    if match is None:
+        raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
+    return match["name"], int(match["version"])
 
 
 @dataclass(slots=True)
@@ -75,10 +89,7 @@ class SchemaSet:
 
     def _plan(self, urn: str) -> tuple[str, int, Schema, Schema | None]:
         """Writer and reader schema for `urn`; reader None when no evolution is needed."""
-        match = _URN.match(urn or "")
-        if match is None:
-            raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
-        name, version = match["name"], int(match["version"])
+        name, version = parse_schema_urn(urn)
         writer = self.get(name, version)
         newest, reader = self.newest(name)
         return name, version, writer, None if newest == version else reader

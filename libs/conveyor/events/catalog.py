@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from conveyor.events.avro import schema_urn
 from conveyor.paths import schemas_dir
 
 STATUS_TOPIC = "conveyor.task.status"
@@ -34,10 +35,6 @@ class EventSpec:
     @property
     def dataschema(self) -> str:
         return schema_urn(self.schema, self.version)
-
-
-def schema_urn(name: str, version: int) -> str:
-    return f"urn:conveyor:schema:{name}:{version}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from conveyor.errors import PermanentError
-from conveyor.events.avro import SchemaError, SchemaSet
+from conveyor.events.avro import SchemaError, SchemaSet, parse_schema_urn
 from conveyor.events.model import AVRO, JSON, SPECVERSION, STRUCTURED, Event
 
 Headers = list[tuple[str, bytes]]
@@ -58,20 +58,13 @@ def encode_binary(event: Event, schemas: SchemaSet) -> tuple[Headers, bytes]:
 
 def _encode_data(event: Event, schemas: SchemaSet) -> bytes:
     if event.datacontenttype == AVRO:
-        name, version = _urn_parts(event.dataschema)
+        name, version = parse_schema_urn(event.dataschema)
         return schemas.encode(name, version, event.data)
     if event.datacontenttype == JSON:
         return json.dumps(event.data, separators=(",", ":")).encode()
     if isinstance(event.data, bytes):
         return event.data
     raise SchemaError(f"cannot encode data of content type {event.datacontenttype!r}")
-
-
-def _urn_parts(urn: str | None) -> tuple[str, int]:
-    parts = (urn or "").split(":")
-    if len(parts) != 5 or parts[:3] != ["urn", "conveyor", "schema"] or not parts[4].isdigit():
-        raise SchemaError(f"dataschema {urn!r} is not a Conveyor schema urn")
-    return parts[3], int(parts[4])
 
 
 def header_map(headers: RawHeaders) -> dict[str, str]:
