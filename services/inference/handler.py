@@ -17,11 +17,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.errors import PermanentError
-from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE
 from conveyor.events.model import Event
 from conveyor.events.params import parse_params
+from conveyor.events.status import StatusData
 from conveyor.runtime import Emit, StageContext
-from conveyor.runtime.handler import BatchOutcome
+from conveyor.runtime.handler import BatchOutcome, status_emit
+from conveyor.store.base import TaskStatus
 from conveyor.telemetry.tracing import span
 from services.inference.settings import InferenceSettings
 
@@ -187,20 +188,14 @@ def _expired(deadline: str | None, now: datetime) -> bool:
 
 
 def _expired_status(task: Mapping[str, Any], now: datetime) -> Emit:
-    return Emit(
-        STATUS_TYPE,
-        {
-            "task_id": task["task_id"],
-            "tenant": task["tenant"],
-            "status": "expired",
-            "stage": "inference",
-            "reason": f"deadline {task['deadline']} passed before inference",
-            "error_class": None,
-            "attempt": 0,
-            "callback_url": task.get("callback_url"),
-            "kind": task.get("kind"),
-            "time": now.isoformat(),
-        },
-        topic=STATUS_TOPIC,
-        discriminator="expired",
+    report = StatusData(
+        task_id=task["task_id"],
+        tenant=task["tenant"],
+        status=TaskStatus.EXPIRED,
+        stage="inference",
+        time=now.isoformat(),
+        reason=f"deadline {task['deadline']} passed before inference",
+        callback_url=task.get("callback_url"),
+        kind=task.get("kind"),
     )
+    return status_emit(report, discriminator="expired")

@@ -6,6 +6,8 @@ import pytest
 
 from conveyor.events.avro import SchemaError, default_schemas, parse_schema_urn, schema_urn
 from conveyor.events.catalog import load_catalog
+from conveyor.events.status import StatusData
+from conveyor.store.base import TaskStatus
 
 SCHEMAS = default_schemas()
 
@@ -124,3 +126,15 @@ def test_status_v1_data_is_read_by_v2_as_not_a_rejected_record() -> None:
     v2 = {**v1, "rejected_record": True}
     payload = SCHEMAS.encode("task-status", 2, v2)
     assert SCHEMAS.decode_urn("urn:conveyor:schema:task-status:2", payload)[1] == v2
+
+
+def test_status_data_is_the_newest_task_status_schema_field_for_field() -> None:
+    version, schema = SCHEMAS.newest("task-status")
+    report = StatusData(
+        task_id="t1", tenant="a", status=TaskStatus.EXPIRED, stage="inference", time="2026-01-01"
+    )
+    record = report.record()
+    assert list(record) == [f["name"] for f in schema["fields"]]
+    assert record["status"] == "expired" and type(record["status"]) is str
+    payload = SCHEMAS.encode("task-status", version, record)
+    assert SCHEMAS.decode_urn(schema_urn("task-status", version), payload)[1] == record

@@ -14,7 +14,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE
 from conveyor.events.model import Event
+from conveyor.events.status import StatusData
 from conveyor.settings import StageSettings
 
 S = TypeVar("S", bound=StageSettings)
@@ -69,3 +71,9 @@ class StageService(Generic[S]):
     def __post_init__(self) -> None:
         if (self.handle is None) == (self.handle_batch is None):
             raise ValueError(f"stage {self.name}: give exactly one of handle / handle_batch")
+
+
+def status_emit(data: StatusData, *, discriminator: str) -> Emit:
+    """The status event reporting `data`, on the status topic; `discriminator` tells one
+    task's status events apart (their deterministic ids)."""
+    return Emit(STATUS_TYPE, data.record(), topic=STATUS_TOPIC, discriminator=discriminator)

@@ -25,7 +25,7 @@ from opentelemetry.trace import Span
 
 from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaSet
-from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE, Catalog
+from conveyor.events.catalog import Catalog
 from conveyor.events.codec import encode_binary
 from conveyor.events.model import (
     AVRO,
@@ -37,6 +37,7 @@ from conveyor.events.model import (
     Event,
     event_id,
 )
+from conveyor.events.status import StatusData
 from conveyor.runtime.deadletter import (
     ORIGINAL_TOPIC,
     REDRIVEN_FROM,
@@ -45,9 +46,10 @@ from conveyor.runtime.deadletter import (
     dead_letter_headers,
     origin_headers,
 )
-from conveyor.runtime.handler import Emit
+from conveyor.runtime.handler import Emit, status_emit
 from conveyor.runtime.ladder import RetryPolicy, retry_headers
 from conveyor.settings import StageSettings
+from conveyor.store.base import TaskStatus
 from conveyor.telemetry import tracing
 
 # An upper bound of the CloudEvents and tracing headers of one record (a dozen short strings).
@@ -191,16 +193,16 @@ class Router:
             )
             topic = self.settings.topic(self.catalog.retry_topic(self.stage, rung))
             out = [OutRecord(topic, item.key, item.value, retried)]
-            out += self._status(item, "retrying", failure, attempt, now, f"retry.{rung}")
+            out += self._status(item, TaskStatus.RETRYING, failure, attempt, now, f"retry.{rung}")
             return out, rung
         dead = dead_letter_headers(headers, failure, stage=self.stage, attempts=attempt, now=now)
         out = [OutRecord(self.dlq_topic, item.key, item.value, dead)]
         where = f"failed.{item.topic}.{item.partition}.{item.offset}"
-        out += self._status(item, "failed", failure, attempt, now, where)
+        out += self._status(item, TaskStatus.FAILED, failure, attempt, now, where)
         return out, 0
 
     def _status(
-        self, item: Item, status: str, failure: Failure, attempt: int, now: str, where: str
+        self, item: Item, status: TaskStatus, failure: Failure, attempt: int, now: str, where: str
     ) -> list[OutRecord]:
         task_id = item.task_id
         if not task_id:
@@ -216,21 +218,21 @@ class Router:
             extensions={k[3:]: v for k, v in item.hmap.items() if k in _CARRIED},
         )
         ext = source.extensions
-        body = {
-            "task_id": task_id,
-            "tenant": ext.get("tenant") or data.get("tenant") or "",
-            "status": status,
-            "stage": self.stage,
-            "reason": f"{failure.error_class}: {failure.message}",
-            "error_class": failure.error_class,
-            "attempt": attempt,
-            "callback_url": data.get("callback_url"),
-            "kind": data.get("kind"),
-            "time": now,
+        report = StatusData(
+            task_id=task_id,
+            tenant=ext.get("tenant") or data.get("tenant") or "",
+            status=status,
+            stage=self.stage,
+            time=now,
+            reason=f"{failure.error_class}: {failure.message}",
+            error_class=failure.error_class,
+            attempt=attempt,
+            callback_url=data.get("callback_url"),
+            kind=data.get("kind"),
             # Undecoded: the record key is all that names the task, which proves nothing.
-            "rejected_record": item.event is None,
-        }
-        emit = Emit(STATUS_TYPE, body, topic=STATUS_TOPIC, discriminator=f"{self.stage}.{where}")
+            rejected_record=item.event is None,
+        )
+        emit = status_emit(report, discriminator=f"{self.stage}.{where}")
         return [self._output(item, source, emit, now)]
 
 
