@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.errors import PermanentError
+from conveyor.events.catalog import INFERRED_TYPE as INFERRED
 from conveyor.events.model import Event
 from conveyor.events.params import parse_params
 from conveyor.events.status import StatusData
@@ -25,8 +26,6 @@ from conveyor.runtime.handler import BatchOutcome, status_emit
 from conveyor.store.base import TaskStatus
 from conveyor.telemetry.tracing import span
 from services.inference.settings import InferenceSettings
-
-INFERRED = "conveyor.task.inferred.v1"
 
 
 def handle_batch(

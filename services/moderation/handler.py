@@ -15,13 +15,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from conveyor.events.catalog import MODERATED_TYPE as MODERATED
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.telemetry.tracing import span
 from services.moderation.settings import ModerationSettings, Threshold
 
-MODERATED = "conveyor.task.moderated.v1"
 LEVELS = ("allow", "flag", "block")
 
 

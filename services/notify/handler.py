@@ -18,6 +18,7 @@ from typing import Any
 from opentelemetry.trace import Span
 
 from conveyor.errors import PermanentError, RetryableError
+from conveyor.events.catalog import NOTIFIED_TYPE as NOTIFIED
 from conveyor.events.model import TRACEPARENT, TRACESTATE, Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
@@ -27,8 +28,6 @@ from conveyor.webhooks.policy import redact
 from conveyor.webhooks.sender import WebhookRequest
 from conveyor.webhooks.signing import sign
 from services.notify.settings import NotifySettings
-
-NOTIFIED = "conveyor.task.notified.v1"
 
 
 @dataclass(frozen=True, slots=True)

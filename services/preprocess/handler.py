@@ -16,13 +16,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.errors import PermanentError
+from conveyor.events.catalog import PREPROCESSED_TYPE as PREPROCESSED
 from conveyor.events.ingress import param_text, parse_task
 from conveyor.events.model import ASSIGNED_ID, Event, assigned_task_id
 from conveyor.runtime import Emit, StageContext
 from conveyor.telemetry.tracing import span
 from services.preprocess.settings import PreprocessSettings
 
-PREPROCESSED = "conveyor.task.preprocessed.v1"
 TokenCounter = Callable[[str, str], int]  # (kind, text) -> tokens
 _SPACE = re.compile(r"[ \t\f\v\u00a0]+")
 _BLANK_LINES = re.compile(r"\n{3,}")

@@ -17,20 +17,20 @@ from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from conveyor.events.catalog import (
+    MODERATED_TYPE,
+    PREPROCESSED_TYPE,
+    STATUS_TYPE,
+    load_catalog,
+)
+from conveyor.events.catalog import STORED_TYPE as STORED
 from conveyor.events.model import ASSIGNED_ID, RERUN, TRACEPARENT, Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
-from conveyor.store import TaskRecord, TaskUpdate, is_terminal
+from conveyor.store import TaskRecord, TaskStatus, TaskUpdate, is_terminal
 from conveyor.telemetry.traceparent import trace_id_of
 from conveyor.telemetry.tracing import span
 from services.writeback.settings import WritebackSettings
-
-STORED = "conveyor.task.stored.v1"
-_STAGE_OF = {
-    "conveyor.task.preprocessed.v1": "preprocess",
-    "conveyor.task.inferred.v1": "inference",
-    "conveyor.task.moderated.v1": "moderation",
-}
 
 
 def handle_batch(
@@ -58,7 +58,7 @@ def update_for(event: Event) -> TaskUpdate | None:
     time = _time(event.time)
     trace_id = trace_id_of(event.ext(TRACEPARENT))
     rerun = event.ext(RERUN)
-    if event.type == "conveyor.task.status.v1":
+    if event.type == STATUS_TYPE:
         if data["stage"] == "notify":
             return None  # a notification failure is not a task failure
         rejected = bool(data.get("rejected_record"))
@@ -78,7 +78,8 @@ def update_for(event: Event) -> TaskUpdate | None:
             kind=data.get("kind"),
             trace_id=trace_id,
             callback_url=data.get("callback_url"),
-            error=reason if data["status"] in ("failed", "expired") else None,
+            # The reason a status event gives is the task's error when it ends the task.
+            error=reason if is_terminal(data["status"]) else None,
             detail=detail[:500],
             override=rerun,
             rejected_record=rejected,
@@ -89,20 +90,20 @@ def update_for(event: Event) -> TaskUpdate | None:
         "event_id": event.id,
         "event_type": event.type,
         "time": time,
-        "stage": _STAGE_OF.get(event.type),
+        "stage": _stage_of(event.type),
         "tenant": task["tenant"],
         "kind": task["kind"],
         "trace_id": trace_id,
         "callback_url": task.get("callback_url"),
         "override": rerun,
     }
-    if event.type != "conveyor.task.moderated.v1":
+    if event.type != MODERATED_TYPE:
         return TaskUpdate(
-            status="processing", detail=_with_rerun(_assigned(event), rerun), **common
+            status=TaskStatus.PROCESSING, detail=_with_rerun(_assigned(event), rerun), **common
         )
     blocked = data["verdict"] == "block"
     return TaskUpdate(
-        status="blocked" if blocked else "completed",
+        status=TaskStatus.BLOCKED if blocked else TaskStatus.COMPLETED,
         result=None if blocked else result_of(data),
         verdict=data["verdict"],
         moderation={"scores": data["scores"], "reasons": data["reasons"]},
@@ -111,10 +112,16 @@ def update_for(event: Event) -> TaskUpdate | None:
     )
 
 
+def _stage_of(event_type: str) -> str | None:
+    """The stage whose output `event_type` is (the catalog's producer): the task's stage."""
+    spec = load_catalog().spec(event_type)
+    return spec.producer if spec is not None else None
+
+
 def _assigned(event: Event) -> str | None:
     """A task submitted without an id says, in its timeline, that preprocess gave it one."""
     origin = event.ext(ASSIGNED_ID)
-    if origin is None or event.type != "conveyor.task.preprocessed.v1":
+    if origin is None or event.type != PREPROCESSED_TYPE:
         return None
     return f"task id assigned by preprocess (submitted without one; derived from {origin})"
 

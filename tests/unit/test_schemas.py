@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conveyor.events import catalog as catalog_module
 from conveyor.events.avro import SchemaError, default_schemas, parse_schema_urn, schema_urn
 from conveyor.events.catalog import load_catalog
 from conveyor.events.status import StatusData
@@ -138,3 +139,12 @@ def test_status_data_is_the_newest_task_status_schema_field_for_field() -> None:
     assert record["status"] == "expired" and type(record["status"]) is str
     payload = SCHEMAS.encode("task-status", version, record)
     assert SCHEMAS.decode_urn(schema_urn("task-status", version), payload)[1] == record
+
+
+def test_the_event_type_names_in_code_are_the_catalog_types() -> None:
+    named = {
+        value
+        for name, value in vars(catalog_module).items()
+        if name.endswith("_TYPE") and isinstance(value, str)
+    }
+    assert named == {spec.type for spec in load_catalog().events}

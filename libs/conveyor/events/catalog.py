@@ -19,6 +19,12 @@ STATUS_TOPIC = "conveyor.task.status"
 STATUS_TYPE = "conveyor.task.status.v1"
 INGRESS_TOPIC = "conveyor.task.submitted"
 INGRESS_TYPE = "conveyor.task.submitted.v1"
+# The pipeline's event types, named once for code (a unit test holds them to catalog.json).
+PREPROCESSED_TYPE = "conveyor.task.preprocessed.v1"
+INFERRED_TYPE = "conveyor.task.inferred.v1"
+MODERATED_TYPE = "conveyor.task.moderated.v1"
+STORED_TYPE = "conveyor.task.stored.v1"
+NOTIFIED_TYPE = "conveyor.task.notified.v1"
 LANES = ("high", "normal", "low")
 
 

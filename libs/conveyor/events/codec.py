@@ -21,6 +21,7 @@ from typing import Any
 
 from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaError, SchemaSet, parse_schema_urn
+from conveyor.events.catalog import INGRESS_TYPE as SUBMITTED
 from conveyor.events.model import AVRO, JSON, SPECVERSION, STRUCTURED, Event
 
 Headers = list[tuple[str, bytes]]
@@ -97,7 +98,6 @@ def decode_mapped(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet)
     return _event(attrs, _decode_data(attrs, value or b"", schemas))
 
 
-SUBMITTED = "conveyor.task.submitted.v1"
 PLAIN_JSON_SOURCE = "/conveyor/ingress/plain-json"
 
 
