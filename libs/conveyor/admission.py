@@ -31,9 +31,9 @@ from confluent_kafka import Consumer, KafkaException, TopicPartition
 from prometheus_client import Gauge
 
 from conveyor.errors import BrokerError
+from conveyor.events.catalog import LANES
 
 log = logging.getLogger(__name__)
-LANES = ("high", "normal", "low")
 INGRESS = "ingress"
 LANE_ESTIMATED_WAIT = Gauge(
     "conveyor_lane_estimated_wait_seconds",

@@ -18,9 +18,9 @@ from collections.abc import Iterator
 import uvicorn
 from starlette.applications import Starlette
 
-from conveyor.admission import LANES, Admission, KafkaBacklog
+from conveyor.admission import Admission, KafkaBacklog
 from conveyor.client import TaskClient
-from conveyor.events.catalog import INGRESS_TOPIC
+from conveyor.events.catalog import INGRESS_TOPIC, LANES, PREPROCESSED_TYPE, load_catalog
 from conveyor.kafka.config import common
 from conveyor.kafka.lag import CachedLag, GroupLag
 from conveyor.paths import restrict_new_files
@@ -66,6 +66,7 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
     publisher = AsyncTaskPublisher(
         TaskClient(settings, source="/conveyor/gateway"), ack_timeout_s=settings.publish_timeout_s
     )
+    catalog = load_catalog()
     lag = GroupLag(
         settings,
         settings.lag_group,
@@ -76,7 +77,7 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         common(settings),
         ingress=(settings.lag_group, settings.topic(INGRESS_TOPIC)),
         inference_group=f"{settings.topic_prefix}conveyor.inference",
-        lanes={lane: settings.topic(f"conveyor.task.preprocessed.{lane}") for lane in LANES},
+        lanes={lane: settings.topic(catalog.lane_topic(PREPROCESSED_TYPE, lane)) for lane in LANES},
         timeout_s=settings.lag_timeout_s,
     )
     quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url.get_secret_value()))

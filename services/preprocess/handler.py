@@ -17,6 +17,7 @@ from typing import Any
 
 from conveyor.errors import PermanentError
 from conveyor.events.catalog import PREPROCESSED_TYPE as PREPROCESSED
+from conveyor.events.catalog import load_catalog
 from conveyor.events.ingress import param_text, parse_task
 from conveyor.events.model import ASSIGNED_ID, Event, assigned_task_id
 from conveyor.runtime import Emit, StageContext
@@ -80,9 +81,8 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
         ext[ASSIGNED_ID] = assigned_from
     if task.deadline is not None:
         ext["deadline"] = task.deadline.isoformat()
-    return Emit(
-        PREPROCESSED, data, topic=f"conveyor.task.preprocessed.{task.priority}", extensions=ext
-    )
+    topic = load_catalog().lane_topic(PREPROCESSED, task.priority)
+    return Emit(PREPROCESSED, data, topic=topic, extensions=ext)
 
 
 def with_task_id(event: Event) -> tuple[Any, str | None]:

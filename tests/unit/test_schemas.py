@@ -148,3 +148,20 @@ def test_the_event_type_names_in_code_are_the_catalog_types() -> None:
         if name.endswith("_TYPE") and isinstance(value, str)
     }
     assert named == {spec.type for spec in load_catalog().events}
+
+
+def test_priority_lanes_are_the_catalog_lane_topics_highest_first() -> None:
+    from typing import get_args
+
+    from conveyor.events.catalog import LANES, PREPROCESSED_TYPE
+    from conveyor.events.ingress import TaskRequest
+
+    catalog = load_catalog()
+    spec = catalog.spec(PREPROCESSED_TYPE)
+    assert spec is not None
+    assert tuple(catalog.lane_topic(PREPROCESSED_TYPE, lane) for lane in LANES) == spec.topics
+    assert get_args(TaskRequest.model_fields["priority"].annotation) == LANES
+    with pytest.raises(KeyError):
+        catalog.lane_topic(PREPROCESSED_TYPE, "urgent")
+    with pytest.raises(KeyError):
+        catalog.lane_topic("conveyor.task.inferred.v1", "high")  # one topic: no lanes

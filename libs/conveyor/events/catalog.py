@@ -25,7 +25,7 @@ INFERRED_TYPE = "conveyor.task.inferred.v1"
 MODERATED_TYPE = "conveyor.task.moderated.v1"
 STORED_TYPE = "conveyor.task.stored.v1"
 NOTIFIED_TYPE = "conveyor.task.notified.v1"
-LANES = ("high", "normal", "low")
+LANES = ("high", "normal", "low")  # priority lanes, highest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +62,15 @@ class Catalog:
     def stage_topics(self) -> tuple[str, ...]:
         """Every topic the pipeline's events travel on, in catalog order."""
         return tuple(topic for spec in self.events for topic in spec.topics)
+
+    def lane_topic(self, event_type: str, lane: str) -> str:
+        """The topic of priority `lane` (one of `LANES`) for a type published on lanes: the
+        one of its topics named `<topic>.<lane>`; KeyError when it has no such lane."""
+        spec = self.spec(event_type)
+        for topic in spec.topics if spec is not None and len(spec.topics) > 1 else ():
+            if topic.rsplit(".", 1)[-1] == lane:
+                return topic
+        raise KeyError(f"{event_type} has no priority lane {lane!r}")
 
     def retry_topic(self, stage: str, rung: int) -> str:
         return f"conveyor.{stage}.retry.{rung}"
