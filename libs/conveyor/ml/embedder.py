@@ -21,8 +21,8 @@ from transformers import AutoModel
 from conveyor.ml.batching import run_batched
 from conveyor.ml.device import resolve_device, resolve_dtype
 from conveyor.ml.loading import load_model, load_tokenizer, max_input_tokens
-from conveyor.ml.registry import ModelSpec
-from conveyor.ml.sources import resolve_source
+from conveyor.ml.resolve import resolve_source
+from conveyor.ml.specs import ModelSpec
 
 logger = logging.getLogger(__name__)
 

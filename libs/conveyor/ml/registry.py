@@ -1,10 +1,8 @@
-"""Model specs from configuration, and the registry that loads them lazily and keeps them loaded.
+"""The registry that loads configured models lazily and keeps them loaded.
 
-A ``ModelSpec`` names a model for one task kind (``generate``, ``embed``, ``classify``); the
-inference settings carry a JSON list of them in ``CONVEYOR_MODELS``. The same name may appear
-once per kind (``minilm`` embeds and classifies), and specs that share source, device and dtype
-share one copy of the weights. This module imports neither torch nor transformers, so settings
-can parse and validate specs anywhere; the model classes are imported on first load.
+The specs it loads (``ModelSpec``, ``CONVEYOR_MODELS``) are defined in ``specs``; specs that share
+source, device and dtype share one copy of the weights. This module imports neither torch nor
+transformers; the model classes are imported on first load.
 """
 
 from __future__ import annotations
@@ -14,77 +12,25 @@ import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
-
-from conveyor.ml.sources import MINILM_PACKAGE, PACKAGE_PREFIX, SMOLLM2_PACKAGE, check_source
+from conveyor.ml.sources import PACKAGE_PREFIX, SMOLLM2_PACKAGE
+from conveyor.ml.specs import (
+    KINDS,
+    Kind,
+    ModelSpec,
+    check_unique,
+    default_specs,
+    parse_specs,
+)
 
 if TYPE_CHECKING:
     from conveyor.ml.classifier import Classifier
     from conveyor.ml.embedder import Embedder
     from conveyor.ml.generator import Generator
 
+# The specs are defined in `specs` (so model classes can name theirs without importing this
+# module); they are part of the registry's interface too.
+__all__ = ["KINDS", "Kind", "ModelRegistry", "ModelSpec", "default_specs", "parse_specs"]
 logger = logging.getLogger(__name__)
-
-Kind = Literal["generate", "embed", "classify"]
-KINDS: tuple[Kind, ...] = ("generate", "embed", "classify")
-_DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
-
-
-class ModelSpec(BaseModel):
-    """One configured model for one task kind."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="name tasks refer to")
-    kind: Kind = Field(description="task kind this entry serves")
-    source: str = Field(description="package:<module> or a local Hugging Face model folder")
-    device: str = Field(
-        default="auto", pattern=_DEVICE_PATTERN, description="auto = CUDA when present"
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="auto = float32 on CPU, bfloat16 (or float16) on CUDA"
-    )
-    # 16 prompts keep a 135M model's generate call near a second on two CPU cores; embedding
-    # batches are cheap, and 64 is where CPU throughput stops improving (bench/embed_batching).
-    max_batch_size: int = Field(default=16, ge=1, le=1024, description="records per forward pass")
-    # Waiting longer than a few tens of ms for a fuller batch costs more latency than it saves.
-    max_batch_wait_ms: int = Field(default=20, ge=0, le=10_000, description="wait to fill a batch")
-    max_new_tokens: int = Field(default=64, ge=1, le=4096, description="default generation budget")
-
-    @field_validator("source")
-    @classmethod
-    def _valid_source(cls, value: str) -> str:
-        return check_source(value)
-
-
-_SPECS = TypeAdapter(list[ModelSpec])
-
-
-def parse_specs(text: str) -> tuple[ModelSpec, ...]:
-    """Specs from a JSON list (the ``CONVEYOR_MODELS`` setting); names unique per kind."""
-    specs = tuple(_SPECS.validate_json(text))
-    _check_unique(specs)
-    return specs
-
-
-def default_specs() -> tuple[ModelSpec, ...]:
-    """The models that ship in Conveyor's ML extras: SmolLM2 generates, MiniLM embeds and
-    classifies."""
-    smollm2 = PACKAGE_PREFIX + SMOLLM2_PACKAGE
-    minilm = PACKAGE_PREFIX + MINILM_PACKAGE
-    return (
-        ModelSpec(name="smollm2", kind="generate", source=smollm2, max_batch_size=16),
-        ModelSpec(name="minilm", kind="embed", source=minilm, max_batch_size=64),
-        ModelSpec(name="minilm", kind="classify", source=minilm, max_batch_size=64),
-    )
-
-
-def _check_unique(specs: Iterable[ModelSpec]) -> None:
-    seen: set[tuple[str, str]] = set()
-    for spec in specs:
-        if (spec.kind, spec.name) in seen:
-            raise ValueError(f"model {spec.name!r} is configured twice for kind {spec.kind!r}")
-        seen.add((spec.kind, spec.name))
 
 
 class ModelRegistry:
@@ -92,7 +38,7 @@ class ModelRegistry:
 
     def __init__(self, specs: Iterable[ModelSpec] | None = None) -> None:
         self._specs = tuple(default_specs() if specs is None else specs)
-        _check_unique(self._specs)
+        check_unique(self._specs)
         self._loaded: dict[tuple[str, str], Any] = {}
         # Embed and classify specs on the same source, device and dtype share one copy of weights.
         self._embedders: dict[tuple[str, str, str], Embedder] = {}
@@ -174,6 +120,6 @@ class ModelRegistry:
 
             return smollm2.load_tokenizer()
         from conveyor.ml.loading import load_tokenizer
-        from conveyor.ml.sources import resolve_source
+        from conveyor.ml.resolve import resolve_source
 
         return load_tokenizer(resolve_source(spec.source))

