@@ -40,10 +40,10 @@ from conveyor.broker.local import LocalBroker  # noqa: E402
 from conveyor.events.avro import default_schemas, schema_urn  # noqa: E402
 from conveyor.events.codec import encode_binary  # noqa: E402
 from conveyor.events.model import Event, event_id  # noqa: E402
-from conveyor.kafka.admin import apply_topics  # noqa: E402
 from conveyor.runtime.handler import BatchOutcome, StageContext, StageService  # noqa: E402
 from conveyor.runtime.stage import StageRunner  # noqa: E402
 from conveyor.settings import KafkaSettings, StageSettings  # noqa: E402
+from conveyor.topology import apply_topics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fairshare.json"
 PREPROCESSED = "conveyor.task.preprocessed.v1"

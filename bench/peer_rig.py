@@ -28,8 +28,8 @@ from peer_io import run_sink, run_source
 from peer_model import INPUT_TOPIC, OUTPUT_TOPIC, run_model_stage
 
 from conveyor.events.catalog import INGRESS_TOPIC
-from conveyor.kafka.admin import apply_topics
 from conveyor.settings import KafkaSettings
+from conveyor.topology import apply_topics
 
 HERE = Path(__file__).resolve().parent
 CONTENDERS = ("raw", "quix", "conveyor_off", "conveyor_sampled", "conveyor_on")

@@ -42,9 +42,9 @@ from overhead import runtime_overhead  # noqa: E402
 
 from conveyor.broker.local import LocalBroker  # noqa: E402
 from conveyor.events.catalog import INGRESS_TOPIC, load_catalog  # noqa: E402
-from conveyor.kafka.admin import apply_topics  # noqa: E402
 from conveyor.local.otlp import OtlpReceiver  # noqa: E402
 from conveyor.settings import KafkaSettings  # noqa: E402
+from conveyor.topology import apply_topics  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline.json"
 WARMUP = 2_000  # records per pipeline before timing: group joins, producer ids, caches

@@ -10,8 +10,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, Message, Producer
 
-from conveyor.kafka.admin import apply_topics
 from conveyor.settings import KafkaSettings
+from conveyor.topology import apply_topics
 
 
 def settings(bootstrap: str, prefix: str) -> KafkaSettings:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from conveyor.cli.common import kafka_settings
-from conveyor.kafka.admin import apply_topics, planned_topics
+from conveyor.topology import apply_topics, planned_topics
 
 
 def configure(_name: str, parser: argparse.ArgumentParser) -> None:

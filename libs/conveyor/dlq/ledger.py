@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaException
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import Consumer
 
 from conveyor.dlq.reader import META_TIMEOUT_S, read_range, watermarks
-from conveyor.errors import BrokerError
-from conveyor.kafka.config import admin as admin_conf
+from conveyor.kafka.admin import TopicPlan, create_topics
 from conveyor.settings import KafkaSettings
 
 LEDGER_TOPIC = "conveyor.dlq.redrives"
@@ -41,18 +39,8 @@ def redriven_refs(consumer: Consumer, settings: KafkaSettings) -> set[str]:
 
 def ensure_ledger(settings: KafkaSettings) -> None:
     """Create the ledger topic if it is missing (idempotent; a concurrent create is fine)."""
-    client = AdminClient(admin_conf(settings))
-    topic = ledger_topic(settings)
-    if topic in client.list_topics(timeout=META_TIMEOUT_S).topics:
-        return
-    futures = client.create_topics(
-        [NewTopic(topic, 1, -1, config=LEDGER_CONFIG)], operation_timeout=META_TIMEOUT_S
-    )
-    try:
-        futures[topic].result(timeout=META_TIMEOUT_S)
-    except KafkaException as exc:
-        if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
-            raise BrokerError(f"creating the redrive ledger {topic} failed: {exc}") from exc
+    plan = TopicPlan(ledger_topic(settings), 1, dict(LEDGER_CONFIG))
+    create_topics(settings, [plan], timeout_s=META_TIMEOUT_S)
 
 
 def ledger_entry(ref: str, *, target: str, task_id: str, traceparent: str | None) -> bytes:

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from conveyor.kafka.admin import apply_topics
 from conveyor.local.process import SERVICES, ServiceProcess
 from conveyor.settings import KafkaSettings
+from conveyor.topology import apply_topics
 
 log = logging.getLogger(__name__)
 # Inference loads its models before it reports healthy: allow for a cold cache on 2 cores.
