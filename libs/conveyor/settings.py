@@ -47,6 +47,10 @@ class KafkaSettings(BaseSettings):
     def topic(self, name: str) -> str:
         return self.topic_prefix + name
 
+    def stage_group(self, stage: str) -> str:
+        """The consumer group a stage's instances share unless `CONVEYOR_GROUP_ID` names one."""
+        return f"{self.topic_prefix}conveyor.{stage}"
+
 
 class StageSettings(KafkaSettings):
     """The stage runtime: batching, retries, dead letters, delivery, health and metrics."""
@@ -137,7 +141,7 @@ class StageSettings(KafkaSettings):
 
     @property
     def group(self) -> str:
-        return self.group_id or f"{self.topic_prefix}conveyor.{self.stage}"
+        return self.group_id or self.stage_group(self.stage)
 
 
 def default_store_url() -> str:

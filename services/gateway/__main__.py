@@ -76,7 +76,7 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
     backlog = KafkaBacklog(
         common(settings),
         ingress=(settings.lag_group, settings.topic(INGRESS_TOPIC)),
-        inference_group=f"{settings.topic_prefix}conveyor.inference",
+        inference_group=settings.stage_group("inference"),
         lanes={lane: settings.topic(catalog.lane_topic(PREPROCESSED_TYPE, lane)) for lane in LANES},
         timeout_s=settings.lag_timeout_s,
     )

@@ -91,7 +91,7 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
 
     @property
     def lag_group(self) -> str:
-        return self.preprocess_group or f"{self.topic_prefix}conveyor.preprocess"
+        return self.preprocess_group or self.stage_group("preprocess")
 
     @field_validator("webhook_allow", mode="before")
     @classmethod

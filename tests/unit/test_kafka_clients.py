@@ -177,3 +177,14 @@ def test_fakes_satisfy_the_protocols() -> None:
     message: Message = FakeMessage("t", 0, 0)
     checked: list[Any] = [consumer, producer, message]
     assert len(checked) == 3
+
+
+def test_a_stage_group_is_named_once_for_the_stage_the_gateway_and_replay() -> None:
+    from conveyor.settings import StageSettings
+    from services.gateway.settings import GatewaySettings
+
+    stage = StageSettings(stage="inference", topic_prefix="p.")
+    assert stage.group == stage.stage_group("inference") == "p.conveyor.inference"
+    assert StageSettings(stage="inference", group_id="mine").group == "mine"
+    gateway = GatewaySettings(topic_prefix="p.")
+    assert gateway.lag_group == gateway.stage_group("preprocess") == "p.conveyor.preprocess"

@@ -107,7 +107,7 @@ def plan(
             else {tp: high for tp, (_, high) in marks.items()}
         )
     ranges = {tp: (first[tp], max(first[tp], last[tp])) for tp in marks}
-    return ReplayPlan(stage, group or f"{settings.topic_prefix}conveyor.{stage}", ranges)
+    return ReplayPlan(stage, group or settings.stage_group(stage), ranges)
 
 
 def _resolve(consumer: Consumer, marks: Ranges, position: Position) -> dict[tuple[str, int], int]:
