@@ -12,7 +12,7 @@ import io
 import json
 import re
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ def schema_urn(name: str, version: int) -> str:
     return f"{_URN_PREFIX}{name}:{version}"
 
 
+# A stage reads and writes a handful of urns: each is parsed once (a bad one, every time).
+@lru_cache(maxsize=256)
 def parse_schema_urn(urn: str | None) -> tuple[str, int]:
     """(name, version) of a Conveyor schema urn; `SchemaError` for anything else."""
     match = _URN.fullmatch(urn or "")
