@@ -280,6 +280,40 @@ def status(task_id: str, value: str, stage: str, **extra: Any) -> Event:
     return event("conveyor.task.status.v1", data, subject=task_id)
 
 
+@pytest.mark.parametrize(
+    ("traceparent", "trace_id"),
+    [
+        ("00-" + "ab" * 16 + "-" + "cd" * 8 + "-01", "ab" * 16),
+        ("00-" + "AB" * 16 + "-" + "cd" * 8 + "-01", None),  # upper case: not W3C
+        ("00-" + "0" * 32 + "-" + "cd" * 8 + "-01", None),  # the invalid all-zero trace id
+        ("00-abc-def-01", None),
+    ],
+)
+def test_writeback_stores_the_trace_id_only_of_a_valid_traceparent(
+    traceparent: str, trace_id: str | None
+) -> None:
+    update = update_for(later(moderated("a", "allow"), 1, traceparent=traceparent))
+    assert update is not None and update.trace_id == trace_id
+
+
+def test_writeback_takes_the_stage_from_the_catalog_and_the_error_only_from_an_ending_status() -> (
+    None
+):
+    processing = update_for(preprocessed("a"))
+    assert processing is not None and (processing.status, processing.stage) == (
+        "processing",
+        "preprocess",
+    )
+    done = update_for(moderated("a", "allow"))
+    assert done is not None and (done.status, done.stage) == ("completed", "moderation")
+    expired, retrying = (
+        update_for(status("b", "expired", "inference")),
+        update_for(status("c", "retrying", "inference")),
+    )
+    assert expired is not None and expired.error == "boom"
+    assert retrying is not None and retrying.error is None
+
+
 def later(e: Event, seconds: int, **ext: str) -> Event:
     """`e` emitted `seconds` later, under another id, with extra extensions."""
     return Event(
