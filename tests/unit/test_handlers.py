@@ -296,9 +296,7 @@ def test_writeback_stores_the_trace_id_only_of_a_valid_traceparent(
     assert update is not None and update.trace_id == trace_id
 
 
-def test_writeback_takes_the_stage_from_the_catalog_and_the_error_only_from_an_ending_status() -> (
-    None
-):
+def test_writeback_stage_is_the_producer_and_error_comes_only_with_an_ending_status() -> None:
     processing = update_for(preprocessed("a"))
     assert processing is not None and (processing.status, processing.stage) == (
         "processing",
