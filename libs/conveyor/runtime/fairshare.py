@@ -27,15 +27,23 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import Counter, Histogram
+
+from conveyor.errors import PermanentError
+from conveyor.quota import QUOTA_REJECTIONS, QuotaError
 
 if TYPE_CHECKING:
     from conveyor.runtime.step import BatchResult
 
 TP = tuple[str, int]
+# How often held records are checked against their deadlines (a scan of the held tenants'
+# queues): a record refused this much late has still lost nothing it could have had.
+LATE_SCAN_S = 0.25
 TENANT_HEADER = "ce_tenant"
+DEADLINE_HEADER = "ce_deadline"
 # Records with no tenant header (a bad record: the step dead-letters it) share one queue.
 NO_TENANT = ""
 
@@ -46,10 +54,34 @@ def tenant_of(msg: Any) -> str:
 
 
 def _header_tenant(headers: Any) -> str:
+    return _header_fields(headers)[0]
+
+
+def _header_fields(headers: Any) -> tuple[str, str | None]:
+    """The tenant and the deadline (RFC 3339, or None) a record's headers name."""
+    tenant, deadline = NO_TENANT, None
     for key, value in headers or ():
         if key == TENANT_HEADER:
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return NO_TENANT
+            tenant = _text(value)
+        elif key == DEADLINE_HEADER:
+            deadline = _text(value)
+    return tenant, deadline
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _before(deadline: str | None, when: datetime) -> bool:
+    """Whether the deadline lies before `when` (an unreadable one never does: the handler's
+    own check decides what it means)."""
+    if not deadline:
+        return False
+    try:
+        parsed = datetime.fromisoformat(deadline)
+    except ValueError:
+        return False
+    return parsed.tzinfo is not None and parsed < when
 
 
 @dataclass(slots=True)
@@ -57,6 +89,7 @@ class _Waiting:
     msg: Any
     since: float  # when it entered the window
     size: int
+    deadline: str | None  # its `deadline` header: a held record may not outlive it
 
 
 @dataclass(slots=True)
@@ -110,6 +143,28 @@ class _Lane:
                 self.rotation.rotate(-1)  # its turn is over; credit below one record carries
                 self.fresh = True
             # else: the batch is full mid-turn; the tenant keeps its turn and its credit.
+        return out
+
+    def late(
+        self, wall: datetime, wait: Callable[[str, int], float | None]
+    ) -> list[tuple[str, _Waiting]]:
+        """Take out the records of held tenants (wait not None) that cannot start before their
+        deadline: the `i`-th of a tenant's queue starts `wait(tenant, i)` seconds from now at
+        the earliest."""
+        out: list[tuple[str, _Waiting]] = []
+        for tenant in list(self.queues):
+            if wait(tenant, 0) is None:
+                continue
+            queue, keep = self.queues[tenant], deque[_Waiting]()
+            for waiting in queue:
+                least = wait(tenant, len(keep)) or 0.0  # its place among those left
+                if _before(waiting.deadline, wall + timedelta(seconds=least)):
+                    out.append((tenant, waiting))
+                else:
+                    keep.append(waiting)
+            self.queues[tenant] = keep
+            if not keep:
+                self._leave(tenant)
         return out
 
     def drop(self, tps: set[TP]) -> list[_Waiting]:
@@ -176,7 +231,8 @@ class FairWindow:
             lane = self._lanes.get(msg.topic())
             if lane is None:
                 lane = self._lanes[msg.topic()] = _Lane()
-            lane.add(tenant_of(msg), _Waiting(msg, now, size))
+            tenant, deadline = _header_fields(msg.headers())
+            lane.add(tenant, _Waiting(msg, now, size, deadline))
             self.records += 1
             self.bytes += size
 
@@ -212,6 +268,18 @@ class FairWindow:
         self.records -= len(dropped)
         self.bytes -= sum(w.size for w in dropped)
         return [w.msg for w in dropped]
+
+    def late(
+        self, wall: datetime, wait: Callable[[str, int], float | None]
+    ) -> list[tuple[str, Any]]:
+        """(tenant, record) of every held record that cannot start before its deadline (see
+        `_Lane.late`), taken out of the window."""
+        late: list[tuple[str, _Waiting]] = []
+        for lane in self._lanes.values():
+            late += lane.late(wall, wait)
+        self.records -= len(late)
+        self.bytes -= sum(w.size for _, w in late)
+        return [(tenant, w.msg) for tenant, w in late]
 
     def waits(self, now: float) -> dict[str, float]:
         """Per lane, how long its oldest waiting record has waited (seconds)."""
@@ -303,6 +371,13 @@ class FairShare:
         self.batch_max = batch_max
         self.depth = depth
         self.tracker = CommitTracker()
+        # Quotas: a held tenant's least wait for its i-th record (None: not held), and the step
+        # that fails records unrun; records that cannot start before their deadline go to it.
+        self.held_wait: Callable[[str, int], float | None] | None = None
+        self.refuse: Callable[[Sequence[Any], str], BatchResult] | None = None
+        self.wall: Callable[[], datetime] = lambda: datetime.now(UTC)
+        self._next_scan = 0.0
+        self._refused: set[tuple[TP, int]] = set()  # never admitted: not "finished" either
 
     @property
     def full(self) -> bool:
@@ -319,6 +394,7 @@ class FairShare:
     def feed(self, now: float, stamp: str) -> None:
         """Submit batches from the window while the pipeline is under `depth` batches: the
         rest waits in the window, where later arrivals can still be served before it."""
+        self._refuse_late(now, stamp)
         size, bound = self.batch_max, self.depth * self.batch_max
         if self.capacity is not None:
             plan = self.capacity.plan()
@@ -329,12 +405,29 @@ class FairShare:
                 return
             self.pipeline.submit(batch, stamp)
 
+    def _refuse_late(self, now: float, stamp: str) -> None:
+        """Every `LATE_SCAN_S`: held records that cannot start before their deadline are failed
+        (reason: quota) instead of waiting to expire."""
+        if self.held_wait is None or self.refuse is None or now < self._next_scan:
+            return
+        self._next_scan = now + LATE_SCAN_S
+        late = self.window.late(self.wall(), self.held_wait)
+        if not late:
+            return
+        for tenant, msg in late:
+            QUOTA_REJECTIONS.labels(tenant=tenant, limit="deadline").inc()
+            self._refused.add(((msg.topic(), msg.partition()), msg.offset()))
+        self.pipeline.submit([msg for _, msg in late], stamp, step=self.refuse)
+
     def settle(self, result: BatchResult) -> BatchResult:
         """The batch's result with the offsets that may be committed now."""
-        done = (((o.item.topic, o.item.partition), o.item.offset) for o in result.outcomes)
+        done = [((o.item.topic, o.item.partition), o.item.offset) for o in result.outcomes]
         if self.finished is not None:
-            for outcome in result.outcomes:
-                self.finished(_header_tenant(outcome.item.headers))
+            for outcome, key in zip(result.outcomes, done, strict=True):
+                if key in self._refused:
+                    self._refused.discard(key)
+                else:
+                    self.finished(_header_tenant(outcome.item.headers))
         return replace(result, offsets=self.tracker.finish(done))
 
     def drop(self, tps: Iterable[TP] | None = None) -> int:
@@ -344,6 +437,16 @@ class FairShare:
 
     def forget(self, tps: Iterable[TP]) -> None:
         self.tracker.forget(tps)
+
+
+def quota_refusal(item: Any) -> PermanentError:
+    """Why a held record is failed unrun: its tenant's quota keeps it past its deadline."""
+    tenant = item.hmap.get(TENANT_HEADER, NO_TENANT)
+    deadline = item.hmap.get(DEADLINE_HEADER)
+    return QuotaError(
+        f"quota: tenant {tenant!r} is over its quota and the task cannot start before its "
+        f"deadline {deadline}"
+    )
 
 
 class TenantMetrics:

@@ -69,13 +69,15 @@ class Pipeline:
             self._submit(self._forming, now)
             self._forming = []
 
-    def submit(self, records: Sequence[Any], now: str) -> None:
-        """Hand one batch, cut by the caller (fair share), to the worker as it is."""
+    def submit(self, records: Sequence[Any], now: str, *, step: Step | None = None) -> None:
+        """Hand one batch, cut by the caller (fair share), to the worker as it is; `step`
+        instead of the stage's (records a scheduler fails unrun), in the same order."""
         self.in_flight += len(records)
-        self._submit(list(records), now)
+        self._submit(list(records), now, step)
 
-    def _submit(self, records: list[Any], now: str) -> None:
-        self._queue.append((len(records), self._worker.submit(self.step, records, now)))
+    def _submit(self, records: list[Any], now: str, step: Step | None = None) -> None:
+        future = self._worker.submit(step or self.step, records, now)
+        self._queue.append((len(records), future))
         if self.started_at is None:
             self.started_at = time.monotonic()
 
