@@ -265,20 +265,23 @@ def test_a_full_window_pauses_the_partitions_and_a_drained_one_resumes_them() ->
 
 
 def test_a_revoke_drops_the_waiting_records_and_commits_before_the_first_of_them() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def handle(event: Event, _ctx: Any) -> Any:
+        entered.set()
         gate.wait(10)
         return moderated(event)
 
     runner, consumer, producer = make_runner(handle, batch_max=2, fair_window=100)
     consumer.assigned = [TopicPartition(INFERRED_TOPIC, 0)]
     consumer.queued = tenant_msgs("a", 0, 10)
-    runner.turn()  # 4 in the pipeline (offsets 0-3), 6 waiting
-    gate.set()
+    runner.turn()  # two batches queued: the first cut (offsets 0-1) and running, 8 waiting
+    assert entered.wait(10)
+    threading.Timer(0.2, gate.set).start()  # the revoke waits for the running batch
     runner._on_revoke(None, [TopicPartition(INFERRED_TOPIC, 0)])
-    assert len(producer.records) == 4
-    assert consumer.commits[-1][0].offset == 4  # the new owner starts at the first unrun one
+    # The queued batch was not cut yet: it finds the window emptied and runs nothing.
+    assert len(producer.records) == 2
+    assert consumer.commits[-1][0].offset == 2  # the new owner starts at the first unrun one
     assert runner._fair is not None and runner._fair.outstanding == 0
 
 
@@ -403,12 +406,14 @@ def test_a_held_task_past_its_deadline_fails_with_reason_quota_and_is_committed(
 
 class FakePipeline:
     def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.in_flight = 0
+        self.cuts: list[Any] = []
 
-    def submit(self, records: list[Any], _now: str) -> None:
-        self.batches.append(len(records))
-        self.in_flight += len(records)
+    @property
+    def batches(self) -> int:
+        return len(self.cuts)
+
+    def defer(self, cut: Any) -> None:
+        self.cuts.append(cut)
 
 
 class FixedCapacity:
@@ -425,7 +430,8 @@ def test_the_capacity_plan_sizes_batches_and_in_flight_and_stops_reading_at_capa
     fair.capacity = FixedCapacity(Plan(batch_size=5, max_in_flight=12, at_capacity=False))
     fair.add([rec("a", i) for i in range(40)], 0.0)
     fair.feed(0.0, "now")
-    assert pipeline.batches == [5, 5, 5]  # under 12 in flight before each, 5 records each
+    # 12 in flight at 5 a batch: two batches queued, each cut when the worker reaches it.
+    assert [len(cut()) for cut in pipeline.cuts] == [5, 5]
     assert not fair.full
     fair.capacity.current = Plan(batch_size=5, max_in_flight=12, at_capacity=True)
     assert fair.full  # the stage pauses its partitions

@@ -24,6 +24,8 @@ client call, no clock read: `now` is passed in.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,6 +44,9 @@ TP = tuple[str, int]
 # How often held records are checked against their deadlines (a scan of the held tenants'
 # queues): a record refused this much late has still lost nothing it could have had.
 LATE_SCAN_S = 0.25
+# After a cut found every waiting tenant held: how long before another batch is queued, unless
+# records arrive or finish first (a rate quota frees up with time alone).
+_IDLE_CUT_S = 0.02
 TENANT_HEADER = "ce_tenant"
 DEADLINE_HEADER = "ce_deadline"
 # Records with no tenant header (a bad record: the step dead-letters it) share one queue.
@@ -351,8 +356,13 @@ class CommitTracker:
 
 class FairShare:
     """The window and the commit tracker in front of the stage's pipeline: records read go to
-    the window; the pipeline is kept `depth` batches deep from it; finished batches commit up
-    to the lowest unfinished record."""
+    the window; the pipeline is kept `depth` batches deep, each batch *cut on the worker when
+    the batch before it ends* (`Pipeline.defer`), so a record that arrives while the model is
+    busy competes for the very next batch; finished batches commit up to the lowest unfinished
+    record.
+
+    The window is shared by the loop's thread (add, drop, late) and the worker (cut): `_lock`
+    guards it and the quota counts."""
 
     def __init__(
         self,
@@ -361,6 +371,7 @@ class FairShare:
         batch_max: int,
         depth: int = 2,
         finished: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.window = window
         # GPU-aware capacity (conveyor.ml.capacity): batch size, in-flight bound and "at
@@ -370,6 +381,7 @@ class FairShare:
         self.pipeline = pipeline  # conveyor.runtime.pipeline.Pipeline
         self.batch_max = batch_max
         self.depth = depth
+        self.clock = clock
         self.tracker = CommitTracker()
         # Quotas: a held tenant's least wait for its i-th record (None: not held), and the step
         # that fails records unrun; records that cannot start before their deadline go to it.
@@ -378,6 +390,10 @@ class FairShare:
         self.wall: Callable[[], datetime] = lambda: datetime.now(UTC)
         self._next_scan = 0.0
         self._refused: set[tuple[TP, int]] = set()  # never admitted: not "finished" either
+        self._lock = threading.Lock()
+        # A cut that found nothing to run (every waiting tenant held): no new batch is queued
+        # before this time unless records arrive or finish, so a held window does not spin.
+        self._idle_until = 0.0
 
     @property
     def full(self) -> bool:
@@ -389,21 +405,30 @@ class FairShare:
 
     def add(self, records: Sequence[Any], now: float) -> None:
         self.tracker.read(records)
-        self.window.add(records, now)
+        with self._lock:
+            self.window.add(records, now)
+        self._idle_until = 0.0
 
     def feed(self, now: float, stamp: str) -> None:
-        """Submit batches from the window while the pipeline is under `depth` batches: the
-        rest waits in the window, where later arrivals can still be served before it."""
+        """Keep `depth` batches queued on the worker while records wait; each is cut from the
+        window only when the worker reaches it."""
         self._refuse_late(now, stamp)
-        size, bound = self.batch_max, self.depth * self.batch_max
+        depth = self.depth
         if self.capacity is not None:
             plan = self.capacity.plan()
-            size, bound = plan.batch_size, plan.max_in_flight
-        while len(self.window) and self.pipeline.in_flight < bound:
+            depth = max(1, plan.max_in_flight // max(1, plan.batch_size))
+        while len(self.window) and self.pipeline.batches < depth and now >= self._idle_until:
+            self.pipeline.defer(self._cut)
+
+    def _cut(self) -> list[Any]:
+        """The next batch, on the worker thread, the moment the model is free for it."""
+        size = self.capacity.plan().batch_size if self.capacity is not None else self.batch_max
+        now = self.clock()
+        with self._lock:
             batch = self.window.take(size, now)
-            if not batch:
-                return
-            self.pipeline.submit(batch, stamp)
+        if not batch:
+            self._idle_until = now + _IDLE_CUT_S
+        return batch
 
     def _refuse_late(self, now: float, stamp: str) -> None:
         """Every `LATE_SCAN_S`: held records that cannot start before their deadline are failed
@@ -411,7 +436,8 @@ class FairShare:
         if self.held_wait is None or self.refuse is None or now < self._next_scan:
             return
         self._next_scan = now + LATE_SCAN_S
-        late = self.window.late(self.wall(), self.held_wait)
+        with self._lock:
+            late = self.window.late(self.wall(), self.held_wait)
         if not late:
             return
         for tenant, msg in late:
@@ -423,17 +449,20 @@ class FairShare:
         """The batch's result with the offsets that may be committed now."""
         done = [((o.item.topic, o.item.partition), o.item.offset) for o in result.outcomes]
         if self.finished is not None:
-            for outcome, key in zip(result.outcomes, done, strict=True):
-                if key in self._refused:
-                    self._refused.discard(key)
-                else:
-                    self.finished(_header_tenant(outcome.item.headers))
+            with self._lock:
+                for outcome, key in zip(result.outcomes, done, strict=True):
+                    if key in self._refused:
+                        self._refused.discard(key)
+                    else:
+                        self.finished(_header_tenant(outcome.item.headers))
+        self._idle_until = 0.0  # a tenant's task finished: it may be under its quota again
         return replace(result, offsets=self.tracker.finish(done))
 
     def drop(self, tps: Iterable[TP] | None = None) -> int:
         """Records of these partitions (all: None) leave the window unrun; they stay
         unfinished, so the commit stops before them and they are read again."""
-        return len(self.window.drop(tps))
+        with self._lock:
+            return len(self.window.drop(tps))
 
     def forget(self, tps: Iterable[TP]) -> None:
         self.tracker.forget(tps)
