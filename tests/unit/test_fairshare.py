@@ -19,13 +19,8 @@ from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.ml.capacity import Plan
 from conveyor.quota import QuotaSettings, TenantLimits, TenantQuota, gcra_wait
-from conveyor.runtime.fairshare import (
-    CommitTracker,
-    FairShare,
-    FairWindow,
-    TenantMetrics,
-    tenant_of,
-)
+from conveyor.runtime.fairfeed import CommitTracker, FairShare
+from conveyor.runtime.fairshare import FairWindow, TenantMetrics, tenant_of
 from conveyor.runtime.handler import StageService
 from conveyor.runtime.stage import StageRunner
 from conveyor.settings import StageSettings

@@ -30,7 +30,8 @@ from conveyor.kafka.health import BrokerAvailability
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.quota import QuotaSettings, TenantLimits
 from conveyor.runtime.delivery import Delivery, Failpoint
-from conveyor.runtime.fairshare import FairShare, FairWindow, TenantMetrics, quota_refusal
+from conveyor.runtime.fairfeed import FairShare, quota_refusal
+from conveyor.runtime.fairshare import FairWindow, TenantMetrics
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
 from conveyor.runtime.lagreport import LagReporter
