@@ -9,7 +9,8 @@ publishes `--count` tasks at once to the normal lane, bypassing the gateway, wit
 - `a`: completed, lost (never run), run twice, and the span from its first to its last start,
   against the floor the bucket allows, `(count - burst) / rate`; the achieved rate after the
   burst (target: the quota, not more);
-- `b`: completed and its p95 completion time (a held tenant must not hold the others back).
+- `b`: completed and its p95 start time from the first publish (a held tenant must not hold
+  the others back).
 
 Issue 11: "500 tasks published straight to Kafka by an over-quota tenant all complete, paced to
 the quota, none lost". Writes bench/results/quota.json.
@@ -90,20 +91,21 @@ def run(bootstrap: str, args: argparse.Namespace) -> dict[str, Any]:
     while "w0" not in started and time.monotonic() < warm:
         time.sleep(0.01)
     started.clear()
+    sent = time.monotonic()  # b's times count from the first publish (publishing 600 takes a while)
     for i in range(max(args.count, args.other)):
         for tenant, n in (("a", args.count), ("b", args.other)):
             if i < n:
                 key, value, headers = record(f"{tenant}{i}", tenant)
                 producer.produce(topic, value, key, headers=headers)
     producer.flush(60)
-    sent = time.monotonic()
-    deadline = sent + RUN_TIMEOUT_S
+    published_s = time.monotonic() - sent
+    deadline = time.monotonic() + RUN_TIMEOUT_S
     while len(started) < args.count + args.other and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)  # anything run twice shows up now
     runner.stop()
     thread.join(30)
-    return summary(started, sent, args)
+    return {"publish_all_s": round(published_s, 2), **summary(started, sent, args)}
 
 
 def summary(
@@ -126,8 +128,8 @@ def summary(
         "quota_burst": args.burst,
         "b_published": args.other,
         "b_completed": len(b),
-        "b_p95_ms": round(b[min(len(b) - 1, int(0.95 * len(b)))], 1) if b else None,
-        "b_p50_ms": round(statistics.median(b), 1) if b else None,
+        "b_start_p95_ms": round(b[min(len(b) - 1, int(0.95 * len(b)))], 1) if b else None,
+        "b_start_p50_ms": round(statistics.median(b), 1) if b else None,
     }
 
 
