@@ -9,6 +9,10 @@ committed in order up to the lowest unfinished record. In-flight records are bou
 its group however long a generation takes); at twice that it pauses its partitions, resuming
 them once half of `max_in_flight` is left. A revoke
 waits for the in-flight work (bounded by `max_in_flight`) before the partitions move.
+
+A scheduler (fair share, `conveyor.runtime.fairfeed`) instead queues batches it cuts itself on
+the worker, the moment the worker reaches them (`defer`), so the model goes from one batch
+straight to the next and the choice of records is made as late as it can be.
 """
 
 from __future__ import annotations
