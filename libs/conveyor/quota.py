@@ -12,6 +12,10 @@ Where the state lives decides who shares it:
 - `MemoryRateLedger` keeps it in the process (the inference stage's hold of tasks that arrive
   straight on Kafka: each instance paces what it starts; unit tests).
 
+Tasks in flight are counted where each place can see them: the gateway counts a tenant's
+unfinished tasks in the store (every replica reads the same rows); the inference stage counts the
+tenant's records it has started and not finished (`TenantLimits`).
+
 Limits per tenant come from `QuotaSettings` (`CONVEYOR_QUOTA_*`, `CONVEYOR_TENANT_QUOTAS`).
 """
 
@@ -29,12 +33,20 @@ from prometheus_client import Counter
 from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from conveyor.errors import PermanentError
+
 TABLE = "conveyor_quota"
 QUOTA_REJECTIONS = Counter(
     "conveyor_quota_rejections_total",
-    "Tasks refused (gateway 429) or held back (inference) by a tenant quota",
+    "Tasks refused by a tenant quota: gateway 429s (limit rate or in_flight) and tasks held at "
+    "the inference stage until their deadline could no longer be met (limit deadline)",
     ["tenant", "limit"],
 )
+
+
+class QuotaError(PermanentError):
+    """A task held over its tenant's quota cannot start before its deadline: it fails (status
+    `failed`, dead-lettered, so an operator may redrive it) instead of expiring unexplained."""
 
 
 class TenantQuota(BaseModel):
@@ -53,6 +65,12 @@ class QuotaSettings(BaseSettings):
     quota_rate: float = Field(default=100.0, ge=0, description="default tasks/s per tenant; 0: off")
     quota_burst: int = Field(default=500, ge=1, description="default burst per tenant")
     quota_in_flight: int = Field(default=0, ge=0, description="default in flight; 0: unlimited")
+    quota_in_flight_retry_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="Retry-After of a gateway 429 over the in-flight limit (when a task of the "
+        "tenant's finishes is unknown)",
+    )
     tenant_quotas: dict[str, TenantQuota] = Field(
         default_factory=dict,
         description='per-tenant limits, JSON {"tenant": {"rate": 5, "burst": 10, "in_flight": 4}}',
@@ -85,6 +103,14 @@ def gcra(tat: float, now: float, rate: float, burst: int) -> tuple[Decision, flo
     return Decision(True, 0.0), new_tat
 
 
+def gcra_wait(tat: float, now: float, rate: float, burst: int, position: int) -> float:
+    """Seconds from `now` until the task `position` places behind the next one fits the rate."""
+    if rate <= 0:
+        return 0.0
+    interval = 1.0 / rate
+    return max(0.0, max(tat, now) - now + (position - burst + 1) * interval)
+
+
 class RateLedger(Protocol):
     def take(self, tenant: str, quota: TenantQuota) -> Decision: ...
 
@@ -102,6 +128,12 @@ class MemoryRateLedger:
             decision, tat = gcra(self._tat.get(tenant, 0.0), self.clock(), quota.rate, quota.burst)
             self._tat[tenant] = tat
             return decision
+
+    def wait(self, tenant: str, quota: TenantQuota, position: int) -> float:
+        """Seconds until the task `position` behind the next one of the tenant fits its rate."""
+        with self._lock:
+            tat = self._tat.get(tenant, 0.0)
+            return gcra_wait(tat, self.clock(), quota.rate, quota.burst, position)
 
     def close(self) -> None:
         return None
@@ -177,23 +209,52 @@ class SqlRateLedger:
         self._conn.close()
 
 
-def retry_after_header(decision: Decision) -> str:
+def retry_after_header(decision: Decision | Refusal) -> str:
     """Retry-After in whole seconds (HTTP), at least 1."""
     return str(max(1, math.ceil(decision.retry_after_s)))
 
 
-class SubmissionQuota:
-    """The gateway's check: each tenant's submission rate against the shared ledger."""
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """Why the gateway refuses a task for quota: the limit passed, a message, when to retry."""
 
-    def __init__(self, settings: QuotaSettings, ledger: RateLedger) -> None:
+    limit: str  # "rate" or "in_flight" (the metric's label)
+    message: str
+    retry_after_s: float
+
+
+class SubmissionQuota:
+    """The gateway's check: a tenant's tasks in flight (unfinished in the store, when
+    `unfinished` is given), then its submission rate against the shared ledger. The in-flight
+    count is checked first, so a task it refuses does not use up a token; it is a read, not a
+    reservation, so replicas answering at the same instant may let the limit be passed by as
+    many tasks as they answer at once."""
+
+    def __init__(
+        self,
+        settings: QuotaSettings,
+        ledger: RateLedger,
+        *,
+        unfinished: Callable[[str], int] | None = None,
+    ) -> None:
         self.settings = settings
         self.ledger = ledger
+        self.unfinished = unfinished  # tenant -> its tasks not yet in a terminal status
 
-    def check(self, tenant: str) -> Decision:
-        decision = self.ledger.take(tenant, self.settings.of(tenant))
+    def check(self, tenant: str) -> Refusal | None:
+        """None when the task may be accepted, else why not and when to try again."""
+        quota = self.settings.of(tenant)
+        if quota.in_flight and self.unfinished is not None:
+            running = self.unfinished(tenant)
+            if running >= quota.in_flight:
+                QUOTA_REJECTIONS.labels(tenant=tenant, limit="in_flight").inc()
+                message = f"tenant has {running} tasks in flight, its limit is {quota.in_flight}"
+                return Refusal("in_flight", message, self.settings.quota_in_flight_retry_s)
+        decision = self.ledger.take(tenant, quota)
         if not decision.allowed:
             QUOTA_REJECTIONS.labels(tenant=tenant, limit="rate").inc()
-        return decision
+            return Refusal("rate", "tenant over its submission rate", decision.retry_after_s)
+        return None
 
     def close(self) -> None:
         self.ledger.close()
@@ -223,6 +284,17 @@ class TenantLimits:
             return False
         self.running[tenant] = running + 1
         return True
+
+    def wait(self, tenant: str, position: int) -> float | None:
+        """None when the tenant may start a task now; else the least seconds until its task
+        `position` places behind the next could start (0 when only its in-flight limit holds
+        it: when a running task finishes is not known)."""
+        quota = self.settings.of(tenant)
+        limited = tenant in self.settings.tenant_quotas and quota.rate > 0
+        full = bool(quota.in_flight) and self.running.get(tenant, 0) >= quota.in_flight
+        if not full and (not limited or self.ledger.wait(tenant, quota, 0) <= 0):
+            return None  # nothing holds it: it may start now
+        return self.ledger.wait(tenant, quota, position) if limited else 0.0
 
     def finished(self, tenant: str) -> None:
         left = self.running.get(tenant, 0) - 1

@@ -80,7 +80,11 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         lanes={lane: settings.topic(catalog.lane_topic(PREPROCESSED_TYPE, lane)) for lane in LANES},
         timeout_s=settings.lag_timeout_s,
     )
-    quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url.get_secret_value()))
+    quota = SubmissionQuota(
+        QuotaSettings(),
+        SqlRateLedger(settings.store_url.get_secret_value()),
+        unfinished=store.count_unfinished,
+    )
     gateway = Gateway(
         settings,
         publisher=publisher,

@@ -164,7 +164,19 @@ class Gateway:
         out["queue_position_estimate"] = (
             await run_in_threadpool(self.queue_estimate) if pending else None
         )
+        lane = sub.priority if sub is not None else "normal"
+        out["estimated_start"] = await self.estimated_start(lane) if queued(out) else None
         return out
+
+    async def estimated_start(self, lane: str) -> str | None:
+        """When inference should start a queued task: everything now waiting in its lane and
+        above over the recent service rate (an upper bound once it has waited a while: some of
+        that backlog arrived after it). The store does not keep the lane: the replica that
+        accepted the task remembers it for a while, else "normal" (the default) is assumed."""
+        if self.admission is None:
+            return None
+        verdict = await run_in_threadpool(self.admission.check, lane, None, datetime.now(UTC))
+        return verdict.start.isoformat() if verdict.start is not None else None
 
     def _read(self, task_id: str, tenant: str, timeline: bool) -> tuple[Any, list[Any]]:
         record = self.store.get(task_id, tenant=tenant)
@@ -176,6 +188,12 @@ class Gateway:
         for close in self.closers:
             close()
         self.store.close()
+
+
+def queued(view: dict[str, Any]) -> bool:
+    """Not yet started by inference: pending, or preprocessed and waiting in a lane."""
+    status, stage = view["status"], view.get("stage")
+    return status == "pending" or (status == "processing" and stage == "preprocess")
 
 
 def _gateway(conn: Request | WebSocket) -> Gateway:
@@ -224,11 +242,11 @@ async def submit_task(request: Request) -> Response:
     if task.callback_url and (refused := edge_refusal(task.callback_url, settings.webhook_allow)):
         return JSONResponse({"error": refused, "fields": ["callback_url"]}, 422)
     if gateway.quota is not None:
-        decision = await run_in_threadpool(gateway.quota.check, tenant)
-        if not decision.allowed:
-            retry = retry_after_header(decision)
+        refusal = await run_in_threadpool(gateway.quota.check, tenant)
+        if refusal is not None:
+            retry = retry_after_header(refusal)
             raise HTTPException(
-                429, f"tenant over its submission rate: retry in {retry} s", {"Retry-After": retry}
+                429, f"{refusal.message}: retry in {retry} s", {"Retry-After": retry}
             )
     admitted: dict[str, Any] = {}
     if gateway.admission is not None:
@@ -255,7 +273,7 @@ async def submit_task(request: Request) -> Response:
     except BaseException:  # the broker did not take it (or the request was cancelled)
         await asyncio.shield(gateway.release(task, digest))
         raise
-    gateway.recent.put((tenant, task_id), Submitted(tenant, trace_id, time.time()))
+    gateway.recent.put((tenant, task_id), Submitted(tenant, trace_id, time.time(), task.priority))
     url = status_url(settings, request, task_id)
     log.info("task accepted task_id=%s tenant=%s trace_id=%s", task_id, tenant, trace_id)
     return JSONResponse(

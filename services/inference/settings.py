@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from conveyor.settings import StageSettings
 
@@ -14,11 +14,15 @@ class InferenceSettings(StageSettings):
     batch_max: int = Field(default=32, ge=1, description="records per batch")
     batch_wait_ms: int = Field(default=20, ge=0, description="max wait to fill a batch")
     priority_lanes: bool = Field(default=True, description="high lane first, then normal, low")
-    # Pipelined: the model works on one batch while the loop reads the next and emits and
-    # commits the last. Off by default for now: a 50 ms-per-32 stand-in model reached 41% of
-    # its bare loop pipelined against 89% in the plain loop (docs/decisions.md), so it stays an
-    # opt-in until that gap is closed. Fair share and the quota hold need it.
-    pipelined: bool = Field(default=False, description="handler on a worker thread")
+    # Pipelined with fair share (the default): the model works on one batch while the loop
+    # reads, emits and commits; each batch is cut from the fair-share window when the model is
+    # free for it. A 50 ms-per-32 stand-in model reached 92% of its bare loop this way, the same
+    # as the plain loop (93%; bench/inference_modes.py, docs/scheduling.md). Pipelined without
+    # fair share (or under exactly-once, where fair share is off) reached 35%, so unless it is
+    # set, `pipelined` follows fair share (`_pipelined_with_fair_share`).
+    pipelined: bool = Field(
+        default=True, description="handler on a worker thread (default: with fair share)"
+    )
     # Fair share: tenants served by deficit round robin within each lane (docs/scheduling.md);
     # in effect when `pipelined` is on.
     fair_share: bool = Field(default=True, description="tenant fair share within each lane")
@@ -38,3 +42,11 @@ class InferenceSettings(StageSettings):
         default=None, description="model registry JSON; default: packaged models"
     )
     preload: bool = Field(default=True, description="load the configured models at start")
+
+    @model_validator(mode="after")
+    def _pipelined_with_fair_share(self) -> InferenceSettings:
+        """Unless CONVEYOR_PIPELINED is set, inference is pipelined exactly when fair share is
+        in effect (on, and not exactly-once): the plain loop is the faster of the others."""
+        if "pipelined" not in self.model_fields_set:
+            object.__setattr__(self, "pipelined", self.fair_share and not self.exactly_once)
+        return self

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,20 +17,22 @@ from conveyor.events.model import Event, event_id
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.stage import StageRunner
 from conveyor.settings import StageSettings
-from tests.support import apply, produce_raw
+from tests.support import apply, headers_of, produce_raw, read_topics
 
 PREPROCESSED = "conveyor.task.preprocessed.v1"
 BACKLOG, LATE = 400, 20
 
 
-def embed_record(task_id: str, tenant: str) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
+def embed_record(
+    task_id: str, tenant: str, *, deadline: str | None = None
+) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     task: dict[str, Any] = {
         "task_id": task_id,
         "tenant": tenant,
         "kind": "embed",
         "priority": "normal",
         "callback_url": None,
-        "deadline": None,
+        "deadline": deadline,
         "submitted_at": "2026-12-02T00:00:00Z",
         "model": None,
         "params": {},
@@ -43,7 +46,8 @@ def embed_record(task_id: str, tenant: str) -> tuple[bytes, bytes, list[tuple[st
         data=data,
         dataschema=schema_urn("task-preprocessed", 1),
         time="2026-12-02T00:00:00Z",
-        extensions={"tenant": tenant, "priority": "normal"},
+        extensions={"tenant": tenant, "priority": "normal"}
+        | ({"deadline": deadline} if deadline else {}),
     )
     headers, value = encode_binary(event, default_schemas())
     return task_id.encode(), value, headers
@@ -164,3 +168,50 @@ def test_tasks_straight_to_kafka_over_a_tenants_rate_all_complete_paced(
     # Paced: beyond the burst, no faster than the rate (a lower bound: slowness cannot fail it).
     span = max(done.values()) - min(done.values())
     assert span >= (count - burst - 1) / rate, span
+
+
+def test_held_tasks_that_cannot_start_before_their_deadline_fail_with_reason_quota(
+    kafka_bootstrap: str, topic_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count, rate, burst = 16, 4.0, 2
+    monkeypatch.setenv("CONVEYOR_TENANT_QUOTAS", json.dumps({"a": {"rate": rate, "burst": burst}}))
+    apply(kafka_bootstrap, topic_prefix)
+    lane = topic_prefix + "conveyor.task.preprocessed.normal"
+    # At 4/s after a burst of 2, the 16th task could start 3.5 s after the first: with a
+    # deadline 1.5 s ahead, the later ones cannot, and are failed instead of left to expire.
+    deadline = (datetime.now(UTC) + timedelta(seconds=1.5)).isoformat()
+    produce_raw(
+        kafka_bootstrap,
+        lane,
+        [embed_record(f"a{i}", "a", deadline=deadline) for i in range(count)],
+    )
+    ran: list[str] = []
+
+    def embed(event: Event, _ctx: StageContext[Any]) -> None:
+        ran.append(event.data["task"]["task_id"])
+
+    service = StageService("inference", StageSettings, handle=embed, accepts=(PREPROCESSED,))
+    settings = StageSettings(
+        stage="inference",
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        batch_max=8,
+        pipelined=True,
+        fair_share=True,
+        quota_hold=True,
+    )
+    runner = StageRunner(service, settings)
+    threading.Thread(target=runner.run, daemon=True).start()
+    dlq = topic_prefix + "conveyor.inference.dlq"
+    status = topic_prefix + "conveyor.task.status"
+    try:
+        dead = read_topics(kafka_bootstrap, [dlq], expect=count - burst, timeout_s=60, settle_s=1)
+        statuses = read_topics(kafka_bootstrap, [status], expect=len(dead), timeout_s=30)
+    finally:
+        runner.stop()
+    refused = sorted(headers_of(m)["ce_subject"] for m in dead)
+    assert dead and all(headers_of(m)["conveyor_error_class"] == "QuotaError" for m in dead)
+    assert len(ran) >= burst  # the burst started at once
+    # Every task either ran or was refused, exactly once: none lost, none both.
+    assert sorted(ran + refused) == sorted(f"a{i}" for i in range(count))
+    assert all(b"quota" in (m.value() or b"") for m in statuses), statuses

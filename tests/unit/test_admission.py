@@ -7,6 +7,7 @@ import math
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prometheus_client import REGISTRY
@@ -21,7 +22,8 @@ from conveyor.admission import (
     service_rate,
 )
 from conveyor.errors import BrokerError
-from conveyor.store import open_store
+from conveyor.store import TaskUpdate, open_store
+from conveyor.web.schema import openapi_document
 from services.gateway.handler import Gateway, build_app
 from services.gateway.settings import GatewaySettings
 from tests.unit.test_gateway import FakePublisher
@@ -139,6 +141,53 @@ def test_the_gateway_refuses_a_task_that_would_expire_in_the_queue(
     assert body["queue_position_estimate"] == 300
     start = datetime.fromisoformat(body["estimated_start"])
     assert timedelta(seconds=25) < start - datetime.now(UTC) <= timedelta(seconds=31)
+
+
+def test_a_queued_task_shows_its_estimated_start_and_a_started_one_does_not(
+    gateway_client: TestClient,
+) -> None:
+    auth = {"Authorization": "Bearer tok"}
+    body = {"kind": "embed", "input": "x", "task_id": "q1", "priority": "high"}
+    assert gateway_client.post("/v1/tasks", json=body, headers=auth).status_code == 202
+    queued = gateway_client.get("/v1/tasks/q1", headers=auth).json()
+    assert queued["status"] == "pending"
+    assert queued["estimated_start"] is not None  # 0 ahead in the high lane: it starts now
+    assert datetime.fromisoformat(queued["estimated_start"]) - datetime.now(UTC) < timedelta(
+        seconds=2
+    )
+    body = {"kind": "embed", "input": "y", "task_id": "q2"}  # normal lane: 300 ahead at 10/s
+    assert gateway_client.post("/v1/tasks", json=body, headers=auth).status_code == 202
+    start = gateway_client.get("/v1/tasks/q2", headers=auth).json()["estimated_start"]
+    assert timedelta(seconds=25) < datetime.fromisoformat(start) - datetime.now(UTC)
+    store = gateway_client.app.state.gateway.store
+
+    def step(stage: str, event_type: str) -> dict[str, Any]:
+        update = TaskUpdate(
+            task_id="q2",
+            event_id=f"e-{stage}",
+            event_type=event_type,
+            status="processing",
+            time=datetime.now(UTC),
+            stage=stage,
+            tenant="acme",
+        )
+        store.apply(update)
+        view: dict[str, Any] = gateway_client.get("/v1/tasks/q2", headers=auth).json()
+        return view
+
+    waiting = step("preprocess", "conveyor.task.preprocessed.v1")  # queued in its lane
+    assert waiting["estimated_start"] is not None
+    started = step("inference", "conveyor.task.inferred.v1")
+    assert (started["status"], started["estimated_start"]) == ("processing", None)
+
+
+def test_the_openapi_document_lists_the_estimated_start_and_the_429() -> None:
+    doc = openapi_document()
+    schemas = doc["components"]["schemas"]
+    assert "estimated_start" in schemas["Task"]["properties"]
+    assert "estimated_start" in schemas["TaskAccepted"]["properties"]
+    refused = doc["paths"]["/v1/tasks"]["post"]["responses"]["429"]
+    assert "Retry-After" in refused["headers"]
 
 
 def test_the_estimated_wait_per_lane_is_exported() -> None:

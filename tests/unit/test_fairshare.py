@@ -4,8 +4,10 @@ over fake clients."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -16,14 +18,9 @@ from conveyor.events.model import Event
 from conveyor.kafka.consumer import KafkaConsumer
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.ml.capacity import Plan
-from conveyor.quota import QuotaSettings, TenantLimits, TenantQuota
-from conveyor.runtime.fairshare import (
-    CommitTracker,
-    FairShare,
-    FairWindow,
-    TenantMetrics,
-    tenant_of,
-)
+from conveyor.quota import QuotaSettings, TenantLimits, TenantQuota, gcra_wait
+from conveyor.runtime.fairfeed import CommitTracker, FairShare
+from conveyor.runtime.fairshare import FairWindow, TenantMetrics, tenant_of
 from conveyor.runtime.handler import StageService
 from conveyor.runtime.stage import StageRunner
 from conveyor.settings import StageSettings
@@ -263,20 +260,23 @@ def test_a_full_window_pauses_the_partitions_and_a_drained_one_resumes_them() ->
 
 
 def test_a_revoke_drops_the_waiting_records_and_commits_before_the_first_of_them() -> None:
-    gate = threading.Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def handle(event: Event, _ctx: Any) -> Any:
+        entered.set()
         gate.wait(10)
         return moderated(event)
 
     runner, consumer, producer = make_runner(handle, batch_max=2, fair_window=100)
     consumer.assigned = [TopicPartition(INFERRED_TOPIC, 0)]
     consumer.queued = tenant_msgs("a", 0, 10)
-    runner.turn()  # 4 in the pipeline (offsets 0-3), 6 waiting
-    gate.set()
+    runner.turn()  # two batches queued: the first cut (offsets 0-1) and running, 8 waiting
+    assert entered.wait(10)
+    threading.Timer(0.2, gate.set).start()  # the revoke waits for the running batch
     runner._on_revoke(None, [TopicPartition(INFERRED_TOPIC, 0)])
-    assert len(producer.records) == 4
-    assert consumer.commits[-1][0].offset == 4  # the new owner starts at the first unrun one
+    # The queued batch was not cut yet: it finds the window emptied and runs nothing.
+    assert len(producer.records) == 2
+    assert consumer.commits[-1][0].offset == 2  # the new owner starts at the first unrun one
     assert runner._fair is not None and runner._fair.outstanding == 0
 
 
@@ -322,17 +322,93 @@ def test_the_default_rate_is_not_applied_at_the_stage() -> None:
     assert all(limits.admit("anyone") for _ in range(100))
 
 
+def deadline_rec(tenant: str, offset: int, deadline: datetime | None) -> Any:
+    msg = rec(tenant, offset)
+    if deadline is not None:
+        msg._headers.append(("ce_deadline", deadline.isoformat().encode()))
+    return msg
+
+
+def test_a_held_tenants_least_wait_follows_its_bucket() -> None:
+    clock = Clock()
+    limits = TenantLimits(QuotaSettings(tenant_quotas={"a": TenantQuota(rate=2.0, burst=3)}), clock)
+    assert limits.wait("a", 0) is None  # under quota: it may start now
+    assert all(limits.admit("a") for _ in range(3)) and not limits.admit("a")
+    assert limits.wait("a", 0) == pytest.approx(0.5)  # one token every half second
+    assert limits.wait("a", 4) == pytest.approx(2.5)
+    assert gcra_wait(0.0, 10.0, 2.0, 3, 2) == 0.0  # a full bucket: the burst starts at once
+    held = TenantLimits(QuotaSettings(tenant_quotas={"b": TenantQuota(in_flight=1)}))
+    assert held.admit("b") and held.wait("b", 3) == 0.0  # held, when it frees is unknown
+    held.finished("b")
+    assert held.wait("b", 0) is None
+
+
+def test_held_records_that_cannot_start_before_their_deadline_leave_the_window() -> None:
+    wall = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    w = window()
+    w.add(
+        [
+            deadline_rec("a", 0, wall + timedelta(seconds=1)),  # 0 s wait: still in time
+            deadline_rec("a", 1, wall + timedelta(seconds=1)),  # 2 s wait: too late
+            deadline_rec("a", 2, None),  # no deadline: waits as long as it takes
+            deadline_rec("a", 3, wall - timedelta(seconds=1)),  # already past
+            deadline_rec("b", 4, wall - timedelta(seconds=1)),  # not held: the handler decides
+        ],
+        0.0,
+    )
+
+    def wait(tenant: str, position: int) -> float | None:
+        return None if tenant == "b" else 2.0 * position
+
+    late = w.late(wall, wait)
+    assert [(t, m.offset()) for t, m in late] == [("a", 1), ("a", 3)]
+    assert len(w) == 3 and sorted(m.offset() for m in w.take(10, 0.0)) == [0, 2, 4]
+
+
+def test_a_held_task_past_its_deadline_fails_with_reason_quota_and_is_committed() -> None:
+    ran: list[str] = []
+
+    def handle(event: Event, _ctx: Any) -> Any:
+        ran.append(event.data["task"]["task_id"])
+        return moderated(event)
+
+    quotas = json.dumps({"a": {"in_flight": 1}})
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CONVEYOR_TENANT_QUOTAS", quotas)
+        runner, consumer, producer = make_runner(handle, batch_max=4, quota_hold=True)
+    assert runner._fair is not None
+    runner._fair.finished = None  # the one running never finishes: a stays held
+    consumer.assigned = [TopicPartition(INFERRED_TOPIC, 0)]
+    past = (datetime.now(UTC) - timedelta(seconds=1)).isoformat()
+    msgs = tenant_msgs("a", 0, 3)
+    for msg in msgs:
+        msg._headers.append(("ce_deadline", past.encode()))
+    consumer.queued = msgs
+    deadline = time.monotonic() + 20
+    while len(consumer.commits) == 0 or consumer.commits[-1][0].offset < 3:
+        assert time.monotonic() < deadline, consumer.commits
+        runner.turn()
+        time.sleep(0.01)
+    assert ran == ["a-0"]  # admitted (in flight 1); the other two never ran
+    statuses = [r for r in producer.records if r.topic.endswith("conveyor.task.status")]
+    failed = [r for r in statuses if b"QuotaError" in r.value]
+    assert len(failed) == 2
+    assert sum(1 for r in producer.records if r.topic.endswith(".dlq")) == 2
+
+
 # -- GPU-aware capacity sizes what the window hands the pipeline -------------------------------
 
 
 class FakePipeline:
     def __init__(self) -> None:
-        self.batches: list[int] = []
-        self.in_flight = 0
+        self.cuts: list[Any] = []
 
-    def submit(self, records: list[Any], _now: str) -> None:
-        self.batches.append(len(records))
-        self.in_flight += len(records)
+    @property
+    def batches(self) -> int:
+        return len(self.cuts)
+
+    def defer(self, cut: Any) -> None:
+        self.cuts.append(cut)
 
 
 class FixedCapacity:
@@ -349,7 +425,8 @@ def test_the_capacity_plan_sizes_batches_and_in_flight_and_stops_reading_at_capa
     fair.capacity = FixedCapacity(Plan(batch_size=5, max_in_flight=12, at_capacity=False))
     fair.add([rec("a", i) for i in range(40)], 0.0)
     fair.feed(0.0, "now")
-    assert pipeline.batches == [5, 5, 5]  # under 12 in flight before each, 5 records each
+    # 12 in flight at 5 a batch: two batches queued, each cut when the worker reaches it.
+    assert [len(cut()) for cut in pipeline.cuts] == [5, 5]
     assert not fair.full
     fair.capacity.current = Plan(batch_size=5, max_in_flight=12, at_capacity=True)
     assert fair.full  # the stage pauses its partitions

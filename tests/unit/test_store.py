@@ -391,6 +391,15 @@ class StoreContract:
         task = store.get("t1")
         assert task is not None and task.created_at == T0 and task.created_at.tzinfo == UTC
 
+    def test_count_unfinished_counts_a_tenants_tasks_not_yet_terminal(
+        self, store: ResultStore
+    ) -> None:
+        for i, status in enumerate(("pending", "processing", "retrying", "completed", "failed")):
+            store.apply(update(f"t{i}", f"e{i}", status, 0, tenant="a"))
+        store.apply(update("u", "eu", "pending", 0, tenant="b"))
+        assert (store.count_unfinished("a"), store.count_unfinished("b")) == (3, 1)
+        assert store.count_unfinished("nobody") == 0
+
     def test_count_by_status_lists_every_status(self, store: ResultStore) -> None:
         store.apply(update("t1", "e1", "completed", 0))
         store.apply(update("t2", "e2", "completed", 0))

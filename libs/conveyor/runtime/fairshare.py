@@ -12,7 +12,8 @@ taken from the window by:
    half the batches each however long either one's backlog is. A tenant's own records keep their
    partition order. A tenant whose queue empties leaves the rotation and loses its credit.
 
-Taking records out of order means offsets cannot be committed per batch: `CommitTracker` keeps
+Taking records out of order means offsets cannot be committed per batch: `CommitTracker`
+(`conveyor.runtime.fairfeed`, with `FairShare`, which feeds the stage's pipeline) keeps
 the offsets read but not finished, and a partition is committed up to its lowest unfinished
 record (so a crash redelivers at most the window). Records dropped from the window (partition
 revoked, stage stopping) stay unfinished: the commit never passes them and the next owner reads
@@ -26,30 +27,53 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
 
 from prometheus_client import Counter, Histogram
 
-if TYPE_CHECKING:
-    from conveyor.runtime.step import BatchResult
-
 TP = tuple[str, int]
 TENANT_HEADER = "ce_tenant"
+DEADLINE_HEADER = "ce_deadline"
 # Records with no tenant header (a bad record: the step dead-letters it) share one queue.
 NO_TENANT = ""
 
 
 def tenant_of(msg: Any) -> str:
     """The record's tenant, from its CloudEvents header (no decoding of the value)."""
-    return _header_tenant(msg.headers())
+    return header_tenant(msg.headers())
 
 
-def _header_tenant(headers: Any) -> str:
+def header_tenant(headers: Any) -> str:
+    return _header_fields(headers)[0]
+
+
+def _header_fields(headers: Any) -> tuple[str, str | None]:
+    """The tenant and the deadline (RFC 3339, or None) a record's headers name."""
+    tenant, deadline = NO_TENANT, None
     for key, value in headers or ():
         if key == TENANT_HEADER:
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    return NO_TENANT
+            tenant = _text(value)
+        elif key == DEADLINE_HEADER:
+            deadline = _text(value)
+    return tenant, deadline
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _before(deadline: str | None, when: datetime) -> bool:
+    """Whether the deadline lies before `when` (an unreadable one never does: the handler's
+    own check decides what it means)."""
+    if not deadline:
+        return False
+    try:
+        parsed = datetime.fromisoformat(deadline)
+    except ValueError:
+        return False
+    return parsed.tzinfo is not None and parsed < when
 
 
 @dataclass(slots=True)
@@ -57,6 +81,7 @@ class _Waiting:
     msg: Any
     since: float  # when it entered the window
     size: int
+    deadline: str | None  # its `deadline` header: a held record may not outlive it
 
 
 @dataclass(slots=True)
@@ -110,6 +135,28 @@ class _Lane:
                 self.rotation.rotate(-1)  # its turn is over; credit below one record carries
                 self.fresh = True
             # else: the batch is full mid-turn; the tenant keeps its turn and its credit.
+        return out
+
+    def late(
+        self, wall: datetime, wait: Callable[[str, int], float | None]
+    ) -> list[tuple[str, _Waiting]]:
+        """Take out the records of held tenants (wait not None) that cannot start before their
+        deadline: the `i`-th of a tenant's queue starts `wait(tenant, i)` seconds from now at
+        the earliest."""
+        out: list[tuple[str, _Waiting]] = []
+        for tenant in list(self.queues):
+            if wait(tenant, 0) is None:
+                continue
+            queue, keep = self.queues[tenant], deque[_Waiting]()
+            for waiting in queue:
+                least = wait(tenant, len(keep)) or 0.0  # its place among those left
+                if _before(waiting.deadline, wall + timedelta(seconds=least)):
+                    out.append((tenant, waiting))
+                else:
+                    keep.append(waiting)
+            self.queues[tenant] = keep
+            if not keep:
+                self._leave(tenant)
         return out
 
     def drop(self, tps: set[TP]) -> list[_Waiting]:
@@ -176,7 +223,8 @@ class FairWindow:
             lane = self._lanes.get(msg.topic())
             if lane is None:
                 lane = self._lanes[msg.topic()] = _Lane()
-            lane.add(tenant_of(msg), _Waiting(msg, now, size))
+            tenant, deadline = _header_fields(msg.headers())
+            lane.add(tenant, _Waiting(msg, now, size, deadline))
             self.records += 1
             self.bytes += size
 
@@ -213,6 +261,18 @@ class FairWindow:
         self.bytes -= sum(w.size for w in dropped)
         return [w.msg for w in dropped]
 
+    def late(
+        self, wall: datetime, wait: Callable[[str, int], float | None]
+    ) -> list[tuple[str, Any]]:
+        """(tenant, record) of every held record that cannot start before its deadline (see
+        `_Lane.late`), taken out of the window."""
+        late: list[tuple[str, _Waiting]] = []
+        for lane in self._lanes.values():
+            late += lane.late(wall, wait)
+        self.records -= len(late)
+        self.bytes -= sum(w.size for _, w in late)
+        return [(tenant, w.msg) for tenant, w in late]
+
     def waits(self, now: float) -> dict[str, float]:
         """Per lane, how long its oldest waiting record has waited (seconds)."""
         out = {}
@@ -240,110 +300,6 @@ class FairWindow:
             return self.lanes.index(topic)
         except ValueError:
             return len(self.lanes)
-
-
-class CommitTracker:
-    """Offsets read but not finished, per partition; commits go up to the lowest unfinished."""
-
-    def __init__(self) -> None:
-        self._open: dict[TP, set[int]] = {}
-        self._next: dict[TP, int] = {}  # one past the highest offset read
-        # Kept as a number (not summed over `_open`): the lag reporter's thread reads it.
-        self.outstanding = 0
-
-    def read(self, records: Iterable[Any]) -> None:
-        for msg in records:
-            tp, offset = (msg.topic(), msg.partition()), msg.offset()
-            pending = self._open.setdefault(tp, set())
-            if offset not in pending:
-                pending.add(offset)
-                self.outstanding += 1
-            self._next[tp] = max(self._next.get(tp, 0), offset + 1)
-
-    def finish(self, done: Iterable[tuple[TP, int]]) -> dict[TP, int]:
-        """Mark records finished; the offset to commit for each partition they touched."""
-        touched = set()
-        for tp, offset in done:
-            pending = self._open.get(tp)
-            if pending is not None and offset in pending:
-                pending.remove(offset)
-                self.outstanding -= 1
-            touched.add(tp)
-        return {tp: self.commit_point(tp) for tp in touched if tp in self._next}
-
-    def commit_point(self, tp: TP) -> int:
-        pending = self._open.get(tp)
-        return min(pending) if pending else self._next[tp]
-
-    def forget(self, tps: Iterable[TP]) -> None:
-        for tp in tps:
-            self.outstanding -= len(self._open.pop(tp, ()))
-            self._next.pop(tp, None)
-
-
-class FairShare:
-    """The window and the commit tracker in front of the stage's pipeline: records read go to
-    the window; the pipeline is kept `depth` batches deep from it; finished batches commit up
-    to the lowest unfinished record."""
-
-    def __init__(
-        self,
-        window: FairWindow,
-        pipeline: Any,
-        batch_max: int,
-        depth: int = 2,
-        finished: Callable[[str], None] | None = None,
-    ) -> None:
-        self.window = window
-        # GPU-aware capacity (conveyor.ml.capacity): batch size, in-flight bound and "at
-        # capacity" come from the device when the handler's resources hold a controller.
-        self.capacity: Any = None
-        self.finished = finished  # quotas: a tenant's task is no longer in flight
-        self.pipeline = pipeline  # conveyor.runtime.pipeline.Pipeline
-        self.batch_max = batch_max
-        self.depth = depth
-        self.tracker = CommitTracker()
-
-    @property
-    def full(self) -> bool:
-        return self.window.full or (self.capacity is not None and self.capacity.plan().at_capacity)
-
-    @property
-    def outstanding(self) -> int:
-        return self.tracker.outstanding
-
-    def add(self, records: Sequence[Any], now: float) -> None:
-        self.tracker.read(records)
-        self.window.add(records, now)
-
-    def feed(self, now: float, stamp: str) -> None:
-        """Submit batches from the window while the pipeline is under `depth` batches: the
-        rest waits in the window, where later arrivals can still be served before it."""
-        size, bound = self.batch_max, self.depth * self.batch_max
-        if self.capacity is not None:
-            plan = self.capacity.plan()
-            size, bound = plan.batch_size, plan.max_in_flight
-        while len(self.window) and self.pipeline.in_flight < bound:
-            batch = self.window.take(size, now)
-            if not batch:
-                return
-            self.pipeline.submit(batch, stamp)
-
-    def settle(self, result: BatchResult) -> BatchResult:
-        """The batch's result with the offsets that may be committed now."""
-        done = (((o.item.topic, o.item.partition), o.item.offset) for o in result.outcomes)
-        if self.finished is not None:
-            for outcome in result.outcomes:
-                self.finished(_header_tenant(outcome.item.headers))
-        return replace(result, offsets=self.tracker.finish(done))
-
-    def drop(self, tps: Iterable[TP] | None = None) -> int:
-        """Records of these partitions (all: None) leave the window unrun; they stay
-        unfinished, so the commit stops before them and they are read again."""
-        return len(self.window.drop(tps))
-
-    def forget(self, tps: Iterable[TP]) -> None:
-        self.tracker.forget(tps)
 
 
 class TenantMetrics:

@@ -9,6 +9,10 @@ committed in order up to the lowest unfinished record. In-flight records are bou
 its group however long a generation takes); at twice that it pauses its partitions, resuming
 them once half of `max_in_flight` is left. A revoke
 waits for the in-flight work (bounded by `max_in_flight`) before the partitions move.
+
+A scheduler (fair share, `conveyor.runtime.fairfeed`) instead queues batches it cuts itself on
+the worker, the moment the worker reaches them (`defer`), so the model goes from one batch
+straight to the next and the choice of records is made as late as it can be.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 from conveyor.runtime.step import BatchResult, now_iso
 
 Step = Callable[[Sequence[Any], str], BatchResult]
+_EMPTY = BatchResult([], {}, {})  # what a deferred batch with no records comes back as
 
 
 class Pipeline:
@@ -69,13 +74,33 @@ class Pipeline:
             self._submit(self._forming, now)
             self._forming = []
 
-    def submit(self, records: Sequence[Any], now: str) -> None:
-        """Hand one batch, cut by the caller (fair share), to the worker as it is."""
+    def submit(self, records: Sequence[Any], now: str, *, step: Step | None = None) -> None:
+        """Hand one batch, cut by the caller (fair share), to the worker as it is; `step`
+        instead of the stage's (records a scheduler fails unrun), in the same order."""
         self.in_flight += len(records)
-        self._submit(list(records), now)
+        self._submit(list(records), now, step)
 
-    def _submit(self, records: list[Any], now: str) -> None:
-        self._queue.append((len(records), self._worker.submit(self.step, records, now)))
+    def defer(self, cut: Callable[[], Sequence[Any]]) -> None:
+        """Queue a batch whose records `cut` chooses on the worker, once the batches before it
+        are done: a scheduler (fair share) decides as late as it can. Its records are not
+        counted in `in_flight` (the scheduler bounds what waits); a batch that finds no
+        records comes back as nothing."""
+        self._queue.append((0, self._worker.submit(self._cut_and_run, cut)))
+        if self.started_at is None:
+            self.started_at = time.monotonic()
+
+    def _cut_and_run(self, cut: Callable[[], Sequence[Any]]) -> BatchResult:
+        records = cut()
+        return self.step(records, now_iso()) if records else _EMPTY
+
+    @property
+    def batches(self) -> int:
+        """Batches queued or running on the worker."""
+        return len(self._queue)
+
+    def _submit(self, records: list[Any], now: str, step: Step | None = None) -> None:
+        future = self._worker.submit(step or self.step, records, now)
+        self._queue.append((len(records), future))
         if self.started_at is None:
             self.started_at = time.monotonic()
 
@@ -87,7 +112,9 @@ class Pipeline:
         out = []
         while self._queue and (wait or self._queue[0][1].done()):
             count, future = self._queue.popleft()
-            out.append(future.result())
+            result = future.result()
+            if result is not _EMPTY:  # a deferred batch that found nothing to run
+                out.append(result)
             self.in_flight -= count
             self.started_at = time.monotonic() if self._queue else None
         return out

@@ -14,6 +14,7 @@ Retry rungs are consumed by the same consumer: a record not yet due pauses only 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -29,7 +30,8 @@ from conveyor.kafka.health import BrokerAvailability
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.quota import QuotaSettings, TenantLimits
 from conveyor.runtime.delivery import Delivery, Failpoint
-from conveyor.runtime.fairshare import FairShare, FairWindow, TenantMetrics
+from conveyor.runtime.fairfeed import FairShare, quota_refusal
+from conveyor.runtime.fairshare import FairWindow, TenantMetrics
 from conveyor.runtime.handler import StageContext, StageService
 from conveyor.runtime.hooks import StageHooks
 from conveyor.runtime.lagreport import LagReporter
@@ -99,7 +101,7 @@ class StageRunner:
         # Fair share: what runs next comes from a read-ahead window, by lane then tenant
         # (at-least-once only: a transaction commits a batch's own offsets).
         self._fair = (
-            _fair_share(settings, self.topics.lanes, self._pipeline)
+            _fair_share(settings, self.topics.lanes, self._pipeline, self.step)
             if self._pipeline is not None and settings.fair_share and not settings.exactly_once
             else None
         )
@@ -384,7 +386,9 @@ class StageRunner:
         self.consumer.rewind(starts)
 
 
-def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipeline) -> FairShare:
+def _fair_share(
+    settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipeline, step: BatchStep
+) -> FairShare:
     limits = TenantLimits(QuotaSettings()) if settings.quota_hold else None
     window = FairWindow(
         lanes,
@@ -397,7 +401,11 @@ def _fair_share(settings: StageSettings, lanes: tuple[str, ...], pipeline: Pipel
     )
     window.observe = TenantMetrics(settings.stage).observe
     finished = limits.finished if limits is not None else None
-    return FairShare(window, pipeline, settings.batch_max, finished=finished)
+    fair = FairShare(window, pipeline, settings.batch_max, finished=finished)
+    if limits is not None:  # held past its deadline: failed, reason quota
+        fair.held_wait = limits.wait
+        fair.refuse = functools.partial(step.refuse, error=quota_refusal)
+    return fair
 
 
 def _probe(conf: dict[str, Any], availability: BrokerAvailability) -> Any:

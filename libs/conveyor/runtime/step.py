@@ -118,6 +118,25 @@ class BatchStep:
         outputs = [record for outcome in outcomes for record in outcome.records]
         return BatchResult(outputs, offsets, starts, outcomes, consumed)
 
+    def refuse(
+        self, records: Sequence[Message], now: str, *, error: Callable[[Item], PermanentError]
+    ) -> BatchResult:
+        """Fail records without running them (a scheduler refused them, e.g. over quota past
+        their deadline): each is dead-lettered with `error(item)` and its `failed` status."""
+        offsets: dict[TP, int] = {}
+        starts: dict[TP, int] = {}
+        consumed: dict[str, int] = {}
+        outcomes: list[RecordOutcome] = []
+        for msg in records:
+            item, decode_error = self._admit(msg)
+            tp = (item.topic, item.partition)
+            starts.setdefault(tp, item.offset)
+            offsets[tp] = item.offset + 1
+            consumed[item.topic] = consumed.get(item.topic, 0) + 1
+            outcomes.append(self._fail(item, decode_error or error(item), now))
+        outputs = [record for outcome in outcomes for record in outcome.records]
+        return BatchResult(outputs, offsets, starts, outcomes, consumed)
+
     # -- decode and check --------------------------------------------------------------------
 
     def _admit(self, msg: Message) -> tuple[Item, PermanentError | None]:

@@ -448,3 +448,8 @@ class ResultStore(Protocol):
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""
         ...
+
+    def count_unfinished(self, tenant: str) -> int:
+        """The tenant's tasks in a status that is not terminal (pending, processing,
+        retrying): the gateway's in-flight quota, the same on every replica."""
+        ...

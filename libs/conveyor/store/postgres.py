@@ -34,6 +34,7 @@ from conveyor.store.base import (
     NOTIFICATION_REJECTED,
     STATUSES,
     TASK_COLUMNS,
+    TERMINAL_STATUSES,
     AmbiguousTaskError,
     Applied,
     NotificationRecord,
@@ -79,6 +80,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_status_idx ON tasks (status);
 CREATE INDEX IF NOT EXISTS tasks_task_id_idx ON tasks (task_id);
+CREATE INDEX IF NOT EXISTS tasks_tenant_status_idx ON tasks (tenant, status);
 CREATE TABLE IF NOT EXISTS task_events (
     event_id text PRIMARY KEY,
     tenant   text NOT NULL DEFAULT '',
@@ -128,6 +130,8 @@ _MIGRATE = (
     + " FROM notifications_v1 o",
 )
 
+# Statuses a task is still in flight in (pending, processing, retrying).
+_UNFINISHED = tuple(sorted(STATUSES - TERMINAL_STATUSES))
 _KEY = "tenant = %s AND task_id = %s"
 _TASK_SELECT = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks"
 _TASK_INSERT = (
@@ -394,6 +398,14 @@ class PostgresResultStore:
             if self._conn is not None:
                 self._conn.close()
         log.info("result store closed backend=postgresql")
+
+    def count_unfinished(self, tenant: str) -> int:
+        """The tenant's tasks not yet in a terminal status (the gateway's in-flight quota)."""
+        marks = ", ".join(["%s"] * len(_UNFINISHED))
+        sql = f"SELECT count(*) FROM tasks WHERE tenant = %s AND status IN ({marks})"
+        with self._transaction() as cur:
+            row = cur.execute(sql, (tenant_key(tenant), *_UNFINISHED)).fetchone()
+        return int(row[0]) if row else 0
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

@@ -31,6 +31,7 @@ from conveyor.store.base import (
     NOTIFICATION_REJECTED,
     STATUSES,
     TASK_COLUMNS,
+    TERMINAL_STATUSES,
     AmbiguousTaskError,
     Applied,
     NotificationRecord,
@@ -78,6 +79,7 @@ CREATE TABLE IF NOT EXISTS tasks (
 );
 CREATE INDEX IF NOT EXISTS tasks_status_idx ON tasks (status);
 CREATE INDEX IF NOT EXISTS tasks_task_id_idx ON tasks (task_id);
+CREATE INDEX IF NOT EXISTS tasks_tenant_status_idx ON tasks (tenant, status);
 CREATE TABLE IF NOT EXISTS task_events (
     event_id TEXT PRIMARY KEY,
     tenant   TEXT NOT NULL DEFAULT '',
@@ -121,6 +123,8 @@ _MIGRATE = (
     + " FROM notifications_v1 o",
 )
 
+# Statuses a task is still in flight in (pending, processing, retrying).
+_UNFINISHED = tuple(sorted(STATUSES - TERMINAL_STATUSES))
 _KEY = "tenant = ? AND task_id = ?"
 _TASK_SELECT = f"SELECT {', '.join(TASK_COLUMNS)} FROM tasks"
 _TASK_UPSERT = (
@@ -389,6 +393,14 @@ class SqliteResultStore:
         with self._lock:
             self._conn.close()
         log.info("result store closed backend=sqlite path=%s", self._path)
+
+    def count_unfinished(self, tenant: str) -> int:
+        """The tenant's tasks not yet in a terminal status (the gateway's in-flight quota)."""
+        marks = ", ".join(["?"] * len(_UNFINISHED))
+        sql = f"SELECT count(*) FROM tasks WHERE tenant = ? AND status IN ({marks})"
+        with self._read() as cur:
+            row = cur.execute(sql, (tenant_key(tenant), *_UNFINISHED)).fetchone()
+        return int(row[0]) if row else 0
 
 
 def _transient(exc: sqlite3.Error) -> bool:

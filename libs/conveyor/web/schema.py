@@ -25,6 +25,7 @@ class Submitted:
     tenant: str
     trace_id: str | None
     at: float  # wall-clock submit time (seconds since the epoch)
+    priority: str = "normal"  # its lane (the store does not keep it)
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -128,6 +129,13 @@ _TASK: dict[str, Any] = {
             "preprocess (its consumer group's lag, refreshed every few seconds), an upper bound "
             "on the task's place in the queue; null otherwise or when the lag is unavailable",
         ),
+        "estimated_start": _nullable(
+            "string",
+            "pending tasks only: when inference is estimated to start the task (records ahead "
+            "of it in its lane over the lane's recent service rate; docs/scheduling.md); "
+            "null otherwise or while the rate is unknown",
+            format="date-time",
+        ),
     },
     "required": ["task_id", "status"],
 }
@@ -202,6 +210,19 @@ _PATHS: dict[str, Any] = {
                     "invalid task (reason in `error`, invalid fields in `fields`; "
                     "`callback_url` for a refused webhook destination)"
                 ),
+                "429": {
+                    **_answer(
+                        "refused, not published: the tenant is over its submission rate or its "
+                        "tasks in flight, or the task's deadline would pass before its "
+                        "estimated start (docs/scheduling.md)"
+                    ),
+                    "headers": {
+                        "Retry-After": {
+                            "description": "seconds to wait before submitting again",
+                            "schema": {"type": "integer", "minimum": 1},
+                        }
+                    },
+                },
                 "503": _answer("broker did not acknowledge in time; retry with the same task_id"),
             },
         }
@@ -276,9 +297,19 @@ def _document() -> dict[str, Any]:
                 "description": "on the configured public base URL, else a relative path",
             },
             "trace_id": _nullable("string", "null when tracing is off"),
+            "estimated_start": _nullable(
+                "string",
+                "when inference is estimated to start the task (null while unknown)",
+                format="date-time",
+            ),
+            "queue_position_estimate": _nullable(
+                "integer", "records ahead of the task in its lane and the lanes above it"
+            ),
         },
     }
     repeated = copy.deepcopy(accepted)
+    for name in ("estimated_start", "queue_position_estimate"):
+        del repeated["properties"][name]
     repeated["properties"]["status"] = {"enum": sorted(STATUSES)}
     return {
         "openapi": "3.1.0",
