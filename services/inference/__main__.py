@@ -39,9 +39,7 @@ def _reuse(settings: InferenceSettings) -> Any:
     from conveyor.store import open_store
 
     log.info("result reuse on ttl_s=%s lease_s=%s", settings.reuse_ttl_s, settings.reuse_lease_s)
-    return ReuseCache(
-        open_store(settings.store_url), settings, rungs=len(settings.retry_delays)
-    )
+    return ReuseCache(open_store(settings.store_url), settings, rungs=len(settings.retry_delays))
 
 
 def _capacity(settings: InferenceSettings) -> Any:

@@ -22,8 +22,8 @@ from conveyor.errors import PermanentError
 from conveyor.events.catalog import STATUS_TOPIC, STATUS_TYPE
 from conveyor.events.model import Event
 from conveyor.events.params import parse_params
-from conveyor.runtime import Emit, StageContext
 from conveyor.reuse import REUSED, ReuseCache, ReusePlan
+from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.telemetry.metrics import MODEL_RECORDS
 from conveyor.telemetry.tracing import span
