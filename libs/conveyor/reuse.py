@@ -167,9 +167,11 @@ class ReuseCache:
             found = self.store.reuse_begin(
                 [plan.leaders[i] for i in order], lease_s=self.settings.reuse_lease_s
             )
-        except Exception as exc:  # reuse is an optimisation: the batch runs without it
+        except Exception as exc:  # reuse is an optimisation: the batch runs without the store
             log.warning("result reuse lookup failed; running the batch without it: %s", exc)
-            return ReusePlan()
+            for i in order:  # identical records of the batch still run once
+                REUSE_LOOKUPS.labels("inference", kinds[i], MISS).inc()
+            return plan
         events = {i: event for i, event, _ in items}
         for i, lookup in zip(order, found, strict=True):
             if lookup.outcome == REUSE_HIT and lookup.model is not None:

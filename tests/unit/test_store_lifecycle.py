@@ -107,7 +107,9 @@ class LifecycleContract:
         assert store.notification("old", tenant="acme") is None
         assert store.get("new", tenant="acme") is not None
 
-    def test_sweep_clears_outcome_of_the_tombstone(self, store: ResultStore, store_url: str) -> None:
+    def test_sweep_clears_outcome_of_the_tombstone(
+        self, store: ResultStore, store_url: str
+    ) -> None:
         finished(store, "old", ago(100), retain_s=50)
         store.sweep_expired(now=NOW, tombstone_s=None)
         # Read the raw row: the public reads already hide it.
