@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaException
+from confluent_kafka.admin import AdminClient
 
 from conveyor.client import TaskClient
 from conveyor.local.process import ServiceProcess
@@ -87,6 +89,28 @@ def wait_done(stack: LocalStack, store: ResultStore, n: int, hooks: WebhookRecei
 
 def total(metrics: str, name: str, **labels: str) -> float:
     return sum(samples(metrics, name, **labels))
+
+
+def both_assigned(bootstrap: str, group: str, lanes: str, timeout_s: float = 120) -> None:
+    """Wait until two members of `group` each own a partition of a topic starting with `lanes`
+    (ready is not joined; cooperative-sticky balances all topics together, not each lane)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout_s
+    owners = 0
+    while time.monotonic() < deadline:
+        try:
+            found = admin.describe_consumer_groups([group])[group].result(timeout=10)
+        except KafkaException:
+            found = None
+        if found is not None:
+            owners = sum(
+                any(tp.topic.startswith(lanes) for tp in m.assignment.topic_partitions)
+                for m in found.members
+            )
+            if owners >= 2:
+                return
+        time.sleep(0.5)
+    raise AssertionError(f"{owners} inference replicas own a partition of {lanes}*")
 
 
 def cosine(a: list[float], b: list[float]) -> float:
@@ -201,6 +225,8 @@ def test_identical_tasks_in_flight_on_two_inference_replicas_run_once(
     stack.apply_topics()
     stack.start()
     try:
+        lanes = f"{topic_prefix}conveyor.task.preprocessed."
+        both_assigned(kafka_bootstrap, f"{topic_prefix}conveyor.inference", lanes)
         run = topic_prefix.strip(".")
         tasks = [
             {
@@ -208,6 +234,7 @@ def test_identical_tasks_in_flight_on_two_inference_replicas_run_once(
                 "tenant": "acme",
                 "kind": "embed",
                 "input": f"{SENTENCES[i % len(SENTENCES)]} In flight {i}.",
+                "priority": ("high", "normal", "low")[copy % 3],  # spread over every lane
             }
             for copy in range(5)
             for i in range(8)
