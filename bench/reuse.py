@@ -12,7 +12,7 @@ with reuse off, for the wall time and the model runs saved.
 
 Writes bench/results/reuse.json.
 
-    python bench/reuse.py [--tasks 1000] [--compare]
+    python bench/reuse.py [--tasks 1000] [--compare]    # CONVEYOR_KAFKA_BOOTSTRAP: own broker
 """
 
 from __future__ import annotations
@@ -67,12 +67,12 @@ def workload(n: int, run: str) -> list[dict[str, Any]]:
 
 
 def run_stack(
-    broker: LocalBroker, workdir: Path, tasks: list[dict[str, Any]], *, reuse: bool
+    bootstrap: str, workdir: Path, tasks: list[dict[str, Any]], *, reuse: bool
 ) -> dict[str, Any]:
     prefix = f"bench{'on' if reuse else 'off'}{int(time.time())}."
     url = f"sqlite:///{workdir / 'conveyor.db'}"
     env = {
-        "CONVEYOR_KAFKA_BOOTSTRAP": broker.bootstrap,
+        "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
         "CONVEYOR_TOPIC_PREFIX": prefix,
         "CONVEYOR_STORE_URL": url,
         "CONVEYOR_REUSE": "true" if reuse else "false",
@@ -85,7 +85,7 @@ def run_stack(
     stack.start()
     try:
         client = TaskClient(
-            KafkaSettings(kafka_bootstrap=broker.bootstrap, topic_prefix=prefix),
+            KafkaSettings(kafka_bootstrap=bootstrap, topic_prefix=prefix),
             source="/bench/reuse",
         )
         started = time.monotonic()
@@ -149,15 +149,20 @@ def main() -> None:
     args = parser.parse_args()
     load = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="conveyor-reuse-") as tmp:
-        broker = LocalBroker(Path(tmp) / "kafka")
-        broker.start()
+        # CONVEYOR_KAFKA_BOOTSTRAP: an existing broker; else a LocalBroker for the run.
+        broker = None
+        bootstrap = os.environ.get("CONVEYOR_KAFKA_BOOTSTRAP")
+        if not bootstrap:
+            broker = LocalBroker(Path(tmp) / "kafka").start()
+            bootstrap = broker.bootstrap
         try:
             tasks = workload(args.tasks, f"b{int(time.time())}")
-            runs = [run_stack(broker, Path(tmp) / "on", tasks, reuse=True)]
+            runs = [run_stack(bootstrap, Path(tmp) / "on", tasks, reuse=True)]
             if args.compare:
-                runs.append(run_stack(broker, Path(tmp) / "off", tasks, reuse=False))
+                runs.append(run_stack(bootstrap, Path(tmp) / "off", tasks, reuse=False))
         finally:
-            broker.stop()
+            if broker is not None:
+                broker.stop()
     report = {
         "benchmark": "reuse",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
