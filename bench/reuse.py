@@ -155,14 +155,20 @@ def main() -> None:
         if not bootstrap:
             broker = LocalBroker(Path(tmp) / "kafka").start()
             bootstrap = broker.bootstrap
+        runs: list[dict[str, Any]] = []
         try:
             tasks = workload(args.tasks, f"b{int(time.time())}")
-            runs = [run_stack(bootstrap, Path(tmp) / "on", tasks, reuse=True)]
-            if args.compare:
-                runs.append(run_stack(bootstrap, Path(tmp) / "off", tasks, reuse=False))
+            for reuse in (True, False) if args.compare else (True,):
+                name = "on" if reuse else "off"
+                runs.append(run_stack(bootstrap, Path(tmp) / name, tasks, reuse=reuse))
+                save(runs, load)  # each run's figures are kept even if a later one fails
         finally:
             if broker is not None:
                 broker.stop()
+    print(json.dumps(runs, indent=2))
+
+
+def save(runs: list[dict[str, Any]], load: tuple[float, ...]) -> None:
     report = {
         "benchmark": "reuse",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -172,7 +178,6 @@ def main() -> None:
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(runs, indent=2))
 
 
 if __name__ == "__main__":
