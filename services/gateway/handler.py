@@ -178,6 +178,19 @@ class Gateway:
         verdict = await run_in_threadpool(self.admission.check, lane, None, datetime.now(UTC))
         return verdict.start.isoformat() if verdict.start is not None else None
 
+    async def gone(self, task_id: str, tenant: str) -> JSONResponse:
+        """The 404 of a task the tenant cannot see: expired under retention (with when), or
+        unknown (another tenant's looks the same)."""
+        expired_at = await run_in_threadpool(self.store.expired_at, task_id, tenant=tenant)
+        if expired_at is None:
+            return JSONResponse({"error": "task not found"}, 404)
+        when = expired_at.isoformat()
+        message = (
+            f"task {task_id} expired at {when}: its result and timeline were deleted under "
+            "the tenant's retention policy"
+        )
+        return JSONResponse({"error": message, "reason": "expired", "expired_at": when}, 404)
+
     def _read(self, task_id: str, tenant: str, timeline: bool) -> tuple[Any, list[Any]]:
         record = self.store.get(task_id, tenant=tenant)
         events = self.store.timeline(task_id, tenant=tenant) if timeline and record else []
@@ -299,6 +312,12 @@ def submission_digest(body: dict[str, Any]) -> str:
 def _repeat(request: Request, reservation: Reservation, digest: str) -> Response:
     """The answer to a task id the tenant has already used: idempotent for the same body."""
     task = reservation.task
+    if task.expired(datetime.now(UTC)):
+        raise HTTPException(
+            409,
+            f"task {task.task_id} expired under the retention policy; its id stays taken: "
+            "submit under a new id",
+        )
     if reservation.digest != digest:
         raise HTTPException(409, f"task {task.task_id} already exists with a different submission")
     gateway = _gateway(request)
@@ -316,9 +335,10 @@ def _repeat(request: Request, reservation: Reservation, digest: str) -> Response
 
 async def task_status(request: Request) -> Response:
     tenant = _tenant(request)
-    view = await _gateway(request).view(request.path_params["task_id"], tenant, timeline=True)
+    gateway, task_id = _gateway(request), request.path_params["task_id"]
+    view = await gateway.view(task_id, tenant, timeline=True)
     if view is None:
-        raise HTTPException(404, "task not found")
+        return await gateway.gone(task_id, tenant)
     return JSONResponse(view)
 
 
@@ -339,7 +359,8 @@ async def task_events(ws: WebSocket) -> None:
     task_id = ws.path_params["task_id"]
     view = await gateway.view(task_id, tenant, timeline=False)
     if view is None:
-        return await _deny(ws, 404, "task not found")
+        gone = await gateway.gone(task_id, tenant)
+        return await _deny(ws, 404, json.loads(bytes(gone.body))["error"])
     if gateway.sockets_by_tenant[tenant] >= gateway.settings.ws_max_per_tenant:
         return await _deny(ws, 429, "too many open WebSockets for this tenant")
     if gateway.sockets >= gateway.settings.ws_max_connections:

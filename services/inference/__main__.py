@@ -27,7 +27,19 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
         "models": registry,
         "gpu_sampler": start_gpu_sampler("inference"),
         "capacity": _capacity(settings),
+        "reuse": _reuse(settings),
     }
+
+
+def _reuse(settings: InferenceSettings) -> Any:
+    """The result reuse cache on the result store, or None when reuse is off."""
+    if not settings.reuse:
+        return None
+    from conveyor.reuse import ReuseCache
+    from conveyor.store import open_store
+
+    log.info("result reuse on ttl_s=%s lease_s=%s", settings.reuse_ttl_s, settings.reuse_lease_s)
+    return ReuseCache(open_store(settings.store_url), settings, rungs=len(settings.retry_delays))
 
 
 def _capacity(settings: InferenceSettings) -> Any:
@@ -50,6 +62,8 @@ def _capacity(settings: InferenceSettings) -> Any:
 def teardown(resources: dict[str, Any]) -> None:
     if resources.get("gpu_sampler") is not None:
         resources["gpu_sampler"].stop()
+    if resources.get("reuse") is not None:
+        resources["reuse"].store.close()
 
 
 SERVICE = StageService(

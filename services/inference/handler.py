@@ -5,7 +5,9 @@ within a model by decoding parameters; a group that raises is re-run record by r
 generation group that raises fails only its own records, so one tenant's seed or parameter never
 fails another tenant's task. Parameters are re-checked with the ingress models
 (`conveyor.events.params`): a record that slipped past an older edge fails alone, with the
-parameter named.
+parameter named. With result reuse on (`conveyor.reuse`), records whose identical task already
+ran take its stored result, identical records of one batch run once, and only the rest reach the
+model; every record still gets its own inferred event.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from conveyor.events.catalog import INFERRED_TYPE as INFERRED
 from conveyor.events.model import Event
 from conveyor.events.params import parse_params
 from conveyor.events.status import StatusData
+from conveyor.reuse import REUSED, ReuseCache, ReusePlan
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome, status_emit
 from conveyor.store.base import TaskStatus
+from conveyor.telemetry.metrics import MODEL_RECORDS
 from conveyor.telemetry.tracing import span
 from services.inference.settings import InferenceSettings
 
@@ -34,7 +38,7 @@ def handle_batch(
     registry = ctx.resources["models"]
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(events)
-    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    models: dict[int, str] = {}
     for i, event in enumerate(events):
         task = event.data["task"]
         if _expired(task.get("deadline"), now):
@@ -45,33 +49,66 @@ def handle_batch(
         except KeyError as exc:
             outcomes[i] = PermanentError(str(exc))
             continue
-        groups[(spec.kind, spec.name)].append(i)
+        models[i] = spec.name
+    reuse: ReuseCache | None = ctx.resources.get("reuse")
+    plan = ReusePlan()
+    if reuse is not None:
+        # variant: "" until model variants route tasks; the router's choice goes here.
+        plan = reuse.begin([(i, events[i], name) for i, name in models.items()])
+    groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, name in models.items():
+        if not plan.settled(i):
+            groups[(events[i].data["task"]["kind"], name)].append(i)
+    results: dict[int, Any] = {}
     for (kind, name), indices in groups.items():
         batch = [events[i].data for i in indices]
         started = time.perf_counter()
         with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
-            results = _run_isolated(kind, registry, name, batch)
+            ran = _run_isolated(kind, registry, name, batch)
+        MODEL_RECORDS.labels("inference", kind, name).inc(len(indices))
         elapsed = time.perf_counter() - started
         capacity = ctx.resources.get("capacity")
         if capacity is not None:  # GPU-aware capacity learns from every batch
             capacity.observe(len(indices), elapsed)
         per_record_ms = elapsed * 1000 / len(indices)
-        for i, result in zip(indices, results, strict=True):
-            if isinstance(result, BaseException):
-                outcomes[i] = result
-                continue
-            data = events[i].data
-            outcomes[i] = Emit(
-                INFERRED,
-                {
-                    "task": data["task"],
-                    "input": data["input"],
-                    "model": name,
-                    "inference_ms": per_record_ms,
-                    **result,
-                },
-            )
+        for i, result in zip(indices, ran, strict=True):
+            results[i] = result
+            outcomes[i] = _inferred(events[i], name, per_record_ms, result)
+    if reuse is not None:
+        _settle(events, plan, results, models, outcomes)
+        reuse.finish(plan, results, models)
     return outcomes
+
+
+def _inferred(
+    event: Event, model: str, ms: float, result: Mapping[str, Any] | BaseException, **ext: str
+) -> BatchOutcome:
+    if isinstance(result, BaseException):
+        return result
+    data = event.data
+    payload = {"task": data["task"], "input": data["input"], "model": model, "inference_ms": ms}
+    return Emit(INFERRED, {**payload, **result}, extensions=ext)
+
+
+def _settle(
+    events: Sequence[Event],
+    plan: ReusePlan,
+    results: Mapping[int, Any],
+    models: Mapping[int, str],
+    outcomes: list[BatchOutcome],
+) -> None:
+    """The outcomes of records the model did not run for: reused, waiting, or coalesced."""
+    for i, reused in plan.reused.items():
+        outcomes[i] = _inferred(
+            events[i], reused.model, 0.0, reused.result, **{REUSED: reused.source_task_id}
+        )
+    for i, waiting in plan.waiting.items():
+        outcomes[i] = waiting
+    for i, leader in plan.followers.items():
+        if i in plan.reused or i in plan.waiting:
+            continue
+        source = events[leader].data["task"]["task_id"]
+        outcomes[i] = _inferred(events[i], models[leader], 0.0, results[leader], **{REUSED: source})
 
 
 Results = list[dict[str, Any] | BaseException]

@@ -6,10 +6,12 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from conveyor.reuse import ReuseSettings
 from conveyor.settings import StageSettings
 
 
-class InferenceSettings(StageSettings):
+class InferenceSettings(StageSettings, ReuseSettings):
+    # ReuseSettings: CONVEYOR_REUSE, _REUSE_TTL_S, _REUSE_LEASE_S, _STORE_URL (docs/reuse.md).
     # Dynamic batching: up to 32 records per poll, waiting at most 20 ms for the batch to fill.
     batch_max: int = Field(default=32, ge=1, description="records per batch")
     batch_wait_ms: int = Field(default=20, ge=0, description="max wait to fill a batch")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from conveyor.retention import start_sweeper
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
 from conveyor.store import open_store
@@ -12,10 +13,13 @@ from services.writeback.settings import WritebackSettings
 
 
 def setup(settings: WritebackSettings) -> dict[str, Any]:
-    return {"store": open_store(settings.store_url)}
+    # The retention sweep runs beside the stage on its own connection (None: sweep_s is 0).
+    return {"store": open_store(settings.store_url), "sweeper": start_sweeper(settings)}
 
 
 def teardown(resources: dict[str, Any]) -> None:
+    if resources.get("sweeper") is not None:
+        resources["sweeper"].stop()
     resources["store"].close()
 
 

@@ -12,12 +12,14 @@ emits it again (same id: notify deduplicates).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.events.catalog import (
+    INFERRED_TYPE,
     MODERATED_TYPE,
     PREPROCESSED_TYPE,
     STATUS_TYPE,
@@ -25,6 +27,7 @@ from conveyor.events.catalog import (
 )
 from conveyor.events.catalog import STORED_TYPE as STORED
 from conveyor.events.model import ASSIGNED_ID, RERUN, TRACEPARENT, Event
+from conveyor.reuse import REUSED
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.store import TaskRecord, TaskStatus, TaskUpdate, is_terminal
@@ -36,7 +39,7 @@ from services.writeback.settings import WritebackSettings
 def handle_batch(
     events: Sequence[Event], ctx: StageContext[WritebackSettings]
 ) -> list[BatchOutcome]:
-    updates = [update_for(event) for event in events]
+    updates = [_retained(update_for(event), ctx.settings) for event in events]
     todo = [u for u in updates if u is not None]
     rows: list[TaskRecord] = []
     if todo:
@@ -118,8 +121,18 @@ def _stage_of(event_type: str) -> str | None:
     return spec.producer if spec is not None else None
 
 
+def _retained(update: TaskUpdate | None, settings: WritebackSettings) -> TaskUpdate | None:
+    """A terminal update carries the tenant's retention: the store stamps `expires_at`."""
+    if update is None or not is_terminal(update.status):
+        return update
+    return dataclasses.replace(update, retain_s=settings.retain_s(update.tenant))
+
+
 def _assigned(event: Event) -> str | None:
-    """A task submitted without an id says, in its timeline, that preprocess gave it one."""
+    """A task submitted without an id says, in its timeline, that preprocess gave it one; an
+    inferred event whose result was reused names the identical task it came from."""
+    if event.type == INFERRED_TYPE and (source := event.ext(REUSED)):
+        return f"result reused from identical task {source} (model not run)"
     origin = event.ext(ASSIGNED_ID)
     if origin is None or event.type != PREPROCESSED_TYPE:
         return None

@@ -110,6 +110,14 @@ def status(args: argparse.Namespace) -> int:
             print(f"{exc}: use --tenant", file=sys.stderr)
             return 2
         if record is None:
+            expired_at = store.expired_at(args.task_id, tenant=args.tenant)
+            if expired_at is not None:
+                print(
+                    f"task {args.task_id} expired at {expired_at.isoformat()}: its result and "
+                    "timeline were deleted under the retention policy",
+                    file=sys.stderr,
+                )
+                return 1
             print(
                 f"task {args.task_id} not found (not yet stored, or another tenant's)",
                 file=sys.stderr,

@@ -76,7 +76,8 @@ class TaskRequest(BaseModel):
         max_length=32,
         description="per kind: generate takes max_new_tokens (1..4096), do_sample, "
         "temperature (0.01..100), top_p (0..1], seed (0..2^63-1); classify takes labels "
-        "(comma separated); embed takes none",
+        "(comma separated); embed takes none; every kind takes cache (true/false: reuse an "
+        "identical earlier task's result, docs/reuse.md)",
     )
     priority: Literal["high", "normal", "low"] = "normal"
     callback_url: str | None = Field(None, pattern=r"^https?://[^\s]+$", max_length=2048)

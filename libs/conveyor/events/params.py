@@ -28,6 +28,10 @@ class _Params(BaseModel):
     # Lax mode on purpose: Avro carries every value as a string ("7", "true", "0.8").
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
+    # Every kind: `cache: false` runs the model even when an identical task's result is stored,
+    # and keeps this task's result out of reuse (conveyor.reuse, docs/reuse.md).
+    cache: bool = Field(True, description="reuse an identical earlier task's result")
+
 
 class GenerateParams(_Params):
     """Decoding settings of a `generate` task."""
@@ -44,7 +48,7 @@ class GenerateParams(_Params):
 
 
 class EmbedParams(_Params):
-    """`embed` takes no parameters."""
+    """`embed` takes no parameters of its own (only `cache`)."""
 
 
 class ClassifyParams(_Params):

@@ -35,7 +35,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any, Protocol
 
@@ -151,6 +151,9 @@ class TaskUpdate:
     # The event reports a record rejected before it decoded, attributed by its record key alone:
     # a note on an existing task, a `failed` task only when no task has that id.
     rejected_record: bool = False
+    # Retention (conveyor.retention): a terminal status set by this event makes the task expire
+    # this many seconds after the event's time; None keeps it for ever.
+    retain_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -183,11 +186,18 @@ class TaskRecord:
     error: str | None = None
     callback_url: str | None = None
     completed_at: datetime | None = None
+    # When retention deletes the finished task's result and timeline (None: never); from then
+    # on every read treats the task as gone (conveyor.retention).
+    expires_at: datetime | None = None
 
     @property
     def terminal(self) -> bool:
         """Whether the task has reached a terminal status."""
         return is_terminal(self.status)
+
+    def expired(self, now: datetime) -> bool:
+        """Whether retention has expired the task at `now`."""
+        return self.expires_at is not None and self.expires_at <= now
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +246,52 @@ class NotificationRecord:
     tenant: str | None = None
 
 
+# Result reuse (conveyor.reuse): what a lookup found for one task's key.
+REUSE_HIT = "hit"  # a stored result of an identical task: reuse it
+REUSE_WAIT = "wait"  # an identical task holds the key and is running: wait for it
+REUSE_RUN = "run"  # the key is this task's now: run the model, then `reuse_finish`
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseClaim:
+    """A task asking for a reuse key (conveyor.reuse): keys are per tenant."""
+
+    tenant: str
+    key: str
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseLookup:
+    """What `ResultStore.reuse_begin` found: `outcome` is REUSE_HIT (`result` and `model` of
+    task `task_id`), REUSE_WAIT (`task_id` holds the key) or REUSE_RUN (this task holds it)."""
+
+    outcome: str
+    task_id: str
+    result: Any = None
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ReuseEntry:
+    """A model result to keep for identical tasks until `expires_at`."""
+
+    claim: ReuseClaim
+    model: str
+    result: Any  # JSON-serialisable
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SweepReport:
+    """What one retention sweep removed."""
+
+    events: int = 0  # timeline rows of expired tasks
+    purged: int = 0  # expired tasks whose result, moderation, error and callback were cleared
+    deleted: int = 0  # tombstones past their own horizon: task and notification rows
+    reuse: int = 0  # expired reuse entries and stale claims
+
+
 def _fill(current: Any, new: Any, *, wins: bool) -> Any:
     # None never erases; a winning update overwrites, a losing one only fills gaps.
     if new is None:
@@ -278,17 +334,26 @@ def merge_task(current: TaskRecord | None, update: TaskUpdate) -> TaskRecord:
         fields[name] = _fill(getattr(current, name), getattr(update, name), wins=False)
     if status == TaskStatus.BLOCKED:
         fields["result"] = None  # moderation withheld it; never keep an earlier copy
-    completed_at = current.completed_at
+    completed_at, expires_at = current.completed_at, current.expires_at
     if wins and is_terminal(update.status):
         completed_at = update.time
+        expires_at = _expiry(update)
     return dataclasses.replace(
         current,
         status=status,
         created_at=min(current.created_at, update.time),
         updated_at=update.time if wins else current.updated_at,
         completed_at=completed_at,
+        expires_at=expires_at,
         **fields,
     )
+
+
+def _expiry(update: TaskUpdate) -> datetime | None:
+    # Counted from the event time, like every stored time, so a replay rebuilds the same row.
+    if update.retain_s is None:
+        return None
+    return update.time + timedelta(seconds=update.retain_s)
 
 
 def dump_json(value: Any) -> str | None:
@@ -319,7 +384,12 @@ TASK_COLUMNS = (
     "error",
     "callback_url",
     "completed_at",
+    "expires_at",
 )
+# Columns added to `tasks` after the per-tenant layout: an older file or database gains them at
+# open (`ALTER TABLE ... ADD COLUMN`), and the migration from the global-id layout leaves them NULL.
+ADDED_TASK_COLUMNS = ("expires_at",)
+_TIMES = ("created_at", "updated_at", "completed_at", "expires_at")
 EVENT_COLUMNS = ("event_id", "task_id", "type", "status", "time", "stage", "detail")
 NOTIFICATION_COLUMNS = (
     "task_id",
@@ -336,7 +406,7 @@ NOTIFICATION_COLUMNS = (
 def task_from_row(row: Sequence[Any], to_time: Callable[[Any], datetime | None]) -> TaskRecord:
     """Build a `TaskRecord` from a row in `TASK_COLUMNS` order; `to_time` decodes timestamps."""
     values = dict(zip(TASK_COLUMNS, row, strict=True))
-    for name in ("created_at", "updated_at", "completed_at"):
+    for name in _TIMES:
         values[name] = to_time(values[name])
     values["result"] = load_json(values["result"])
     values["moderation"] = load_json(values["moderation"])
@@ -348,7 +418,7 @@ def task_params(task: TaskRecord, from_time: Callable[[datetime | None], Any]) -
     """Inverse of `task_from_row`: parameters in `TASK_COLUMNS` order."""
     values = [getattr(task, name) for name in TASK_COLUMNS]
     for i, name in enumerate(TASK_COLUMNS):
-        if name in ("created_at", "updated_at", "completed_at"):
+        if name in _TIMES:
             values[i] = from_time(values[i])
         elif name in ("result", "moderation"):
             values[i] = dump_json(values[i])
@@ -452,4 +522,26 @@ class ResultStore(Protocol):
     def count_unfinished(self, tenant: str) -> int:
         """The tenant's tasks in a status that is not terminal (pending, processing,
         retrying): the gateway's in-flight quota, the same on every replica."""
+        ...
+
+    def expired_at(self, task_id: str, *, tenant: str | None = None) -> datetime | None:
+        """When retention expired the task, if it has (`get` and `timeline` then treat it as
+        gone); None for a live or unknown task."""
+        ...
+
+    def sweep_expired(
+        self, *, now: datetime, tombstone_s: float | None, limit: int = 1000
+    ) -> SweepReport:
+        """Delete the timelines and clear the results of tasks expired at `now`; delete their
+        rows (tombstones) `tombstone_s` after expiry (None: keep them); delete expired reuse
+        entries. Chunks of `limit` rows, each its own transaction."""
+        ...
+
+    def reuse_begin(self, claims: Sequence[ReuseClaim], *, lease_s: float) -> list[ReuseLookup]:
+        """For each claim, in one transaction: a live stored result of its key (hit), a live
+        claim of another task (wait), or the key claimed for `lease_s` by this task (run)."""
+        ...
+
+    def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
+        """Store the results of keys that ran and drop the claims of those that failed."""
         ...

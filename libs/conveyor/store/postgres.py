@@ -26,7 +26,9 @@ from typing import Any
 import psycopg
 
 from conveyor.errors import RetryableError
+from conveyor.store import lifecycle
 from conveyor.store.base import (
+    ADDED_TASK_COLUMNS,
     EVENT_COLUMNS,
     NOTIFICATION_CLAIMED,
     NOTIFICATION_COLUMNS,
@@ -39,6 +41,10 @@ from conveyor.store.base import (
     Applied,
     NotificationRecord,
     Reservation,
+    ReuseClaim,
+    ReuseEntry,
+    ReuseLookup,
+    SweepReport,
     TaskEventRecord,
     TaskRecord,
     TaskStatus,
@@ -76,6 +82,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     callback_url text,
     completed_at timestamptz,
     digest       text,
+    expires_at   timestamptz,
     PRIMARY KEY (tenant, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_status_idx ON tasks (status);
@@ -118,9 +125,10 @@ _OLD_LAYOUT = (
     "AND table_name = 'tasks'"
 )
 _OWNER = "COALESCE((SELECT t.tenant FROM tasks_v1 t WHERE t.task_id = o.task_id), '')"
+_V1_TASK_COLUMNS = tuple(c for c in TASK_COLUMNS if c not in ADDED_TASK_COLUMNS)
 _MIGRATE = (
-    f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) SELECT "
-    + ", ".join("COALESCE(tenant, '')" if c == "tenant" else c for c in TASK_COLUMNS)
+    f"INSERT INTO tasks ({', '.join(_V1_TASK_COLUMNS)}) SELECT "
+    + ", ".join("COALESCE(tenant, '')" if c == "tenant" else c for c in _V1_TASK_COLUMNS)
     + " FROM tasks_v1",
     f"INSERT INTO task_events (tenant, {', '.join(EVENT_COLUMNS)}) SELECT {_OWNER}, "
     + ", ".join(f"o.{c}" for c in EVENT_COLUMNS)
@@ -160,6 +168,7 @@ _CLAIM = (
     "event_id = excluded.event_id, url = excluded.url, claimed_at = excluded.claimed_at "
     "WHERE notifications.status = %s AND notifications.claimed_at < %s"
 )
+_LIFECYCLE = lifecycle.lifecycle_sql("%s")
 
 # Faults a later attempt can get past: connection/server trouble and lost concurrency races.
 _TRANSIENT: tuple[type[Exception], ...] = (
@@ -199,6 +208,12 @@ class PostgresResultStore:
                 for table in _OLD_TABLES:
                     cur.execute(f"DROP TABLE {table}_v1")
                 log.warning("result store migrated to per-tenant task keys backend=postgresql")
+            # Added since the per-tenant layout (additive: old rows keep NULLs).
+            for name in ADDED_TASK_COLUMNS:
+                cur.execute(f"ALTER TABLE tasks ADD COLUMN IF NOT EXISTS {name} timestamptz")
+            cur.execute(lifecycle.REUSE_TABLE.format(text="text", time="timestamptz"))
+            for statement in lifecycle.ADDED_INDEXES:
+                cur.execute(statement)
         log.info("result store opened backend=postgresql")
 
     def _connection(self) -> psycopg.Connection[Any]:
@@ -286,12 +301,13 @@ class PostgresResultStore:
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
         with self._transaction() as cur:
             row = _task_row(cur, task_id, tenant)
-        return None if row is None else task_from_row(row, _utc)
+        record = None if row is None else task_from_row(row, _utc)
+        return None if record is None or record.expired(utcnow()) else record
 
     def timeline(self, task_id: str, *, tenant: str | None = None) -> list[TaskEventRecord]:
         with self._transaction() as cur:
             row = _task_row(cur, task_id, tenant)
-            if row is None:
+            if row is None or task_from_row(row, _utc).expired(utcnow()):
                 return []
             rows = cur.execute(
                 f"SELECT {', '.join(EVENT_COLUMNS)} FROM task_events WHERE {_KEY} "
@@ -406,6 +422,34 @@ class PostgresResultStore:
         with self._transaction() as cur:
             row = cur.execute(sql, (tenant_key(tenant), *_UNFINISHED)).fetchone()
         return int(row[0]) if row else 0
+
+    def expired_at(self, task_id: str, *, tenant: str | None = None) -> datetime | None:
+        with self._transaction() as cur:
+            row = _task_row(cur, task_id, tenant)
+        record = None if row is None else task_from_row(row, _utc)
+        return record.expires_at if record is not None and record.expired(utcnow()) else None
+
+    def sweep_expired(
+        self, *, now: datetime, tombstone_s: float | None, limit: int = 1000
+    ) -> SweepReport:
+        def run(statement: str, params: tuple[Any, ...]) -> int:
+            with self._transaction() as cur:
+                cur.execute(statement, params)
+                return cur.rowcount
+
+        return lifecycle.sweep(
+            run, _LIFECYCLE, now=now, tombstone_s=tombstone_s, limit=limit, stamp=_as_utc
+        )
+
+    def reuse_begin(self, claims: Sequence[ReuseClaim], *, lease_s: float) -> list[ReuseLookup]:
+        with self._transaction() as cur:
+            return lifecycle.reuse_begin(
+                cur, _LIFECYCLE, claims, now=utcnow(), lease_s=lease_s, stamp=_as_utc
+            )
+
+    def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
+        with self._transaction() as cur:
+            lifecycle.reuse_finish(cur, _LIFECYCLE, entries, released, now=utcnow(), stamp=_as_utc)
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

@@ -23,7 +23,9 @@ from typing import Any
 
 from conveyor.errors import RetryableError
 from conveyor.paths import private_file
+from conveyor.store import lifecycle
 from conveyor.store.base import (
+    ADDED_TASK_COLUMNS,
     EVENT_COLUMNS,
     NOTIFICATION_CLAIMED,
     NOTIFICATION_COLUMNS,
@@ -36,6 +38,10 @@ from conveyor.store.base import (
     Applied,
     NotificationRecord,
     Reservation,
+    ReuseClaim,
+    ReuseEntry,
+    ReuseLookup,
+    SweepReport,
     TaskEventRecord,
     TaskRecord,
     TaskStatus,
@@ -75,6 +81,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     callback_url TEXT,
     completed_at TEXT,
     digest       TEXT,
+    expires_at   TEXT,
     PRIMARY KEY (tenant, task_id)
 );
 CREATE INDEX IF NOT EXISTS tasks_status_idx ON tasks (status);
@@ -111,9 +118,10 @@ CREATE TABLE IF NOT EXISTS notifications (
 _OLD_TABLES = ("tasks", "task_events", "notifications")
 _OLD_INDEXES = ("tasks_status_idx", "task_events_task_time_idx")
 _OWNER = "COALESCE((SELECT t.tenant FROM tasks_v1 t WHERE t.task_id = o.task_id), '')"
+_V1_TASK_COLUMNS = tuple(c for c in TASK_COLUMNS if c not in ADDED_TASK_COLUMNS)
 _MIGRATE = (
-    f"INSERT INTO tasks ({', '.join(TASK_COLUMNS)}) SELECT "
-    + ", ".join("COALESCE(tenant, '')" if c == "tenant" else c for c in TASK_COLUMNS)
+    f"INSERT INTO tasks ({', '.join(_V1_TASK_COLUMNS)}) SELECT "
+    + ", ".join("COALESCE(tenant, '')" if c == "tenant" else c for c in _V1_TASK_COLUMNS)
     + " FROM tasks_v1",
     f"INSERT INTO task_events (tenant, {', '.join(EVENT_COLUMNS)}) SELECT {_OWNER}, "
     + ", ".join(f"o.{c}" for c in EVENT_COLUMNS)
@@ -153,6 +161,7 @@ _CLAIM = (
     "url = excluded.url, claimed_at = excluded.claimed_at "
     "WHERE notifications.status = ? AND notifications.claimed_at < ?"
 )
+_LIFECYCLE = lifecycle.lifecycle_sql("?")
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -194,6 +203,7 @@ class SqliteResultStore:
                         cur.execute(statement)
                 if old:
                     _copy_old(cur, path)
+                _add_columns(cur)
         except sqlite3.OperationalError as exc:
             if _transient(exc):
                 raise RetryableError(f"sqlite: {exc}") from exc
@@ -268,12 +278,13 @@ class SqliteResultStore:
     def get(self, task_id: str, *, tenant: str | None = None) -> TaskRecord | None:
         with self._read() as cur:
             row = _task_row(cur, task_id, tenant)
-        return None if row is None else task_from_row(row, _dt)
+        record = None if row is None else task_from_row(row, _dt)
+        return None if record is None or record.expired(utcnow()) else record
 
     def timeline(self, task_id: str, *, tenant: str | None = None) -> list[TaskEventRecord]:
         with self._read() as cur:
             row = _task_row(cur, task_id, tenant)
-            if row is None:
+            if row is None or task_from_row(row, _dt).expired(utcnow()):
                 return []
             rows = cur.execute(
                 f"SELECT {', '.join(EVENT_COLUMNS)} FROM task_events WHERE {_KEY} "
@@ -402,6 +413,34 @@ class SqliteResultStore:
             row = cur.execute(sql, (tenant_key(tenant), *_UNFINISHED)).fetchone()
         return int(row[0]) if row else 0
 
+    def expired_at(self, task_id: str, *, tenant: str | None = None) -> datetime | None:
+        with self._read() as cur:
+            row = _task_row(cur, task_id, tenant)
+        record = None if row is None else task_from_row(row, _dt)
+        return record.expires_at if record is not None and record.expired(utcnow()) else None
+
+    def sweep_expired(
+        self, *, now: datetime, tombstone_s: float | None, limit: int = 1000
+    ) -> SweepReport:
+        def run(statement: str, params: tuple[Any, ...]) -> int:
+            with self._transaction() as cur:
+                cur.execute(statement, params)
+                return cur.rowcount
+
+        return lifecycle.sweep(
+            run, _LIFECYCLE, now=now, tombstone_s=tombstone_s, limit=limit, stamp=_ts
+        )
+
+    def reuse_begin(self, claims: Sequence[ReuseClaim], *, lease_s: float) -> list[ReuseLookup]:
+        with self._transaction() as cur:
+            return lifecycle.reuse_begin(
+                cur, _LIFECYCLE, claims, now=utcnow(), lease_s=lease_s, stamp=_ts
+            )
+
+    def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
+        with self._transaction() as cur:
+            lifecycle.reuse_finish(cur, _LIFECYCLE, entries, released, now=utcnow(), stamp=_ts)
+
 
 def _transient(exc: sqlite3.Error) -> bool:
     message = str(exc).lower()
@@ -442,6 +481,17 @@ def _rejected_owner(cur: sqlite3.Cursor, task_id: str, named: str) -> str:
     if named in owners or len(owners) != 1:
         return named
     return owners.pop()
+
+
+def _add_columns(cur: sqlite3.Cursor) -> None:
+    """Columns and tables added since the per-tenant layout (additive: old rows keep NULLs)."""
+    columns = {r[1] for r in cur.execute("PRAGMA table_info(tasks)").fetchall()}
+    for name in ADDED_TASK_COLUMNS:
+        if name not in columns:
+            cur.execute(f"ALTER TABLE tasks ADD COLUMN {name} TEXT")
+    cur.execute(lifecycle.REUSE_TABLE.format(text="TEXT", time="TEXT"))
+    for statement in lifecycle.ADDED_INDEXES:
+        cur.execute(statement)
 
 
 def _old_layout(cur: sqlite3.Cursor) -> bool:

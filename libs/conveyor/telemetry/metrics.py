@@ -92,3 +92,16 @@ class StageMetrics:
         """Forget a partition's lag series (revoked: another instance reports it now)."""
         with contextlib.suppress(KeyError):  # never reported
             CONSUMER_LAG.remove(self.stage, topic, str(partition))
+
+
+# Result reuse (conveyor.reuse) in inference: one lookup per record that could run the model.
+# outcome: hit (stored result reused), coalesced (identical record in the same batch), wait
+# (identical task running elsewhere: retried), miss (the model runs), bypass (not reusable).
+REUSE_LOOKUPS = Counter(
+    "conveyor_reuse_lookups", "Result reuse lookups by outcome", ["stage", "kind", "outcome"]
+)
+MODEL_RECORDS = Counter(
+    "conveyor_model_records",
+    "Records a model ran (reused results are not counted)",
+    ["stage", "kind", "model"],
+)

@@ -47,6 +47,7 @@ def task_view(task: TaskRecord) -> dict[str, Any]:
         "created_at": _iso(task.created_at),
         "updated_at": _iso(task.updated_at),
         "completed_at": _iso(task.completed_at),
+        "expires_at": _iso(task.expires_at),
     }
 
 
@@ -66,6 +67,7 @@ def pending_view(task_id: str, submitted: Submitted) -> dict[str, Any]:
         "created_at": at,
         "updated_at": at,
         "completed_at": None,
+        "expires_at": None,
     }
 
 
@@ -123,6 +125,12 @@ _TASK: dict[str, Any] = {
         "created_at": _nullable("string", format="date-time"),
         "updated_at": _nullable("string", format="date-time"),
         "completed_at": _nullable("string", format="date-time"),
+        "expires_at": _nullable(
+            "string",
+            "when retention deletes the finished task's result and timeline (then GET is 404 "
+            "with reason `expired`); null: kept for ever, or not finished",
+            format="date-time",
+        ),
         "queue_position_estimate": _nullable(
             "integer",
             "pending tasks only: records on the ingress topic not yet taken by "
@@ -154,6 +162,12 @@ _ERROR = {
     "type": "object",
     "properties": {
         "error": {"type": "string"},
+        "reason": {
+            "type": "string",
+            "description": "404 only: `expired` when retention deleted the task (then "
+            "`expired_at` says when); absent for an unknown task",
+        },
+        "expired_at": {"type": "string", "format": "date-time"},
         "fields": {
             "type": "array",
             "items": {"type": "string"},
@@ -235,7 +249,7 @@ _PATHS: dict[str, Any] = {
             "responses": {
                 "200": _answer("the task", "TaskWithTimeline"),
                 **_AUTH_ERRORS,
-                "404": _answer("no such task for this tenant"),
+                "404": _answer("no such task for this tenant, or expired under retention"),
             },
         }
     },
@@ -258,7 +272,7 @@ _PATHS: dict[str, Any] = {
                     },
                 },
                 **_AUTH_ERRORS,
-                "404": _answer("no such task for this tenant"),
+                "404": _answer("no such task for this tenant, or expired under retention"),
                 "429": _answer("the tenant has too many open WebSockets"),
                 "503": _answer("the process has too many open WebSockets"),
             },
