@@ -434,9 +434,12 @@ def build_app(gateway: Gateway) -> Starlette:
             ticker.cancel()
             await run_in_threadpool(gateway.close)
 
+    from services.gateway.batches import batch_routes  # it imports this module
+
     app = Starlette(
         routes=[
             Route("/v1/tasks", submit_task, methods=["POST"]),
+            *batch_routes(),
             Route("/v1/tasks/{task_id}", task_status, methods=["GET"], name="task_status"),
             WebSocketRoute("/v1/tasks/{task_id}/events", task_events),
             Route("/healthz", healthz),

@@ -23,8 +23,11 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
             registry.for_kind(spec.kind, spec.name)
             log.info("model loaded kind=%s name=%s source=%s", spec.kind, spec.name, spec.source)
     # conveyor_gpu_* on /metrics while CUDA is present; None (no thread) on a CPU machine.
+    from conveyor.batches.skip import stopped_batches
+
     return {
         "models": registry,
+        "stopped_batches": stopped_batches(settings.store_url),
         "gpu_sampler": start_gpu_sampler("inference"),
         "capacity": _capacity(settings),
     }
@@ -50,6 +53,8 @@ def _capacity(settings: InferenceSettings) -> Any:
 def teardown(resources: dict[str, Any]) -> None:
     if resources.get("gpu_sampler") is not None:
         resources["gpu_sampler"].stop()
+    if resources.get("stopped_batches") is not None:
+        resources["stopped_batches"].close()
 
 
 SERVICE = StageService(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from conveyor.settings import StageSettings
 
@@ -38,3 +38,9 @@ class InferenceSettings(StageSettings):
         default=None, description="model registry JSON; default: packaged models"
     )
     preload: bool = Field(default=True, description="load the configured models at start")
+    # Read only to skip the tasks of a cancelled or expired batch (conveyor.batches.skip).
+    store_url: SecretStr | None = Field(
+        default=None,
+        description="result store URL (as writeback's); set: tasks of a cancelled or expired "
+        "batch are dropped instead of run; unset: they run and their outcome is discarded",
+    )
