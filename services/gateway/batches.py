@@ -109,6 +109,7 @@ async def submit_batch(request: Request) -> Response:
     )
     batch = await run_in_threadpool(create)
     failure = await _publish(gateway, store, batch, lines)
+    batch = await _reread(store, batch)
     view = await _view(request, store, batch)
     url = str(view["status_url"])
     if failure is not None:
@@ -174,6 +175,13 @@ async def _publish(
     for task_id, reason in refused:  # each alone: the batch goes on
         await run_in_threadpool(lifecycle.fail_task, store, batch, task_id, reason)
     return None
+
+
+async def _reread(store: lifecycle.Store, batch: BatchRecord) -> BatchRecord:
+    stored: BatchRecord | None = await run_in_threadpool(
+        store.get_batch, batch.tenant, batch.batch_id
+    )
+    return stored or batch
 
 
 async def _view(request: Request, store: lifecycle.Store, batch: BatchRecord) -> dict[str, Any]:
