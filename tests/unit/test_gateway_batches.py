@@ -294,3 +294,28 @@ def test_stopped_batches_check_reads_the_store_and_caches(client: TestClient, st
     assert not check.stopped("acme", f"{running}.2")  # cached for ttl_s
     now[0] = 2.5
     assert check.stopped("acme", f"{running}.2")
+
+
+def test_cli_follows_a_batch_to_its_end_and_writes_results_in_order(
+    client: TestClient, store: Any, tmp_path: Any
+) -> None:
+    import io
+
+    from conveyor.cli.batch import _outcome, follow, progress_line
+
+    batch = submit(client, embed_lines(3)).json()
+    assert progress_line(batch, 0).startswith("[" + "-" * 30 + "] 0/3 waiting")
+    for n in (1, 2):
+        complete(store, f"{batch['id']}.{n}")
+    complete(store, f"{batch['id']}.3", "failed")
+    out = io.StringIO()
+    client.headers.update(ACME)
+    ended = follow(client, batch, poll_s=0.01, out=out)
+    assert ended["status"] == "completed"
+    assert (
+        out.getvalue().splitlines()[-1].startswith("[" + "#" * 30 + "] 3/3 completed 2, failed 1")
+    )
+    path = tmp_path / "results.jsonl"
+    assert _outcome(client, ended, path) == 0
+    written = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [line["custom_id"] for line in written] == ["req-0", "req-1", "req-2"]
