@@ -19,11 +19,13 @@ submit time (check + store + publish of the whole file), its duration and throug
 counts. Written to bench/results/batches.json.
 
     python bench/batch_latency.py [--tasks 20000] [--interactive 40] [--gap-s 0.5] [--budget 1800]
+                                  [--bootstrap HOST:PORT]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -178,18 +180,24 @@ def main() -> int:
     parser.add_argument("--interactive", type=int, default=40)
     parser.add_argument("--gap-s", type=float, default=0.5)
     parser.add_argument("--budget", type=float, default=1800.0, help="batch phase limit, s")
+    parser.add_argument(
+        "--bootstrap",
+        default=os.environ.get("CONVEYOR_KAFKA_BOOTSTRAP"),
+        help="an existing broker (default: start a LocalBroker)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="conveyor-bench-batches-"))
     load_before = os.getloadavg()
-    with LocalBroker() as broker:
-        stack, url, store_url = start_stack(broker.bootstrap, root)
-        try:
-            with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
-                idle = idle_phase(http, args, store_url)
-                print(f"idle interactive latency: {idle}", flush=True)
-                during = batch_phase(http, args, store_url)
-        finally:
-            stack.stop()
+    with contextlib.ExitStack() as resources:
+        bootstrap = args.bootstrap
+        if not bootstrap:
+            bootstrap = resources.enter_context(LocalBroker()).bootstrap
+        stack, url, store_url = start_stack(bootstrap, root)
+        resources.callback(stack.stop)
+        with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+            idle = idle_phase(http, args, store_url)
+            print(f"idle interactive latency: {idle}", flush=True)
+            during = batch_phase(http, args, store_url)
     report = {
         "machine": machine(load_before),
         "idle_interactive": idle,
