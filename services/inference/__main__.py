@@ -22,9 +22,9 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
         for spec in registry.specs:
             registry.for_kind(spec.kind, spec.name)
             log.info("model loaded kind=%s name=%s source=%s", spec.kind, spec.name, spec.source)
-    # conveyor_gpu_* on /metrics while CUDA is present; None (no thread) on a CPU machine.
     from conveyor.batches.skip import stopped_batches
 
+    # conveyor_gpu_* on /metrics while CUDA is present; None (no thread) on a CPU machine.
     return {
         "models": registry,
         "stopped_batches": stopped_batches(settings.store_url),
