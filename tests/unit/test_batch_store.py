@@ -151,6 +151,16 @@ class BatchStoreContract:
         # An expired batch is not cancelled afterwards.
         assert lifecycle.cancel(store, late, T0 + timedelta(minutes=1)).status == "expired"
 
+    def test_batch_whose_tasks_all_ended_is_completed_even_when_read_after_its_window(
+        self, store: Any
+    ) -> None:
+        batch = self.make(store, 2, window="30s")
+        for task_id in store.batch_unfinished("acme", batch.batch_id, limit=10):
+            _finish(store, task_id, "completed")
+        late = lifecycle.refresh(store, batch, T0 + timedelta(minutes=5))
+        assert late.status == BatchStatus.COMPLETED
+        assert store.batch_counts("acme", batch.batch_id)["completed"] == 2
+
     def test_set_status_moves_only_from_the_expected_status(self, store: Any) -> None:
         batch = self.make(store, 1)
         args = ("acme", batch.batch_id, BatchStatus.CANCELLING)

@@ -120,12 +120,13 @@ def refresh(store: Store, batch: BatchRecord, now: datetime) -> BatchRecord:
         return batch
     if batch.status == BatchStatus.CANCELLING:
         return _finish(store, batch, TaskStatus.CANCELLED, BatchStatus.CANCELLED, now)
-    if now >= batch.expires_at:
-        return _finish(store, batch, TaskStatus.EXPIRED, BatchStatus.EXPIRED, now)
     if not store.batch_unfinished(batch.tenant, batch.batch_id, limit=1):
+        # Every task ended (perhaps before the window passed, read only now): completed.
         store.set_batch_status(
             batch.tenant, batch.batch_id, BatchStatus.COMPLETED, expect=[batch.status], ended_at=now
         )
+    elif now >= batch.expires_at:
+        return _finish(store, batch, TaskStatus.EXPIRED, BatchStatus.EXPIRED, now)
     return _reread(store, batch)
 
 
