@@ -244,6 +244,23 @@ async def _result_lines(store: lifecycle.Store, batch: BatchRecord) -> AsyncIter
         after = page[-1][0].line
 
 
+async def sweep_forever(gateway: Gateway) -> None:
+    """End the batches left past their window or mid-cancel that nobody reads (every replica
+    may run it: ending a task is idempotent)."""
+    if not isinstance(gateway.store, BatchStore):
+        return
+    store = _store(gateway)
+    while True:
+        await asyncio.sleep(gateway.settings.batch_sweep_s)
+        try:
+            ended = await run_in_threadpool(lifecycle.sweep, store, datetime.now(UTC))
+        except Exception as exc:  # the store is briefly unavailable: the next round retries
+            log.warning("batch sweep failed error=%s", exc)
+            continue
+        if ended:
+            log.info("batch sweep ended=%d", ended)
+
+
 def batch_routes() -> list[Route]:
     return [
         Route("/v1/batches", submit_batch, methods=["POST"]),

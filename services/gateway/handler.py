@@ -420,21 +420,23 @@ async def _unavailable(_request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Gateway) -> Starlette:
+    from services.gateway.batches import batch_routes, sweep_forever  # they import this module
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         if not len(gateway.tokens):
             log.warning("no gateway tokens configured: every call will be 401")
         gateway.publisher.start()
         ticker = asyncio.ensure_future(gateway.tick())
+        sweeper = asyncio.ensure_future(sweep_forever(gateway))
         gateway.started = True
         try:
             yield
         finally:
             gateway.started = False
             ticker.cancel()
+            sweeper.cancel()
             await run_in_threadpool(gateway.close)
-
-    from services.gateway.batches import batch_routes  # it imports this module
 
     app = Starlette(
         routes=[

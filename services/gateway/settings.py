@@ -77,6 +77,10 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
     batch_body_timeout_s: float = Field(
         default=300.0, gt=0, description="the whole batch file must arrive within this"
     )
+    # A batch nobody reads is ended this long after its window at worst.
+    batch_sweep_s: float = Field(
+        default=30.0, gt=0, description="how often batches past their window are ended"
+    )
     access_log: bool = Field(
         default=False,
         description="uvicorn's access log too (the app already logs each request by route "

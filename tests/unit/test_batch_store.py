@@ -161,6 +161,28 @@ class BatchStoreContract:
         assert late.status == BatchStatus.COMPLETED
         assert store.batch_counts("acme", batch.batch_id)["completed"] == 2
 
+    def test_sweep_ends_batches_past_their_window_or_left_mid_cancel(self, store: Any) -> None:
+        late = self.make(store, 2, window="30s")
+        cancelling = self.make(store, 2, window="1h")
+        running = self.make(store, 2, window="1h")
+        store.set_batch_status(
+            "acme", cancelling.batch_id, BatchStatus.CANCELLING, expect=[BatchStatus.IN_PROGRESS]
+        )
+        # Other sessions' batches share the database (PostgreSQL): sweep until ours are done.
+        for _ in range(20):
+            if not lifecycle.sweep(store, T0 + timedelta(minutes=1)):
+                break
+        status = {
+            b.batch_id: store.get_batch("acme", b.batch_id).status
+            for b in (late, cancelling, running)
+        }
+        assert status == {
+            late.batch_id: BatchStatus.EXPIRED,
+            cancelling.batch_id: BatchStatus.CANCELLED,
+            running.batch_id: BatchStatus.IN_PROGRESS,
+        }
+        assert store.batch_counts("acme", cancelling.batch_id)["cancelled"] == 2
+
     def test_set_status_moves_only_from_the_expected_status(self, store: Any) -> None:
         batch = self.make(store, 1)
         args = ("acme", batch.batch_id, BatchStatus.CANCELLING)

@@ -338,3 +338,21 @@ def test_inference_drops_the_records_of_a_cancelled_batch_and_runs_the_rest(
     assert out[1] is None  # dropped: no output, the store already says cancelled
     assert out[0] is not None and out[2] is not None
     assert registry.calls == [("embed", 2)]
+
+
+def test_gateway_sweeps_a_batch_past_its_window_that_nobody_reads(
+    store: Any, publisher: FakePublisher
+) -> None:
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme"}, store_url="sqlite:///:memory:", batch_sweep_s=0.05
+    )
+    gateway = Gateway(settings, publisher=publisher, store=store, queue_estimate=lambda: 0)
+    with TestClient(build_app(gateway)) as client:
+        batch = submit(client, embed_lines(3), completion_window="1s").json()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:  # no request reads it: only the sweep can end it
+            if store.get_batch("acme", batch["id"]).status == "expired":
+                break
+            time.sleep(0.05)
+        assert store.get_batch("acme", batch["id"]).status == "expired"
+        assert store.batch_counts("acme", batch["id"])["expired"] == 3

@@ -8,8 +8,8 @@ unfinished tasks are ended `cancelled`; `in_progress` past `expires_at` ends its
 written by the gateway, with a deterministic event id and a timeline entry), so the store's
 precedence rule holds: a task that ended first keeps its outcome, and a late result of a task
 ended here loses to the terminal status. Refreshing happens when the batch is read (status,
-results, cancel), so a batch nobody asks about is brought up to date on the next request; its
-tasks expire in inference on their own, since their deadline is the batch's expiry.
+results, cancel) and in a periodic sweep of the batches past their window (`sweep`); their tasks
+also expire in inference on their own, since their deadline is the batch's expiry.
 """
 
 from __future__ import annotations
@@ -140,6 +140,15 @@ def cancel(store: Store, batch: BatchRecord, now: datetime) -> BatchRecord:
         )
         batch = refresh(store, _reread(store, batch), now)
     return batch
+
+
+def sweep(store: Store, now: datetime, *, limit: int = 100) -> int:
+    """Bring up to date the batches left `cancelling` or past their window that nobody read
+    (the gateway runs this every `batch_sweep_s`); returns how many it ended."""
+    ended = 0
+    for batch in store.overdue_batches(now, limit=limit):
+        ended += refresh(store, batch, now).status in BATCH_ENDED
+    return ended
 
 
 def fail(

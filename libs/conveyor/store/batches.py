@@ -160,3 +160,8 @@ class BatchStore(Protocol):
     def batch_of(self, task_id: str, *, tenant: str) -> str | None:
         """The id of the batch the tenant's task belongs to, or None."""
         ...
+
+    def overdue_batches(self, now: datetime, *, limit: int) -> list[BatchRecord]:
+        """Up to `limit` batches, of every tenant, left `cancelling` or `in_progress` past their
+        expiry: what a sweep brings up to date (oldest expiry first)."""
+        ...

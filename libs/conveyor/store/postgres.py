@@ -54,6 +54,7 @@ from conveyor.store.batches import (
     BatchConflictError,
     BatchItem,
     BatchRecord,
+    BatchStatus,
     NewBatchItem,
     batch_from_row,
     batch_params,
@@ -545,6 +546,15 @@ class PostgresResultStore:
                 (tenant_key(tenant), task_id),
             ).fetchone()
         return None if row is None else str(row[0])
+
+    def overdue_batches(self, now: datetime, *, limit: int) -> list[BatchRecord]:
+        with self._transaction() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE status = %s "
+                "OR (status = %s AND expires_at <= %s) ORDER BY expires_at LIMIT %s",
+                (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, now, limit),
+            ).fetchall()
+        return [batch_from_row(row, _utc) for row in rows]
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

@@ -51,6 +51,7 @@ from conveyor.store.batches import (
     BatchConflictError,
     BatchItem,
     BatchRecord,
+    BatchStatus,
     NewBatchItem,
     batch_from_row,
     batch_params,
@@ -541,6 +542,15 @@ class SqliteResultStore:
                 (tenant_key(tenant), task_id),
             ).fetchone()
         return None if row is None else str(row[0])
+
+    def overdue_batches(self, now: datetime, *, limit: int) -> list[BatchRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE status = ? "
+                "OR (status = ? AND expires_at <= ?) ORDER BY expires_at LIMIT ?",
+                (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, _ts(now), limit),
+            ).fetchall()
+        return [batch_from_row(row, _dt) for row in rows]
 
 
 def _transient(exc: sqlite3.Error) -> bool:
