@@ -28,6 +28,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import statistics
 import sys
 import tempfile
@@ -153,17 +154,24 @@ def batch_phase(http: httpx.Client, args: argparse.Namespace, store_url: str) ->
         time.sleep(args.gap_s)
         batch = http.get(f"/v1/batches/{batch_id}").json()
     ended = time.monotonic()
-    if batch["status"] != "completed":
-        raise SystemExit(f"batch did not complete within the budget: {batch}")
+    # Past the budget the figures so far are still reported, marked incomplete.
     return {
+        "completed_within_budget": batch["status"] == "completed",
         "batch_id": batch_id,
         "tasks": args.tasks,
         "submit_s": round(submitted - started, 1),
         "duration_s": round(ended - started, 1),
         "tasks_per_s": round(args.tasks / (ended - started), 1),
         "request_counts": batch["request_counts"],
-        "results": check_results(http, batch_id, args.tasks),
+        "results": check_results(http, batch_id, args.tasks)
+        if batch["status"] == "completed"
+        else None,
         "interactive": summary(latencies(store_url, "bench", ids, timeout_s=300)),
+        # Interactive latency over time: the first tasks after the submit wait behind the batch's
+        # records on the shared ingress topic (preprocess is not laned): docs/batches.md.
+        "interactive_first_10_s": [
+            round(v, 1) for v in latencies(store_url, "bench", ids[:10], timeout_s=300)
+        ],
     }
 
 
@@ -195,6 +203,8 @@ def main() -> int:
         help="an existing broker (default: start a LocalBroker)",
     )
     args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C, so the services this run started are stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="conveyor-bench-batches-"))
     load_before = os.getloadavg()
     with contextlib.ExitStack() as resources:
