@@ -71,6 +71,7 @@ bench: python jars models bench-venv ## run the benchmarks; figures go to bench/
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/pipeline_real.py
 	$(BIN)/python bench/peers.py
+	$(BIN)/python bench/batch_latency.py
 
 image: ## build the service image with buildah, no daemon (IMAGE=, EXTRAS=; see deploy/README.md)
 	bash deploy/tools/build-image.sh

@@ -459,23 +459,28 @@ async def _unavailable(_request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Gateway) -> Starlette:
+    from services.gateway.batches import batch_routes, sweep_forever  # they import this module
+
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         if not len(gateway.tokens):
             log.warning("no gateway tokens configured: every call will be 401")
         gateway.publisher.start()
         ticker = asyncio.ensure_future(gateway.tick())
+        sweeper = asyncio.ensure_future(sweep_forever(gateway))
         gateway.started = True
         try:
             yield
         finally:
             gateway.started = False
             ticker.cancel()
+            sweeper.cancel()
             await run_in_threadpool(gateway.close)
 
     app = Starlette(
         routes=[
             Route("/v1/tasks", submit_task, methods=["POST"]),
+            *batch_routes(),
             Route("/v1/tasks/{task_id}", task_status, methods=["GET"], name="task_status"),
             WebSocketRoute("/v1/tasks/{task_id}/events", task_events),
             Route("/healthz", healthz),

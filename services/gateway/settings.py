@@ -68,6 +68,19 @@ class GatewaySettings(KafkaSettings, CatalogSettings):
     )
     recent_max: int = Field(default=100_000, ge=1, description="tasks remembered as submitted")
     max_body_bytes: int = Field(default=1_000_000, ge=1024, description="larger POSTs get 413")
+    # A batch file: 50,000 requests is the OpenAI Batch API's limit too; 64 MiB holds that many
+    # short tasks, and the file is held in memory while it is checked.
+    batch_max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=1024, description="larger batch files get 413"
+    )
+    batch_max_tasks: int = Field(default=50_000, ge=1, description="requests per batch file")
+    batch_body_timeout_s: float = Field(
+        default=300.0, gt=0, description="the whole batch file must arrive within this"
+    )
+    # A batch nobody reads is ended this long after its window at worst.
+    batch_sweep_s: float = Field(
+        default=30.0, gt=0, description="how often batches past their window are ended"
+    )
     access_log: bool = Field(
         default=False,
         description="uvicorn's access log too (the app already logs each request by route "

@@ -178,12 +178,31 @@ def test_five_thousand_generated_requests_get_no_5xx(gateway: Running) -> None: 
     assert {202, 400, 401, 403, 404, 405, 415, 422} <= set(codes), codes
 
 
+# A batch file is JSONL, which schemathesis does not write by itself: a few lines, each a
+# request of the right shape with generated values, or any JSON, or any text.
+_BATCH_LINE = st.one_of(
+    st.fixed_dictionaries(
+        {"custom_id": st.text(max_size=8), "body": st.dictionaries(st.text(max_size=6), st.text())}
+    ).map(json.dumps),
+    st.from_type(dict).map(lambda value: json.dumps(value, default=str)),
+    st.text(max_size=40),
+)
+for _media in ("application/jsonl", "application/x-ndjson"):
+    schemathesis.openapi.media_type(
+        _media, st.lists(_BATCH_LINE, max_size=4).map(lambda lines: "\n".join(lines).encode())
+    )
+
 OPERATIONS = [
     ("/v1/tasks", "POST", GenerationMode.POSITIVE, 100),
     ("/v1/tasks", "POST", GenerationMode.NEGATIVE, 50),
     ("/v1/tasks/{task_id}", "GET", GenerationMode.POSITIVE, 30),
     ("/v1/tasks/{task_id}", "GET", GenerationMode.NEGATIVE, 10),
     ("/v1/tasks/{task_id}/events", "GET", GenerationMode.POSITIVE, 10),
+    ("/v1/batches", "POST", GenerationMode.POSITIVE, 20),
+    ("/v1/batches", "POST", GenerationMode.NEGATIVE, 20),
+    ("/v1/batches/{batch_id}", "GET", GenerationMode.POSITIVE, 10),
+    ("/v1/batches/{batch_id}/cancel", "POST", GenerationMode.POSITIVE, 10),
+    ("/v1/batches/{batch_id}/results", "GET", GenerationMode.POSITIVE, 10),
     ("/healthz", "GET", GenerationMode.POSITIVE, 5),
     ("/readyz", "GET", GenerationMode.POSITIVE, 5),
     ("/metrics", "GET", GenerationMode.POSITIVE, 5),

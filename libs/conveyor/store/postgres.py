@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -54,6 +54,16 @@ from conveyor.store.base import (
     task_params,
     tenant_key,
     utcnow,
+)
+from conveyor.store.batches import (
+    BATCH_COLUMNS,
+    BatchConflictError,
+    BatchItem,
+    BatchRecord,
+    BatchStatus,
+    NewBatchItem,
+    batch_from_row,
+    batch_params,
 )
 
 log = logging.getLogger(__name__)
@@ -110,7 +120,29 @@ CREATE TABLE IF NOT EXISTS notifications (
     http_status  integer,
     delivered_at timestamptz,
     PRIMARY KEY (tenant, task_id)
-)
+);
+CREATE TABLE IF NOT EXISTS batches (
+    tenant            text NOT NULL,
+    batch_id          text NOT NULL,
+    status            text NOT NULL,
+    created_at        timestamptz NOT NULL,
+    expires_at        timestamptz NOT NULL,
+    completion_window text NOT NULL,
+    total             integer NOT NULL,
+    metadata          text,
+    ended_at          timestamptz,
+    error             text,
+    PRIMARY KEY (tenant, batch_id)
+);
+CREATE TABLE IF NOT EXISTS batch_items (
+    tenant    text NOT NULL,
+    batch_id  text NOT NULL,
+    line      integer NOT NULL,
+    custom_id text NOT NULL,
+    task_id   text NOT NULL,
+    PRIMARY KEY (tenant, batch_id, line)
+);
+CREATE INDEX IF NOT EXISTS batch_items_task_idx ON batch_items (tenant, task_id)
 """
 
 # A database written before task ids were per tenant (`tasks` without `digest`) is migrated in
@@ -175,6 +207,33 @@ _TRANSIENT: tuple[type[Exception], ...] = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
     psycopg.errors.TransactionRollback,
+)
+
+_BATCH_INSERT = (
+    f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(BATCH_COLUMNS))})"
+)
+_BATCH_ITEM_INSERT = (
+    "INSERT INTO batch_items (tenant, batch_id, line, custom_id, task_id) "
+    "VALUES (%s, %s, %s, %s, %s)"
+)
+_BATCH_SELECT = (
+    f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE tenant = %s AND batch_id = %s"
+)
+_BATCH_JOIN = (
+    "SELECT i.line, i.custom_id, i.task_id FROM batch_items i JOIN tasks t "
+    "ON t.tenant = i.tenant AND t.task_id = i.task_id WHERE i.tenant = %s AND i.batch_id = %s"
+)
+_BATCH_COUNTS = (
+    "SELECT t.status, count(*) FROM batch_items i JOIN tasks t "
+    "ON t.tenant = i.tenant AND t.task_id = i.task_id "
+    "WHERE i.tenant = %s AND i.batch_id = %s GROUP BY t.status"
+)
+_BATCH_RESULTS = (
+    "SELECT i.line, i.custom_id, i.task_id, "
+    + ", ".join(f"t.{c}" for c in TASK_COLUMNS)
+    + " FROM batch_items i LEFT JOIN tasks t ON t.tenant = i.tenant AND t.task_id = i.task_id "
+    "WHERE i.tenant = %s AND i.batch_id = %s AND i.line > %s ORDER BY i.line LIMIT %s"
 )
 
 
@@ -450,6 +509,106 @@ class PostgresResultStore:
     def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
         with self._transaction() as cur:
             lifecycle.reuse_finish(cur, _LIFECYCLE, entries, released, now=utcnow(), stamp=_as_utc)
+    # Batches (`conveyor.store.batches`).
+
+    def create_batch(self, batch: BatchRecord, items: Sequence[NewBatchItem]) -> None:
+        tenant = tenant_key(batch.tenant)
+        now = batch.created_at
+        with self._transaction() as cur:
+            cur.execute(_BATCH_INSERT, batch_params(batch, _utc))
+            cur.executemany(
+                _BATCH_ITEM_INSERT,
+                [
+                    (tenant, batch.batch_id, n.item.line, n.item.custom_id, n.item.task_id)
+                    for n in items
+                ],
+            )
+            cur.executemany(
+                _RESERVE,
+                [
+                    (
+                        tenant,
+                        n.item.task_id,
+                        TaskStatus.PENDING,
+                        now,
+                        now,
+                        n.kind,
+                        n.callback_url,
+                        n.digest,
+                    )
+                    for n in items
+                ],
+            )
+            if cur.rowcount != len(items):  # rolled back with the batch
+                raise BatchConflictError(f"a task id of batch {batch.batch_id} is taken")
+
+    def get_batch(self, tenant: str, batch_id: str) -> BatchRecord | None:
+        with self._transaction() as cur:
+            row = cur.execute(_BATCH_SELECT, (tenant_key(tenant), batch_id)).fetchone()
+        return None if row is None else batch_from_row(row, _utc)
+
+    def set_batch_status(
+        self,
+        tenant: str,
+        batch_id: str,
+        status: str,
+        *,
+        expect: Collection[str],
+        ended_at: datetime | None = None,
+        error: str | None = None,
+    ) -> bool:
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE batches SET status = %s, ended_at = COALESCE(%s, ended_at), "
+                "error = COALESCE(%s, error) "
+                "WHERE tenant = %s AND batch_id = %s AND status = ANY(%s)",
+                (status, ended_at, error, tenant_key(tenant), batch_id, list(expect)),
+            )
+            return cur.rowcount == 1
+
+    def batch_counts(self, tenant: str, batch_id: str) -> dict[str, int]:
+        with self._transaction() as cur:
+            rows = cur.execute(_BATCH_COUNTS, (tenant_key(tenant), batch_id)).fetchall()
+        counts = dict.fromkeys(sorted(STATUSES), 0)
+        counts.update({status: int(count) for status, count in rows})
+        return counts
+
+    def batch_unfinished(self, tenant: str, batch_id: str, *, limit: int) -> list[str]:
+        with self._transaction() as cur:
+            rows = cur.execute(
+                f"{_BATCH_JOIN} AND NOT (t.status = ANY(%s)) ORDER BY i.line LIMIT %s",
+                (tenant_key(tenant), batch_id, sorted(TERMINAL_STATUSES), limit),
+            ).fetchall()
+        return [str(r[2]) for r in rows]
+
+    def batch_results(
+        self, tenant: str, batch_id: str, *, after_line: int, limit: int
+    ) -> list[tuple[BatchItem, TaskRecord | None]]:
+        with self._transaction() as cur:
+            rows = cur.execute(
+                _BATCH_RESULTS, (tenant_key(tenant), batch_id, after_line, limit)
+            ).fetchall()
+        return [
+            (BatchItem(r[0], r[1], r[2]), None if r[3] is None else task_from_row(r[3:], _utc))
+            for r in rows
+        ]
+
+    def batch_of(self, task_id: str, *, tenant: str) -> str | None:
+        with self._transaction() as cur:
+            row = cur.execute(
+                "SELECT batch_id FROM batch_items WHERE tenant = %s AND task_id = %s",
+                (tenant_key(tenant), task_id),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def overdue_batches(self, now: datetime, *, limit: int) -> list[BatchRecord]:
+        with self._transaction() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE status = %s "
+                "OR (status = %s AND expires_at <= %s) ORDER BY expires_at LIMIT %s",
+                (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, now, limit),
+            ).fetchall()
+        return [batch_from_row(row, _utc) for row in rows]
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -51,6 +51,16 @@ from conveyor.store.base import (
     task_params,
     tenant_key,
     utcnow,
+)
+from conveyor.store.batches import (
+    BATCH_COLUMNS,
+    BatchConflictError,
+    BatchItem,
+    BatchRecord,
+    BatchStatus,
+    NewBatchItem,
+    batch_from_row,
+    batch_params,
 )
 
 log = logging.getLogger(__name__)
@@ -109,6 +119,28 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered_at TEXT,
     PRIMARY KEY (tenant, task_id)
 );
+CREATE TABLE IF NOT EXISTS batches (
+    tenant            TEXT NOT NULL,
+    batch_id          TEXT NOT NULL,
+    status            TEXT NOT NULL,
+    created_at        TEXT NOT NULL,
+    expires_at        TEXT NOT NULL,
+    completion_window TEXT NOT NULL,
+    total             INTEGER NOT NULL,
+    metadata          TEXT,
+    ended_at          TEXT,
+    error             TEXT,
+    PRIMARY KEY (tenant, batch_id)
+);
+CREATE TABLE IF NOT EXISTS batch_items (
+    tenant    TEXT NOT NULL,
+    batch_id  TEXT NOT NULL,
+    line      INTEGER NOT NULL,
+    custom_id TEXT NOT NULL,
+    task_id   TEXT NOT NULL,
+    PRIMARY KEY (tenant, batch_id, line)
+);
+CREATE INDEX IF NOT EXISTS batch_items_task_idx ON batch_items (tenant, task_id);
 """
 
 # A database written before task ids were per tenant (no `digest` column) is migrated in place
@@ -162,6 +194,32 @@ _CLAIM = (
     "WHERE notifications.status = ? AND notifications.claimed_at < ?"
 )
 _LIFECYCLE = lifecycle.lifecycle_sql("?")
+
+_BATCH_INSERT = (
+    f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(BATCH_COLUMNS))})"
+)
+_BATCH_ITEM_INSERT = (
+    "INSERT INTO batch_items (tenant, batch_id, line, custom_id, task_id) VALUES (?, ?, ?, ?, ?)"
+)
+_BATCH_SELECT = f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE tenant = ? AND batch_id = ?"
+# A batch's items with their tasks: the reservation made the task row with the item, so the
+# inner join loses none (results use a LEFT JOIN all the same, in case a row was removed).
+_BATCH_JOIN = (
+    "SELECT i.line, i.custom_id, i.task_id FROM batch_items i JOIN tasks t "
+    "ON t.tenant = i.tenant AND t.task_id = i.task_id WHERE i.tenant = ? AND i.batch_id = ?"
+)
+_BATCH_COUNTS = (
+    "SELECT t.status, COUNT(*) FROM batch_items i JOIN tasks t "
+    "ON t.tenant = i.tenant AND t.task_id = i.task_id "
+    "WHERE i.tenant = ? AND i.batch_id = ? GROUP BY t.status"
+)
+_BATCH_RESULTS = (
+    "SELECT i.line, i.custom_id, i.task_id, "
+    + ", ".join(f"t.{c}" for c in TASK_COLUMNS)
+    + " FROM batch_items i LEFT JOIN tasks t ON t.tenant = i.tenant AND t.task_id = i.task_id "
+    "WHERE i.tenant = ? AND i.batch_id = ? AND i.line > ? ORDER BY i.line LIMIT ?"
+)
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -440,6 +498,108 @@ class SqliteResultStore:
     def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
         with self._transaction() as cur:
             lifecycle.reuse_finish(cur, _LIFECYCLE, entries, released, now=utcnow(), stamp=_ts)
+    # Batches (`conveyor.store.batches`).
+
+    def create_batch(self, batch: BatchRecord, items: Sequence[NewBatchItem]) -> None:
+        tenant = tenant_key(batch.tenant)
+        now = _ts(batch.created_at)
+        with self._transaction() as cur:
+            cur.execute(_BATCH_INSERT, batch_params(batch, _ts))
+            cur.executemany(
+                _BATCH_ITEM_INSERT,
+                [
+                    (tenant, batch.batch_id, n.item.line, n.item.custom_id, n.item.task_id)
+                    for n in items
+                ],
+            )
+            cur.executemany(
+                _RESERVE,
+                [
+                    (
+                        tenant,
+                        n.item.task_id,
+                        TaskStatus.PENDING,
+                        now,
+                        now,
+                        n.kind,
+                        n.callback_url,
+                        n.digest,
+                    )
+                    for n in items
+                ],
+            )
+            if cur.rowcount != len(items):  # rolled back with the batch
+                raise BatchConflictError(f"a task id of batch {batch.batch_id} is taken")
+
+    def get_batch(self, tenant: str, batch_id: str) -> BatchRecord | None:
+        with self._read() as cur:
+            row = cur.execute(_BATCH_SELECT, (tenant_key(tenant), batch_id)).fetchone()
+        return None if row is None else batch_from_row(row, _dt)
+
+    def set_batch_status(
+        self,
+        tenant: str,
+        batch_id: str,
+        status: str,
+        *,
+        expect: Collection[str],
+        ended_at: datetime | None = None,
+        error: str | None = None,
+    ) -> bool:
+        marks = ", ".join("?" * len(expect))
+        with self._transaction() as cur:
+            cur.execute(
+                "UPDATE batches SET status = ?, ended_at = COALESCE(?, ended_at), "
+                "error = COALESCE(?, error) "
+                f"WHERE tenant = ? AND batch_id = ? AND status IN ({marks})",
+                (status, _ts(ended_at), error, tenant_key(tenant), batch_id, *expect),
+            )
+            return cur.rowcount == 1
+
+    def batch_counts(self, tenant: str, batch_id: str) -> dict[str, int]:
+        with self._read() as cur:
+            rows = cur.execute(_BATCH_COUNTS, (tenant_key(tenant), batch_id)).fetchall()
+        counts = dict.fromkeys(sorted(STATUSES), 0)
+        counts.update({status: count for status, count in rows})
+        return counts
+
+    def batch_unfinished(self, tenant: str, batch_id: str, *, limit: int) -> list[str]:
+        marks = ", ".join("?" * len(TERMINAL_STATUSES))
+        with self._read() as cur:
+            rows = cur.execute(
+                f"{_BATCH_JOIN} AND t.status NOT IN ({marks}) ORDER BY i.line LIMIT ?",
+                (tenant_key(tenant), batch_id, *sorted(TERMINAL_STATUSES), limit),
+            ).fetchall()
+        return [str(r[2]) for r in rows]
+
+    def batch_results(
+        self, tenant: str, batch_id: str, *, after_line: int, limit: int
+    ) -> list[tuple[BatchItem, TaskRecord | None]]:
+        with self._read() as cur:
+            rows = cur.execute(
+                _BATCH_RESULTS, (tenant_key(tenant), batch_id, after_line, limit)
+            ).fetchall()
+        return [
+            (BatchItem(r[0], r[1], r[2]), None if r[3] is None else task_from_row(r[3:], _dt))
+            for r in rows
+        ]
+
+    def batch_of(self, task_id: str, *, tenant: str) -> str | None:
+        with self._read() as cur:
+            row = cur.execute(
+                "SELECT batch_id FROM batch_items WHERE tenant = ? AND task_id = ?",
+                (tenant_key(tenant), task_id),
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def overdue_batches(self, now: datetime, *, limit: int) -> list[BatchRecord]:
+        with self._read() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE status = ? "
+                "OR (status = ? AND expires_at <= ?) ORDER BY expires_at LIMIT ?",
+                (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, _ts(now), limit),
+            ).fetchall()
+        return [batch_from_row(row, _dt) for row in rows]
 
 
 def _transient(exc: sqlite3.Error) -> bool:

@@ -16,6 +16,7 @@ from typing import Any
 
 from conveyor.events.ingress import TaskRequest
 from conveyor.store import STATUSES, TaskEventRecord, TaskRecord
+from conveyor.web.batchschema import BATCH_PATHS, BATCH_SCHEMAS
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +335,7 @@ def _document() -> dict[str, Any]:
             "belongs to one tenant; a tenant never sees another tenant's tasks (404).",
         },
         "security": [{"bearerAuth": []}],
-        "paths": _PATHS,
+        "paths": {**_PATHS, **BATCH_PATHS},
         "components": {
             "securitySchemes": {
                 "bearerAuth": {
@@ -359,6 +360,7 @@ def _document() -> dict[str, Any]:
                 "TaskMessage": message,
                 "TimelineEvent": _EVENT,
                 "Error": _ERROR,
+                **BATCH_SCHEMAS,
             },
         },
     }

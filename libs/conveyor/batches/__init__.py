@@ -1,0 +1,8 @@
+"""Batch jobs: many tasks submitted as one JSONL file, followed, cancelled and collected as one.
+
+The shape is the OpenAI Batch API's (input lines with `custom_id`, a batch object with `status`,
+`request_counts` and `completion_window`, a results file in input order): `jsonl` reads and checks
+the input, `lifecycle` creates, refreshes, cancels and expires batches over the store, `views`
+writes the batch object and the result lines, and `skip` lets a stage drop the tasks of a batch
+that was stopped. The HTTP routes are in `services/gateway/batches.py`; docs/batches.md.
+"""
