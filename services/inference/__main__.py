@@ -27,7 +27,19 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
         "models": registry,
         "gpu_sampler": start_gpu_sampler("inference"),
         "capacity": _capacity(settings),
+        "streams": _streams(settings, registry),
     }
+
+
+def _streams(settings: InferenceSettings, registry: Any) -> Any:
+    """The chunk publisher of streaming tasks (docs/streaming.md), or None when streaming is off."""
+    if not settings.stream_enabled:
+        return None
+    from conveyor.ml.policy import build_signals
+    from conveyor.streaming.publisher import ChunkPublisher
+
+    signals = build_signals(settings, lambda: registry.for_kind("embed"))
+    return ChunkPublisher.open_kafka(settings, signals, settings.thresholds, settings.chunk_rules())
 
 
 def _capacity(settings: InferenceSettings) -> Any:
@@ -50,6 +62,8 @@ def _capacity(settings: InferenceSettings) -> Any:
 def teardown(resources: dict[str, Any]) -> None:
     if resources.get("gpu_sampler") is not None:
         resources["gpu_sampler"].stop()
+    if resources.get("streams") is not None:
+        resources["streams"].close()
 
 
 SERVICE = StageService(

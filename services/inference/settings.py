@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field
 
 from conveyor.settings import StageSettings
+from conveyor.streaming.settings import StreamSettings
 
 
-class InferenceSettings(StageSettings):
+class InferenceSettings(StageSettings, StreamSettings):
     # Dynamic batching: up to 32 records per poll, waiting at most 20 ms for the batch to fill.
     batch_max: int = Field(default=32, ge=1, description="records per batch")
     batch_wait_ms: int = Field(default=20, ge=0, description="max wait to fill a batch")

@@ -17,6 +17,7 @@ from conveyor.errors import BrokerError
 from conveyor.events.catalog import Catalog, load_catalog
 from conveyor.kafka.config import admin as admin_conf
 from conveyor.settings import KafkaSettings
+from conveyor.streaming.chunks import STREAM_TOPIC, STREAM_TOPIC_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ def planned_topics(
     ]
     # The redrive ledger: one partition, so one transactional writer orders every entry.
     plans.append(TopicPlan(prefix + LEDGER_TOPIC, 1, dict(LEDGER_CONFIG)))
+    # Streamed partial text: short-lived progress, never stored (docs/streaming.md).
+    plans.append(TopicPlan(prefix + STREAM_TOPIC, parts, dict(STREAM_TOPIC_CONFIG)))
     return plans
 
 
