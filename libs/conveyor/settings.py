@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 _CONFIG = SettingsConfigDict(
     env_prefix="CONVEYOR_", frozen=True, extra="ignore", hide_input_in_errors=True
 )
+SETTINGS_CONFIG = _CONFIG  # for settings mixins defined next to their feature
 
 
 class KafkaSettings(BaseSettings):

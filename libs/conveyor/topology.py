@@ -11,6 +11,7 @@ from conveyor.dlq.ledger import LEDGER_CONFIG, LEDGER_TOPIC
 from conveyor.events.catalog import Catalog, load_catalog
 from conveyor.kafka.admin import TopicPlan, create_topics
 from conveyor.settings import KafkaSettings
+from conveyor.streaming.chunks import STREAM_TOPIC, STREAM_TOPIC_CONFIG
 
 # Dead letters are kept for 14 days so operators can inspect and redrive them.
 DLQ_CONFIG = {"retention.ms": str(14 * 24 * 3600 * 1000)}
@@ -30,6 +31,8 @@ def planned_topics(
     ]
     # The redrive ledger: one partition, so one transactional writer orders every entry.
     plans.append(TopicPlan(prefix + LEDGER_TOPIC, 1, dict(LEDGER_CONFIG)))
+    # Streamed partial text: short-lived progress, never stored (docs/streaming.md).
+    plans.append(TopicPlan(prefix + STREAM_TOPIC, parts, dict(STREAM_TOPIC_CONFIG)))
     return plans
 
 

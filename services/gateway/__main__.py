@@ -14,6 +14,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -28,6 +29,8 @@ from conveyor.publisher import AsyncTaskPublisher
 from conveyor.quota import QuotaSettings, SqlRateLedger, SubmissionQuota
 from conveyor.runtime.health import HealthServer
 from conveyor.store import open_store
+from conveyor.streaming.feed import StreamFeed
+from conveyor.streaming.hub import StreamHub
 from conveyor.telemetry.logging import setup_logging
 from conveyor.telemetry.tracing import init_tracing, shutdown_tracing
 from conveyor.web import redact
@@ -93,8 +96,17 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         closers=(lag.close, quota.close, backlog.close),
         quota=quota,
         admission=Admission(backlog, ttl_s=settings.lag_cache_s),
+        **_streaming(settings),
     )
     return build_app(gateway), gateway
+
+
+def _streaming(settings: GatewaySettings) -> dict[str, Any]:
+    """The stream hub and its feed (docs/streaming.md), unless partial text is not followed."""
+    if not settings.stream_follow:
+        return {}
+    hub = StreamHub(max_tasks=settings.stream_max_tasks, ttl_s=settings.stream_ttl_s)
+    return {"streams": hub, "feed": StreamFeed(settings, replay_s=settings.stream_replay_s)}
 
 
 def uvicorn_config(app: Starlette, settings: GatewaySettings) -> uvicorn.Config:

@@ -49,6 +49,8 @@ from conveyor.events.ingress import InvalidTaskError, TaskRequest, parse_task
 from conveyor.publisher import TaskPublisher
 from conveyor.quota import SubmissionQuota, retry_after_header
 from conveyor.store import Reservation, ResultStore, is_terminal
+from conveyor.streaming.feed import StreamFeed
+from conveyor.streaming.hub import StreamHub
 from conveyor.web.auth import (
     SUBPROTOCOL,
     TokenTable,
@@ -68,6 +70,7 @@ from conveyor.web.schema import (
 )
 from conveyor.webhooks.policy import edge_refusal
 from services.gateway.settings import GatewaySettings
+from services.gateway.streaming import pause, push_partial, start_feed
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +88,8 @@ class Gateway:
         closers: tuple[Callable[[], None], ...] = (),
         quota: SubmissionQuota | None = None,
         admission: Admission | None = None,
+        streams: StreamHub | None = None,
+        feed: StreamFeed | None = None,
     ) -> None:
         self.settings = settings
         self.tokens = TokenTable(settings.gateway_tokens)
@@ -99,6 +104,8 @@ class Gateway:
         self.closers = closers
         self.quota = quota  # per-tenant submission rate (docs/scheduling.md); None: unlimited
         self.admission = admission  # estimated start, deadline refusal; None: no estimate
+        self.streams = streams  # streamed partial text (docs/streaming.md); None: not pushed
+        self.feed = feed  # reads the stream topic into `streams`, started with the app
         self.started = False
         self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
         self.sockets = 0
@@ -197,6 +204,8 @@ class Gateway:
         return record, events
 
     def close(self) -> None:
+        if self.feed is not None:
+            self.feed.stop()
         self.publisher.close()
         for close in self.closers:
             close()
@@ -395,24 +404,28 @@ async def _follow(
     ws: WebSocket, gateway: Gateway, task_id: str, tenant: str, view: dict[str, Any]
 ) -> None:
     left = asyncio.ensure_future(_until_disconnect(ws))
+    # Partial text of a streaming task, between the status messages (services.gateway.streaming).
+    stream = gateway.streams.subscribe(tenant, task_id) if gateway.streams else None
     deadline = time.monotonic() + gateway.settings.ws_max_s
     sent: tuple[Any, Any] | None = None
     try:
         while True:
             if (view["status"], view["stage"]) != sent:
                 final = is_terminal(view["status"])
+                await push_partial(ws, stream)
                 await ws.send_json({**view, "final": final})
                 sent = (view["status"], view["stage"])
                 if final:
                     return await ws.close(1000, "terminal status")
             if time.monotonic() >= deadline:
                 return await ws.close(1000, "time limit reached; reconnect to follow on")
-            done, _ = await asyncio.wait({left}, timeout=gateway.settings.ws_poll_s)
-            if done:
+            if await pause(ws, left, stream, gateway.settings.ws_poll_s):
                 return
             view = await _poll(gateway, task_id, tenant) or view
     finally:
         left.cancel()
+        if stream is not None:
+            stream.close()
 
 
 async def _poll(gateway: Gateway, task_id: str, tenant: str) -> dict[str, Any] | None:
@@ -466,6 +479,8 @@ def build_app(gateway: Gateway) -> Starlette:
         if not len(gateway.tokens):
             log.warning("no gateway tokens configured: every call will be 401")
         gateway.publisher.start()
+        if gateway.feed is not None and gateway.streams is not None:
+            await start_feed(gateway.feed, gateway.streams)
         ticker = asyncio.ensure_future(gateway.tick())
         sweeper = asyncio.ensure_future(sweep_forever(gateway))
         gateway.started = True

@@ -14,10 +14,11 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import NoDecode
 
 from conveyor.settings import CatalogSettings, KafkaSettings, store_url_field
+from conveyor.streaming.settings import StreamFollowSettings
 from conveyor.webhooks.policy import parse_allow
 
 
-class GatewaySettings(KafkaSettings, CatalogSettings):
+class GatewaySettings(KafkaSettings, CatalogSettings, StreamFollowSettings):
     gateway_host: str = Field(default="127.0.0.1", description="bind address of the HTTP API")
     gateway_port: int = Field(
         default=8080, ge=0, le=65535, description="HTTP port; 0 picks a free one"

@@ -31,6 +31,7 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
         "gpu_sampler": start_gpu_sampler("inference"),
         "capacity": _capacity(settings),
         "reuse": _reuse(settings),
+        "streams": _streams(settings, registry),
     }
 
 
@@ -43,6 +44,17 @@ def _reuse(settings: InferenceSettings) -> Any:
 
     log.info("result reuse on ttl_s=%s lease_s=%s", settings.reuse_ttl_s, settings.reuse_lease_s)
     return ReuseCache(open_store(settings.store_url), settings, rungs=len(settings.retry_delays))
+
+
+def _streams(settings: InferenceSettings, registry: Any) -> Any:
+    """The chunk publisher of streaming tasks (docs/streaming.md), or None when streaming is off."""
+    if not settings.stream_enabled:
+        return None
+    from conveyor.ml.policy import build_signals
+    from conveyor.streaming.publisher import ChunkPublisher
+
+    signals = build_signals(settings, lambda: registry.for_kind("embed"))
+    return ChunkPublisher.open_kafka(settings, signals, settings.thresholds, settings.chunk_rules())
 
 
 def _capacity(settings: InferenceSettings) -> Any:
@@ -69,6 +81,8 @@ def teardown(resources: dict[str, Any]) -> None:
         resources["reuse"].store.close()
     if resources.get("stopped_batches") is not None:
         resources["stopped_batches"].close()
+    if resources.get("streams") is not None:
+        resources["streams"].close()
 
 
 SERVICE = StageService(

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from conveyor.errors import PermanentError
@@ -30,6 +31,7 @@ from conveyor.store.base import TaskStatus
 from conveyor.telemetry.metrics import MODEL_RECORDS
 from conveyor.telemetry.tracing import span
 from services.inference.settings import InferenceSettings
+from services.inference.streaming import close_sinks, open_sinks
 
 
 def handle_batch(
@@ -67,7 +69,7 @@ def handle_batch(
         batch = [events[i].data for i in indices]
         started = time.perf_counter()
         with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
-            ran = _run_isolated(kind, registry, name, batch)
+            ran = _run_isolated(kind, registry, name, batch, ctx.resources.get("streams"))
         MODEL_RECORDS.labels("inference", kind, name).inc(len(indices))
         elapsed = time.perf_counter() - started
         capacity = ctx.resources.get("capacity")
@@ -117,10 +119,12 @@ def _settle(
 Results = list[dict[str, Any] | BaseException]
 
 
-def _run_isolated(kind: str, registry: Any, name: str, batch: list[Mapping[str, Any]]) -> Results:
+def _run_isolated(
+    kind: str, registry: Any, name: str, batch: list[Mapping[str, Any]], streams: Any = None
+) -> Results:
     """The model group's results; if the group call raises, each record is run alone, so the
     error lands on the record that causes it (and every record still gets an outcome)."""
-    runner = _RUNNERS[kind]
+    runner = _runner(kind, streams)
     try:
         model = registry.for_kind(kind, name)
     except Exception as exc:  # the model does not load: no record of the group can run
@@ -139,7 +143,13 @@ def _run_isolated(kind: str, registry: Any, name: str, batch: list[Mapping[str, 
     return out
 
 
-def _generate(model: Any, batch: list[Mapping[str, Any]]) -> Results:
+def _runner(kind: str, streams: Any) -> Callable[[Any, list[Mapping[str, Any]]], Results]:
+    if kind == "generate" and streams is not None:  # streaming tasks' text: docs/streaming.md
+        return partial(_generate, streams=streams)
+    return _RUNNERS[kind]
+
+
+def _generate(model: Any, batch: list[Mapping[str, Any]], streams: Any = None) -> Results:
     from conveyor.ml.generator import decoding_groups
 
     out: Results = []
@@ -154,12 +164,17 @@ def _generate(model: Any, batch: list[Mapping[str, Any]]) -> Results:
     # One call per decoding group: a group that raises fails its own records, not the others.
     for group in decoding_groups(params).values():
         records = [runnable[g][0] for g in group]
+        sinks = open_sinks(streams, [batch[i] for i in records])
         try:
             texts: list[Any] = model.generate(
-                [batch[i]["prompt"] for i in records], [params[g] for g in group]
+                [batch[i]["prompt"] for i in records],
+                [params[g] for g in group],
+                **({"sinks": sinks} if sinks else {}),
             )
         except Exception as exc:
             texts = [exc] * len(records)
+        finally:
+            close_sinks(sinks)
         for i, text in zip(records, texts, strict=True):
             out[i] = text if isinstance(text, BaseException) else {"text": text}
     return out

@@ -8,9 +8,10 @@ from pydantic import Field, model_validator
 
 from conveyor.reuse import ReuseSettings
 from conveyor.settings import StageSettings
+from conveyor.streaming.settings import StreamSettings
 
 
-class InferenceSettings(StageSettings, ReuseSettings):
+class InferenceSettings(StageSettings, ReuseSettings, StreamSettings):
     # ReuseSettings: CONVEYOR_REUSE, _REUSE_TTL_S, _REUSE_LEASE_S, _STORE_URL (docs/reuse.md).
     # Dynamic batching: up to 32 records per poll, waiting at most 20 ms for the batch to fill.
     batch_max: int = Field(default=32, ge=1, description="records per batch")

@@ -11,21 +11,15 @@ from services.moderation.settings import ModerationSettings
 
 
 def setup(settings: ModerationSettings) -> dict[str, Any]:
-    from conveyor.ml.moderation import (
-        BlocklistSignal,
-        DisallowedExample,
-        EmbeddingSimilaritySignal,
-        ProfanitySignal,
-    )
+    from conveyor.ml.policy import build_signals
 
-    signals: list[Any] = [ProfanitySignal(), BlocklistSignal.from_config(settings.rules)]
-    if settings.disallowed_examples:
-        from conveyor.ml.registry import ModelRegistry
+    return {"signals": build_signals(settings, lambda: _embedder(settings))}
 
-        embedder = ModelRegistry.from_json(settings.models).for_kind("embed")
-        examples = [DisallowedExample(**e) for e in settings.disallowed_examples]
-        signals.append(EmbeddingSimilaritySignal(embedder, examples))
-    return {"signals": signals}
+
+def _embedder(settings: ModerationSettings) -> Any:
+    from conveyor.ml.registry import ModelRegistry
+
+    return ModelRegistry.from_json(settings.models).for_kind("embed")
 
 
 SERVICE = StageService("moderation", ModerationSettings, handle_batch=handle_batch, setup=setup)

@@ -6,30 +6,25 @@ Signals score each text in [0, 1] with a reason: `profanity` (alt-profanity-chec
 Both the input and the generated text are checked: a model must not be used to launder a
 request, nor to produce abuse. A task's score per signal is its worst text's. The task is
 blocked when any signal reaches its block threshold, flagged when any reaches its flag
-threshold, allowed otherwise.
+threshold, allowed otherwise (`conveyor.ml.policy.decide`, which inference's stream gate
+applies too).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from conveyor.events.catalog import MODERATED_TYPE as MODERATED
 from conveyor.events.model import Event
+from conveyor.ml.policy import LEVELS, Verdict, decide
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.telemetry.tracing import span
-from services.moderation.settings import ModerationSettings, Threshold
+from services.moderation.settings import ModerationSettings
 
-LEVELS = ("allow", "flag", "block")
-
-
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    verdict: str
-    scores: dict[str, float]
-    reasons: list[str]
+# The policy (thresholds -> verdict) is shared with inference's stream gate: conveyor.ml.policy.
+__all__ = ["LEVELS", "MODERATED", "Verdict", "decide", "handle_batch"]
 
 
 def handle_batch(
@@ -52,24 +47,6 @@ def handle_batch(
         scores = {name: (r.score, r.reason) for name, r in worst.items()}
         out.append(_moderated(event, decide(scores, ctx.settings.thresholds)))
     return out
-
-
-def decide(scores: dict[str, tuple[float, str]], thresholds: dict[str, Threshold]) -> Verdict:
-    """The verdict for per-signal (score, reason) pairs; signals without thresholds only report."""
-    level = 0
-    reasons: list[str] = []
-    for name, (score, reason) in sorted(scores.items()):
-        limit = thresholds.get(name)
-        if limit is None:
-            continue
-        if score >= limit.block:
-            level = 2
-            reasons.append(f"{name}: {reason}")
-        elif score >= limit.flag:
-            level = max(level, 1)
-            reasons.append(f"{name}: {reason}")
-    rounded = {name: round(score, 4) for name, (score, _) in scores.items()}
-    return Verdict(LEVELS[level], rounded, reasons)
 
 
 def _texts(event: Event) -> list[str]:

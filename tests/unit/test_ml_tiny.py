@@ -7,6 +7,7 @@ them back as local Hugging Face folders, the same path a configured model takes.
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -226,6 +227,52 @@ def test_each_record_is_cut_to_its_own_max_new_tokens(registry: ModelRegistry) -
     )
     assert long.startswith(short) and len(short) < len(long)
     assert gen.count_tokens(short) <= 2 < gen.count_tokens(long)
+
+
+class RecordingSink:
+    """A `TextSink` that keeps what it is given."""
+
+    def __init__(self, *, fail: bool = False) -> None:
+        self.updates: list[str] = []
+        self.final: str | None = None
+        self.closed = False
+        self.fail = fail
+
+    def update(self, text: str) -> None:
+        if self.fail:
+            raise RuntimeError("sink broken")
+        self.updates.append(text)
+
+    def finish(self, text: str) -> None:
+        self.final = text
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_streamed_rows_see_their_text_grow_and_end_on_the_result_in_a_shared_batch(
+    registry: ModelRegistry,
+) -> None:
+    gen = registry.for_kind("generate")
+    params = [GenParams(max_new_tokens=n) for n in (6, 3, 6, 5)]
+    plain = gen.generate(PROMPTS, params)
+    sinks = {0: RecordingSink(), 3: RecordingSink()}
+    streamed = gen.generate(PROMPTS, params, sinks=sinks)
+    assert streamed == plain  # streaming rows share the batch and change nobody's result
+    for i, sink in sinks.items():
+        assert sink.final == plain[i] and sink.closed
+        assert len(sink.updates) == params[i].max_new_tokens  # one per token, cut at its budget
+        assert all(later.startswith(earlier) for earlier, later in itertools.pairwise(sink.updates))
+        assert sink.updates[-1].strip() == plain[i]
+
+
+def test_a_sink_that_raises_never_fails_generation(registry: ModelRegistry) -> None:
+    gen = registry.for_kind("generate")
+    params = [GenParams(max_new_tokens=4)] * 2
+    broken, fine = RecordingSink(fail=True), RecordingSink()
+    texts = gen.generate(PROMPTS[:2], params, sinks={0: broken, 1: fine})
+    assert texts == gen.generate(PROMPTS[:2], params)
+    assert broken.final is None and fine.final == texts[1]
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(registry: ModelRegistry) -> None:

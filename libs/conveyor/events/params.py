@@ -45,6 +45,9 @@ class GenerateParams(_Params):
     )
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, description="reproducible sampling")
+    # Partial text goes to the task's WebSocket as it is generated, each chunk moderated first;
+    # the stored result, moderation and webhook are the same either way (docs/streaming.md).
+    stream: bool = Field(False, description="push partial text to the task's WebSocket")
 
 
 class EmbedParams(_Params):

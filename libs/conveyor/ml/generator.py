@@ -22,7 +22,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -37,6 +37,7 @@ from conveyor.ml.device import resolve_device, resolve_dtype
 from conveyor.ml.loading import load_model, load_tokenizer, max_input_tokens
 from conveyor.ml.resolve import resolve_source
 from conveyor.ml.specs import ModelSpec
+from conveyor.ml.streamer import RowStreamer, TextSink
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class _Item:
     index: int  # position in the caller's list
     text: str  # prompt after the chat template
     max_new_tokens: int
+    sink: TextSink | None = None  # where its partial text streams to, if it streams
 
 
 class Generator:
@@ -104,19 +106,30 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompts: Sequence[str], params: Sequence[GenParams]) -> list[str]:
-        """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``.
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: Sequence[GenParams],
+        *,
+        sinks: Mapping[int, TextSink] | None = None,
+    ) -> list[str]:
+        """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``;
+        ``sinks[i]``, when given, receives prompt i's partial text as it is generated.
 
         Raises the first group's error; ``generate_each`` keeps the other groups' texts.
         """
-        outputs = self.generate_each(prompts, params)
+        outputs = self.generate_each(prompts, params, sinks=sinks)
         for out in outputs:
             if isinstance(out, Exception):
                 raise out
         return [str(out) for out in outputs]
 
     def generate_each(
-        self, prompts: Sequence[str], params: Sequence[GenParams]
+        self,
+        prompts: Sequence[str],
+        params: Sequence[GenParams],
+        *,
+        sinks: Mapping[int, TextSink] | None = None,
     ) -> list[str | Exception]:
         """Like ``generate``, but a decoding group that raises (a seed torch refuses, a
         temperature that turns the distribution into NaN) yields its error for its own records
@@ -126,7 +139,7 @@ class Generator:
         outputs: list[str | Exception] = [""] * len(prompts)
         for key, group in decoding_groups(params).items():
             try:
-                texts = self._generate_group(prompts, params, group)
+                texts = self._generate_group(prompts, params, group, sinks or {})
             except Exception as exc:  # isolated per group, reported per record
                 logger.warning(
                     "generation group failed key=%s size=%d error=%r", key, len(group), exc
@@ -137,20 +150,24 @@ class Generator:
         return outputs
 
     def _generate_group(
-        self, prompts: Sequence[str], params: Sequence[GenParams], group: list[int]
+        self,
+        prompts: Sequence[str],
+        params: Sequence[GenParams],
+        group: list[int],
+        sinks: Mapping[int, TextSink],
     ) -> dict[int, str | Exception]:
         # Similar budgets side by side, so a chunk rarely waits on one long record.
         items = sorted(
-            (self._item(i, prompts[i], params[i]) for i in group),
+            (self._item(i, prompts[i], params[i], sinks.get(i)) for i in group),
             key=lambda item: item.max_new_tokens,
         )
         first = params[group[0]]
         texts = run_batched(partial(self._run, params=first), items, self.max_batch_size)
         return {item.index: text for item, text in zip(items, texts, strict=True)}
 
-    def _item(self, index: int, prompt: str, params: GenParams) -> _Item:
+    def _item(self, index: int, prompt: str, params: GenParams, sink: TextSink | None) -> _Item:
         budget = params.max_new_tokens or self.default_max_new_tokens
-        return _Item(index=index, text=self._render(prompt), max_new_tokens=budget)
+        return _Item(index=index, text=self._render(prompt), max_new_tokens=budget, sink=sink)
 
     def _render(self, prompt: str) -> str:
         if not self._templated:
@@ -165,13 +182,18 @@ class Generator:
         started = time.perf_counter()
         budget = max(item.max_new_tokens for item in chunk)
         encoded = self._encode([item.text for item in chunk], budget)
+        streamer = self._streamer(chunk)
         with torch.inference_mode(), _seeded(params.seed, self.device):
-            out = self.model.generate(**encoded, generation_config=self._config(params, budget))
+            out = self.model.generate(
+                **encoded, generation_config=self._config(params, budget), streamer=streamer
+            )
         new_tokens = out[:, encoded["input_ids"].shape[1] :]
         texts = [
             self.tokenizer.decode(row[: item.max_new_tokens], skip_special_tokens=True).strip()
             for row, item in zip(new_tokens, chunk, strict=True)
         ]
+        if streamer is not None:  # the last piece is the result itself
+            streamer.finish_rows(texts)
         logger.info(
             "generated batch_size=%d max_new_tokens=%d seconds=%.3f",
             len(chunk),
@@ -179,6 +201,13 @@ class Generator:
             time.perf_counter() - started,
         )
         return texts
+
+    def _streamer(self, chunk: list[_Item]) -> RowStreamer | None:
+        """A streamer for the chunk's streaming rows, or None (then generation is unchanged)."""
+        sinks = {row: item.sink for row, item in enumerate(chunk) if item.sink is not None}
+        if not sinks:
+            return None
+        return RowStreamer(self.tokenizer, sinks, [item.max_new_tokens for item in chunk])
 
     def _encode(self, texts: list[str], budget: int) -> dict[str, torch.Tensor]:
         # The chat template already holds the special tokens; adding them again would double BOS.

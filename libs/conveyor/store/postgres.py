@@ -509,6 +509,7 @@ class PostgresResultStore:
     def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
         with self._transaction() as cur:
             lifecycle.reuse_finish(cur, _LIFECYCLE, entries, released, now=utcnow(), stamp=_as_utc)
+
     # Batches (`conveyor.store.batches`).
 
     def create_batch(self, batch: BatchRecord, items: Sequence[NewBatchItem]) -> None:

@@ -498,6 +498,7 @@ class SqliteResultStore:
     def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
         with self._transaction() as cur:
             lifecycle.reuse_finish(cur, _LIFECYCLE, entries, released, now=utcnow(), stamp=_ts)
+
     # Batches (`conveyor.store.batches`).
 
     def create_batch(self, batch: BatchRecord, items: Sequence[NewBatchItem]) -> None:

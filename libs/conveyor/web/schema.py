@@ -194,6 +194,34 @@ def _probe(summary: str, failed: str) -> dict[str, Any]:
     }
 
 
+_WS_MESSAGES = [
+    {"$ref": f"#/components/schemas/{name}"} for name in ("TaskMessage", "StreamChunk", "StreamEnd")
+]
+_STREAM_CHUNK = {
+    "type": "object",
+    "description": "Partial text of a streaming task: the reader keeps "
+    "`text = text[:offset] + chunk.text` (offsets in Unicode code points)",
+    "required": ["type", "task_id", "offset", "text"],
+    "properties": {
+        "type": {"const": "chunk"},
+        "task_id": {"type": "string"},
+        "offset": {"type": "integer", "minimum": 0},
+        "text": {"type": "string"},
+    },
+}
+_STREAM_END = {
+    "type": "object",
+    "description": "The partial text stops: complete, moderation (the task goes on) or "
+    "interrupted (a retry may start again at offset 0); the final TaskMessage has the result",
+    "required": ["type", "task_id", "reason"],
+    "properties": {
+        "type": {"const": "stream_end"},
+        "task_id": {"type": "string"},
+        "reason": {"enum": ["complete", "moderation", "interrupted"]},
+    },
+}
+
+
 _AUTH_ERRORS = {"401": _answer("missing or unknown bearer token")}
 _TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _PATHS: dict[str, Any] = {
@@ -257,8 +285,10 @@ _PATHS: dict[str, Any] = {
     "/v1/tasks/{task_id}/events": {
         "get": {
             "summary": "WebSocket: one message per status change, closed after the terminal one",
-            "description": "Upgrade to a WebSocket. Every message is a `TaskMessage`; after the "
-            "message with `final: true` the server closes the socket (1000). The token goes in "
+            "description": "Upgrade to a WebSocket. Each status change is a `TaskMessage`; after "
+            "the message with `final: true` the server closes the socket (1000). A generate task "
+            "submitted with `params.stream: true` also gets its partial text before that, as "
+            "`StreamChunk` and `StreamEnd` messages (docs/streaming.md). The token goes in "
             "the `Authorization` header or, from a browser, as the subprotocol "
             "`bearer.<base64url(token), no padding>` offered together with `conveyor.v1` "
             "(which the server selects). A token in the URL is refused (401).",
@@ -267,10 +297,9 @@ _PATHS: dict[str, Any] = {
             "parameters": [_TASK_ID],
             "responses": {
                 "101": {
-                    "description": "switching protocols; messages: TaskMessage",
-                    "content": {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/TaskMessage"}}
-                    },
+                    "description": "switching protocols; messages: TaskMessage, StreamChunk, "
+                    "StreamEnd",
+                    "content": {"application/json": {"schema": {"oneOf": _WS_MESSAGES}}},
                 },
                 **_AUTH_ERRORS,
                 "404": _answer("no such task for this tenant, or expired under retention"),
@@ -358,6 +387,8 @@ def _document() -> dict[str, Any]:
                 "Task": _TASK,
                 "TaskWithTimeline": task_with_timeline,
                 "TaskMessage": message,
+                "StreamChunk": _STREAM_CHUNK,
+                "StreamEnd": _STREAM_END,
                 "TimelineEvent": _EVENT,
                 "Error": _ERROR,
                 **BATCH_SCHEMAS,
