@@ -19,6 +19,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from conveyor.admission import LANES, Admission, KafkaBacklog
+from conveyor.cancel import Canceller
 from conveyor.client import TaskClient
 from conveyor.events.catalog import INGRESS_TOPIC
 from conveyor.kafka.config import common
@@ -80,14 +81,16 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         timeout_s=settings.lag_timeout_s,
     )
     quota = SubmissionQuota(QuotaSettings(), SqlRateLedger(settings.store_url.get_secret_value()))
+    canceller = Canceller(settings, store, by="gateway", ack_timeout_s=settings.publish_timeout_s)
     gateway = Gateway(
         settings,
         publisher=publisher,
         store=store,
         queue_estimate=CachedLag(lag.total, ttl_s=settings.lag_cache_s).value,
-        closers=(lag.close, quota.close, backlog.close),
+        closers=(lag.close, quota.close, backlog.close, canceller.close),
         quota=quota,
         admission=Admission(backlog, ttl_s=settings.lag_cache_s),
+        canceller=canceller,
     )
     return build_app(gateway), gateway
 

@@ -21,6 +21,7 @@ COMMANDS = {
     "up": ("up", "start the broker, topics and every service; --demo submits examples"),
     "submit": ("tasks", "submit tasks from a JSONL file or arguments"),
     "status": ("tasks", "show a task's status, timeline and result"),
+    "cancel": ("cancel", "cancel a task (idempotent; a finished task is left as it is)"),
     "trace": ("trace", "print a task's trace id and its Jaeger UI link"),
     "models": ("models", "prepare the packaged models (convert once into the cache)"),
     "dlq": ("dlq", "list, show or redrive dead letters"),

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from conveyor.cancel.topic import CANCEL_CONFIG, CANCEL_TOPIC
 from conveyor.dlq.ledger import LEDGER_CONFIG, LEDGER_TOPIC
 from conveyor.errors import BrokerError
 from conveyor.events.catalog import Catalog, load_catalog
@@ -43,6 +44,8 @@ def planned_topics(
     ]
     # The redrive ledger: one partition, so one transactional writer orders every entry.
     plans.append(TopicPlan(prefix + LEDGER_TOPIC, 1, dict(LEDGER_CONFIG)))
+    # Cancelled tasks: one partition, compacted, read in full by every stage replica.
+    plans.append(TopicPlan(prefix + CANCEL_TOPIC, 1, dict(CANCEL_CONFIG)))
     return plans
 
 

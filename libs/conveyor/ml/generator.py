@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList
 
 from conveyor.events.params import MAX_NEW_TOKENS
 from conveyor.ml.batching import run_batched
@@ -37,6 +37,7 @@ from conveyor.ml.device import resolve_device, resolve_dtype
 from conveyor.ml.loading import load_model, load_tokenizer, max_input_tokens
 from conveyor.ml.registry import ModelSpec
 from conveyor.ml.sources import resolve_source
+from conveyor.ml.stopping import CancelCriteria, Flag
 
 logger = logging.getLogger(__name__)
 
@@ -104,19 +105,31 @@ class Generator:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, prompts: Sequence[str], params: Sequence[GenParams]) -> list[str]:
-        """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``.
+    def generate(
+        self,
+        prompts: Sequence[str],
+        params: Sequence[GenParams],
+        *,
+        cancelled: Sequence[Flag | None] | None = None,
+    ) -> list[str]:
+        """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``;
+        ``cancelled[i]``, when given, is read after every token: once True, that record stops
+        (its text is what it had so far).
 
         Raises the first group's error; ``generate_each`` keeps the other groups' texts.
         """
-        outputs = self.generate_each(prompts, params)
+        outputs = self.generate_each(prompts, params, cancelled=cancelled)
         for out in outputs:
             if isinstance(out, Exception):
                 raise out
         return [str(out) for out in outputs]
 
     def generate_each(
-        self, prompts: Sequence[str], params: Sequence[GenParams]
+        self,
+        prompts: Sequence[str],
+        params: Sequence[GenParams],
+        *,
+        cancelled: Sequence[Flag | None] | None = None,
     ) -> list[str | Exception]:
         """Like ``generate``, but a decoding group that raises (a seed torch refuses, a
         temperature that turns the distribution into NaN) yields its error for its own records
@@ -126,7 +139,7 @@ class Generator:
         outputs: list[str | Exception] = [""] * len(prompts)
         for key, group in decoding_groups(params).items():
             try:
-                texts = self._generate_group(prompts, params, group)
+                texts = self._generate_group(prompts, params, group, cancelled)
             except Exception as exc:  # isolated per group, reported per record
                 logger.warning(
                     "generation group failed key=%s size=%d error=%r", key, len(group), exc
@@ -137,7 +150,11 @@ class Generator:
         return outputs
 
     def _generate_group(
-        self, prompts: Sequence[str], params: Sequence[GenParams], group: list[int]
+        self,
+        prompts: Sequence[str],
+        params: Sequence[GenParams],
+        group: list[int],
+        cancelled: Sequence[Flag | None] | None = None,
     ) -> dict[int, str | Exception]:
         # Similar budgets side by side, so a chunk rarely waits on one long record.
         items = sorted(
@@ -145,7 +162,8 @@ class Generator:
             key=lambda item: item.max_new_tokens,
         )
         first = params[group[0]]
-        texts = run_batched(partial(self._run, params=first), items, self.max_batch_size)
+        run = partial(self._run, params=first, cancelled=cancelled)
+        texts = run_batched(run, items, self.max_batch_size)
         return {item.index: text for item, text in zip(items, texts, strict=True)}
 
     def _item(self, index: int, prompt: str, params: GenParams) -> _Item:
@@ -161,22 +179,32 @@ class Generator:
         )
         return str(rendered)
 
-    def _run(self, chunk: list[_Item], params: GenParams) -> list[str]:
+    def _run(
+        self, chunk: list[_Item], params: GenParams, cancelled: Sequence[Flag | None] | None = None
+    ) -> list[str]:
         started = time.perf_counter()
         budget = max(item.max_new_tokens for item in chunk)
         encoded = self._encode([item.text for item in chunk], budget)
+        extra: dict[str, Any] = {}
+        criteria = None
+        if cancelled is not None and any(cancelled[item.index] for item in chunk):
+            criteria = CancelCriteria([cancelled[item.index] for item in chunk])
+            extra["stopping_criteria"] = StoppingCriteriaList([criteria])
         with torch.inference_mode(), _seeded(params.seed, self.device):
-            out = self.model.generate(**encoded, generation_config=self._config(params, budget))
+            out = self.model.generate(
+                **encoded, generation_config=self._config(params, budget), **extra
+            )
         new_tokens = out[:, encoded["input_ids"].shape[1] :]
         texts = [
             self.tokenizer.decode(row[: item.max_new_tokens], skip_special_tokens=True).strip()
             for row, item in zip(new_tokens, chunk, strict=True)
         ]
         logger.info(
-            "generated batch_size=%d max_new_tokens=%d seconds=%.3f",
+            "generated batch_size=%d max_new_tokens=%d seconds=%.3f stopped_cancelled=%d",
             len(chunk),
             budget,
             time.perf_counter() - started,
+            len(criteria.stopped) if criteria is not None else 0,
         )
         return texts
 

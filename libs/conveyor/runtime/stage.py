@@ -21,6 +21,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from conveyor.cancel.watch import CancelWatch
 from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import load_catalog
 from conveyor.kafka import config
@@ -51,6 +52,8 @@ LAG_INTERVAL_S = 10.0
 _BUSY_POLL_S = 0.005
 # Fair share: records read per poll into the read-ahead window (the window bounds the total).
 _FAIR_POLL = 500
+# A starting replica reads the cancel topic to its end first (a few records per cancel).
+_CANCELS_START_S = 30.0
 
 
 class StageRunner:
@@ -116,6 +119,7 @@ class StageRunner:
         self.gate: RetryGate | None = None
         self._lanes: LaneScheduler | None = None
         self._lag: LagReporter | None = None
+        self.cancels: CancelWatch | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -124,6 +128,10 @@ class StageRunner:
             self.ctx.resources.update(self.service.setup(self.settings))
         if self._fair is not None:
             self._fair.capacity = self.ctx.resources.get("capacity")  # GPU-aware, if set up
+        if self.settings.cancel_watch:  # docs/cancellation.md
+            self.cancels = CancelWatch(self.settings, name=self.stage)
+            self.cancels.start(wait_s=_CANCELS_START_S)
+            self.ctx.resources["cancels"] = self.step.cancels = self.cancels
         client_id = f"conveyor-{self.stage}-{self.instance}"
         # A restarted instance reuses its slot's transactional.id, so init_transactions fences
         # the crashed one's open transaction at once (read_committed readers would otherwise
@@ -321,6 +329,8 @@ class StageRunner:
             self._lag.stop()
         if self._pipeline is not None:
             self._pipeline.close()
+        if self.cancels is not None:
+            self.cancels.stop()
         try:
             if self.producer is not None:
                 self.producer.flush()
