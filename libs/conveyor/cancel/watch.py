@@ -50,6 +50,17 @@ _POLL_S = 0.1
 _META_TIMEOUT_S = 5.0
 # A missing cancel topic is looked for again this often.
 _MISSING_RETRY_S = 5.0
+# A transient watermark error (leader moving) is asked again after this.
+_RETRY_S = 0.1
+_TRANSIENT = frozenset(
+    (
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError.REQUEST_TIMED_OUT,
+    )
+)
 
 ConsumerFactory = Callable[[dict[str, Any]], Any]
 
@@ -128,13 +139,24 @@ class CancelWatch:
         """Wait until every cancel the broker acknowledged before this call is read; False
         when that did not happen within the timeout (the set is then only as fresh as it is)."""
         timeout = self.sync_timeout_s if timeout_s is None else timeout_s
-        try:
-            highs = self._highs()
-        except KafkaException as exc:
-            log.warning("cancel topic watermarks unavailable topic=%s error=%s", self.topic, exc)
-            return False
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                highs = self._highs()
+                break
+            except KafkaException as exc:
+                # Right after the topic is created, or during a leader change, the broker
+                # answers NOT_LEADER / LEADER_NOT_AVAILABLE for a moment: ask again.
+                if time.monotonic() + _RETRY_S > deadline or not _transient(exc):
+                    log.warning(
+                        "cancel topic watermarks unavailable topic=%s error=%s", self.topic, exc
+                    )
+                    return False
+                time.sleep(_RETRY_S)
         with self._cond:
-            return self._cond.wait_for(lambda: self._caught_up(highs), timeout)
+            return self._cond.wait_for(
+                lambda: self._caught_up(highs), max(0.0, deadline - time.monotonic())
+            )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -237,6 +259,13 @@ class CancelWatch:
                 self._keys.add(key)
                 self._seen[key] = time.monotonic()
         self._read_to[int(msg.partition() or 0)] = int(msg.offset() or 0) + 1
+
+
+def _transient(exc: KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    if not isinstance(error, KafkaError):
+        return False
+    return bool(error.retriable()) or error.code() in _TRANSIENT
 
 
 def _partitions(consumer: Any, topic: str) -> list[int]:
