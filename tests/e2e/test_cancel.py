@@ -160,6 +160,13 @@ def test_a_hundred_tasks_cancelled_at_random_points_end_cancelled_once_and_none_
             repeats = {
                 t: http.delete(f"/v1/tasks/{t}", headers=AUTH[tenant_of[t]]) for t in targets
             }
+        # The repeats republished every cancel; notify must find each already notified.
+        notify_log = stack.procs["notify"].log_path
+        deadline = time.monotonic() + 120
+        while _already_notified(notify_log) < CANCELLED and time.monotonic() < deadline:
+            time.sleep(0.5)
+        time.sleep(1.0)  # a second webhook, were one sent, would have arrived by now
+        deduplicated = _already_notified(notify_log)
         for follower in followers:
             follower.join(30)
         skipped = {name: _skipped(proc.metrics()) for name, proc in stack.procs.items()}
@@ -175,6 +182,8 @@ def test_a_hundred_tasks_cancelled_at_random_points_end_cancelled_once_and_none_
         code, body, _ = answers[task_id]
         assert body["cancelled"] is True and body["status"] == "cancelled", body
         assert (repeats[task_id].status_code, repeats[task_id].json()) == (200, body)
+
+    assert deduplicated >= CANCELLED, deduplicated  # every republished cancel came through
 
     # Each ends cancelled, once in its timeline; the fillers complete.
     statuses = collections.Counter(r.status for r in rows_by_id.values() if r is not None)
@@ -250,6 +259,11 @@ def _warm_up(base: str, store_url: str, run: str, callback: str) -> None:
         raise AssertionError("the warm-up tasks did not complete")
     finally:
         store.close()
+
+
+def _already_notified(log: Path) -> int:
+    text = log.read_text(errors="replace")
+    return sum(1 for line in text.splitlines() if "reason=already-notified" in line)
 
 
 def _model_runs(log: Path) -> list[tuple[float, list[str]]]:

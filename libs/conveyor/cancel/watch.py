@@ -112,6 +112,7 @@ class CancelWatch:
         self._thread = threading.Thread(target=self._follow, name="cancel-watch", daemon=True)
         self._probe: Any = None
         self._probe_lock = threading.Lock()
+        self._parts: list[int] = []  # the topic's partitions, once seen (one metadata request)
 
     # -- asking ------------------------------------------------------------------------------
 
@@ -193,7 +194,7 @@ class CancelWatch:
         with self._probe_lock:
             if self._probe is None:
                 return {}
-            parts = _partitions(self._probe, self.topic)
+            parts = self._parts = self._parts or _partitions(self._probe, self.topic)
             return {
                 p: int(
                     self._probe.get_watermark_offsets(
