@@ -472,3 +472,27 @@ def test_a_real_generation_stops_the_cancelled_row_at_its_next_token_and_not_the
     assert cut[1] == full[1]  # the other row ran to its end
     assert reads == 3  # read once per token until it said stop, never after
     assert full[0].startswith(cut[0]) and tokens(cut[0]) <= 3 < tokens(full[0])
+
+
+def test_a_chunk_whose_records_are_all_cancelled_never_reaches_the_model(
+    tiny_dirs: dict[str, Any],  # noqa: F811  (the imported fixture)
+) -> None:
+    from conveyor.ml.generator import Generator, GenParams
+    from conveyor.ml.registry import ModelSpec
+
+    spec = ModelSpec(name="g", kind="generate", source=str(tiny_dirs["gpt2"]), device="cpu")
+    generator = Generator.from_spec(spec)
+    calls = 0
+    real = generator.model.generate
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return real(*args, **kwargs)
+
+    generator.model.generate = counted
+    params = [GenParams(max_new_tokens=8)] * 2
+    assert generator.generate(["a", "b"], params, cancelled=[lambda: True] * 2) == ["", ""]
+    assert calls == 0
+    generator.generate(["a", "b"], params, cancelled=[lambda: True, None])
+    assert calls == 1  # one record left to run: the chunk runs, the cancelled row stops at once

@@ -183,12 +183,15 @@ class Generator:
         self, chunk: list[_Item], params: GenParams, cancelled: Sequence[Flag | None] | None = None
     ) -> list[str]:
         started = time.perf_counter()
+        flags = [cancelled[item.index] for item in chunk] if cancelled is not None else []
+        if flags and all(flag is not None and flag() for flag in flags):
+            return [""] * len(chunk)  # every record cancelled before its chunk started
         budget = max(item.max_new_tokens for item in chunk)
         encoded = self._encode([item.text for item in chunk], budget)
         extra: dict[str, Any] = {}
         criteria = None
-        if cancelled is not None and any(cancelled[item.index] for item in chunk):
-            criteria = CancelCriteria([cancelled[item.index] for item in chunk])
+        if any(flags):
+            criteria = CancelCriteria(flags)
             extra["stopping_criteria"] = StoppingCriteriaList([criteria])
         with torch.inference_mode(), _seeded(params.seed, self.device):
             out = self.model.generate(
