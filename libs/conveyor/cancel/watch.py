@@ -6,8 +6,9 @@ asks `contains` per record, an in-memory lookup, so skipping costs nothing measu
 path. `sync()` is the strong form: it reads the topic's high watermark and waits until the
 thread has read up to it, so every cancel the broker acknowledged before the call is in the set
 after it; inference calls it before each model run (the gateway answers a cancel only after the
-broker acknowledged it). `start(wait_s=...)` returns once the topic is read to its end, so a
-restarted replica skips what was cancelled while it was down. A missing topic (a deployment
+broker acknowledged it), so a restarted inference replica runs no model for a task cancelled
+while it was down. `start(wait_s=...)` can wait until the topic is read to its end; the stage
+runner does not wait (the thread catches up within a fetch or two). A missing topic (a deployment
 that has not applied topics since cancellation existed) reads as empty and is looked for again.
 """
 
@@ -161,11 +162,12 @@ class CancelWatch:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
-    def start(self, *, wait_s: float = 30.0) -> bool:
-        """Start following; True once the topic is read to its end within `wait_s`."""
+    def start(self, *, wait_s: float = 0.0) -> bool:
+        """Start following; with `wait_s`, True once the topic is read to its end within it
+        (without, at once: False, the thread reads on)."""
         self._probe = self._factory(dict(self._conf, **{"client.id": f"{self.name}-probe"}))
         self._thread.start()
-        caught_up = self.sync(wait_s)
+        caught_up = self.sync(wait_s) if wait_s > 0 else False
         log.info(
             "cancel watch started stage=%s topic=%s cancelled=%d caught_up=%s",
             self.name,

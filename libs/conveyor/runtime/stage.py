@@ -52,8 +52,6 @@ LAG_INTERVAL_S = 10.0
 _BUSY_POLL_S = 0.005
 # Fair share: records read per poll into the read-ahead window (the window bounds the total).
 _FAIR_POLL = 500
-# A starting replica reads the cancel topic to its end first (a few records per cancel).
-_CANCELS_START_S = 30.0
 
 
 class StageRunner:
@@ -129,8 +127,10 @@ class StageRunner:
         if self._fair is not None:
             self._fair.capacity = self.ctx.resources.get("capacity")  # GPU-aware, if set up
         if self.settings.cancel_watch:  # docs/cancellation.md
+            # Not waited for: the stage consumes at once and the watch catches up within a
+            # fetch or two; inference syncs with the topic before every model run anyway.
             self.cancels = CancelWatch(self.settings, name=self.stage)
-            self.cancels.start(wait_s=_CANCELS_START_S)
+            self.cancels.start()
             self.ctx.resources["cancels"] = self.step.cancels = self.cancels
         client_id = f"conveyor-{self.stage}-{self.instance}"
         # A restarted instance reuses its slot's transactional.id, so init_transactions fences
