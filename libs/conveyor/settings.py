@@ -120,6 +120,11 @@ class StageSettings(KafkaSettings):
         "quota (CONVEYOR_TENANT_QUOTAS, CONVEYOR_QUOTA_IN_FLIGHT; conveyor.quota)",
     )
     default_tenant_weight: float = Field(default=1.0, gt=0, description="fair share weight")
+    cancel_watch: bool = Field(
+        default=True,
+        description="follow the cancel topic and skip cancelled tasks' records "
+        "(docs/cancellation.md)",
+    )
     linger_ms: float = Field(
         default=1.0, ge=0, description="producer linger; low for latency per hop"
     )

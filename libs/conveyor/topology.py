@@ -7,6 +7,7 @@ and leaves existing topics alone.
 
 from __future__ import annotations
 
+from conveyor.cancel.topic import CANCEL_CONFIG, CANCEL_TOPIC
 from conveyor.dlq.ledger import LEDGER_CONFIG, LEDGER_TOPIC
 from conveyor.events.catalog import Catalog, load_catalog
 from conveyor.kafka.admin import TopicPlan, create_topics
@@ -31,6 +32,8 @@ def planned_topics(
     ]
     # The redrive ledger: one partition, so one transactional writer orders every entry.
     plans.append(TopicPlan(prefix + LEDGER_TOPIC, 1, dict(LEDGER_CONFIG)))
+    # Cancelled tasks: one partition, compacted, read in full by every stage replica.
+    plans.append(TopicPlan(prefix + CANCEL_TOPIC, 1, dict(CANCEL_CONFIG)))
     # Streamed partial text: short-lived progress, never stored (docs/streaming.md).
     plans.append(TopicPlan(prefix + STREAM_TOPIC, parts, dict(STREAM_TOPIC_CONFIG)))
     return plans

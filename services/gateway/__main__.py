@@ -20,6 +20,7 @@ import uvicorn
 from starlette.applications import Starlette
 
 from conveyor.admission import Admission, KafkaBacklog
+from conveyor.cancel import Canceller
 from conveyor.client import TaskClient
 from conveyor.events.catalog import INGRESS_TOPIC, LANES, PREPROCESSED_TYPE, load_catalog
 from conveyor.kafka.config import common
@@ -88,15 +89,17 @@ def build(settings: GatewaySettings) -> tuple[Starlette, Gateway]:
         SqlRateLedger(settings.store_url.get_secret_value()),
         unfinished=store.count_unfinished,
     )
+    canceller = Canceller(settings, store, by="gateway", ack_timeout_s=settings.publish_timeout_s)
     gateway = Gateway(
         settings,
         publisher=publisher,
         store=store,
         queue_estimate=CachedLag(lag.total, ttl_s=settings.lag_cache_s).value,
-        closers=(lag.close, quota.close, backlog.close),
+        closers=(lag.close, quota.close, backlog.close, canceller.close),
         quota=quota,
         admission=Admission(backlog, ttl_s=settings.lag_cache_s),
         **_streaming(settings),
+        canceller=canceller,
     )
     return build_app(gateway), gateway
 

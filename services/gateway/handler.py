@@ -15,6 +15,9 @@ unknown id), with a queue position estimate from the preprocess group's lag whil
 The WebSocket authenticates by header or subprotocol, never by URL (`conveyor.web.auth`), is
 capped per process and per tenant, polls the task's row every `ws_poll_s`, pushes each status or
 stage change, and closes (1000) after the terminal one.
+DELETE cancels the tenant's task (`conveyor.cancel.Canceller`, docs/cancellation.md): 200 with
+`cancelled: true` once the cancel is recorded and published, the same on a repeat; 409 with
+`cancelled: false` and the status for a task that finished first; 404 like GET.
 The full contract and the reasons: docs/gateway.md.
 """
 
@@ -44,6 +47,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from conveyor.admission import Admission, retry_after
+from conveyor.cancel import Canceller
 from conveyor.errors import BrokerError, PermanentError, RetryableError
 from conveyor.events.ingress import InvalidTaskError, TaskRequest, parse_task
 from conveyor.publisher import TaskPublisher
@@ -90,6 +94,7 @@ class Gateway:
         admission: Admission | None = None,
         streams: StreamHub | None = None,
         feed: StreamFeed | None = None,
+        canceller: Canceller | None = None,
     ) -> None:
         self.settings = settings
         self.tokens = TokenTable(settings.gateway_tokens)
@@ -106,6 +111,7 @@ class Gateway:
         self.admission = admission  # estimated start, deadline refusal; None: no estimate
         self.streams = streams  # streamed partial text (docs/streaming.md); None: not pushed
         self.feed = feed  # reads the stream topic into `streams`, started with the app
+        self.canceller = canceller  # DELETE /v1/tasks/{id}; None: cancellation unavailable
         self.started = False
         self.heartbeat = float("-inf")  # monotonic time of the loop's last tick
         self.sockets = 0
@@ -351,6 +357,23 @@ async def task_status(request: Request) -> Response:
     return JSONResponse(view)
 
 
+async def cancel_task(request: Request) -> Response:
+    gateway = _gateway(request)
+    tenant = _tenant(request)
+    if gateway.canceller is None:
+        raise HTTPException(501, "cancellation is not configured on this gateway")
+    task_id = request.path_params["task_id"]
+    answer = await run_in_threadpool(gateway.canceller.cancel, task_id, tenant)
+    if answer is None:
+        raise HTTPException(404, "task not found")
+    view = answer.view()
+    log.info("task cancel task_id=%s tenant=%s cancelled=%s", task_id, tenant, answer.cancelled)
+    if not answer.cancelled:
+        error = f"task already {answer.task.status}: nothing to cancel"
+        return JSONResponse({"error": error, **view}, 409)
+    return JSONResponse(view)
+
+
 async def task_events(ws: WebSocket) -> None:
     gateway = _gateway(ws)
     if "token" in ws.query_params:
@@ -497,6 +520,7 @@ def build_app(gateway: Gateway) -> Starlette:
             Route("/v1/tasks", submit_task, methods=["POST"]),
             *batch_routes(),
             Route("/v1/tasks/{task_id}", task_status, methods=["GET"], name="task_status"),
+            Route("/v1/tasks/{task_id}", cancel_task, methods=["DELETE"]),
             WebSocketRoute("/v1/tasks/{task_id}/events", task_events),
             Route("/healthz", healthz),
             Route("/readyz", readyz),

@@ -8,6 +8,13 @@ fails another tenant's task. Parameters are re-checked with the ingress models
 parameter named. With result reuse on (`conveyor.reuse`), records whose identical task already
 ran take its stored result, identical records of one batch run once, and only the rest reach the
 model; every record still gets its own inferred event.
+
+A cancelled task is not run (docs/cancellation.md): before each model group runs, the stage's
+cancel watch is synced with the cancel topic (every cancel the broker acknowledged before is
+then known) and the group's cancelled tasks are left out; a generation in progress reads its
+tasks' cancel flags after every token and stops a cancelled one there. A cancelled task emits
+nothing: its `cancelled` status is already recorded. Each model run is logged with the time of
+its cancel check and its task ids, which is how the tests count model runs.
 """
 
 from __future__ import annotations
@@ -16,10 +23,10 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from functools import partial
 from typing import Any
 
-from conveyor.errors import PermanentError
+from conveyor.cancel.watch import SKIPPED, CancelWatch, task_of
+from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.catalog import INFERRED_TYPE as INFERRED
 from conveyor.events.model import Event
 from conveyor.events.params import parse_params
@@ -39,6 +46,7 @@ def handle_batch(
 ) -> list[BatchOutcome]:
     registry = ctx.resources["models"]
     stopped = ctx.resources.get("stopped_batches")  # conveyor.batches.skip; None: no check
+    cancels: CancelWatch | None = ctx.resources.get("cancels")
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(events)
     models: dict[int, str] = {}
@@ -65,11 +73,15 @@ def handle_batch(
         if not plan.settled(i):
             groups[(events[i].data["task"]["kind"], name)].append(i)
     results: dict[int, Any] = {}
-    for (kind, name), indices in groups.items():
+    for (kind, name), group in groups.items():
+        indices = _runnable(events, group, cancels, ctx, f"kind={kind} model={name}")
+        if not indices:
+            continue
         batch = [events[i].data for i in indices]
+        flags = [_flag(cancels, events[i]) for i in indices] if cancels is not None else None
         started = time.perf_counter()
         with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
-            ran = _run_isolated(kind, registry, name, batch, ctx.resources.get("streams"))
+            ran = _run_isolated(kind, registry, name, batch, flags, ctx.resources.get("streams"))
         MODEL_RECORDS.labels("inference", kind, name).inc(len(indices))
         elapsed = time.perf_counter() - started
         capacity = ctx.resources.get("capacity")
@@ -77,6 +89,10 @@ def handle_batch(
             capacity.observe(len(indices), elapsed)
         per_record_ms = elapsed * 1000 / len(indices)
         for i, result in zip(indices, ran, strict=True):
+            if cancels is not None and _cancelled(cancels, events[i]):
+                # Cancelled while it ran (a generation stopped early): nothing to emit, and its
+                # cut-short text is never kept for reuse.
+                continue
             results[i] = result
             outcomes[i] = _inferred(events[i], name, per_record_ms, result)
     if reuse is not None:
@@ -113,14 +129,56 @@ def _settle(
         if i in plan.reused or i in plan.waiting:
             continue
         source = events[leader].data["task"]["task_id"]
+        if leader not in results:  # the identical task it waited on was cancelled: run it later
+            outcomes[i] = RetryableError(f"identical task {source} was cancelled before it ran")
+            continue
         outcomes[i] = _inferred(events[i], models[leader], 0.0, results[leader], **{REUSED: source})
 
 
 Results = list[dict[str, Any] | BaseException]
+Flags = list[Callable[[], bool]] | None
+
+
+def _runnable(
+    events: Sequence[Event],
+    group: list[int],
+    cancels: CancelWatch | None,
+    ctx: StageContext[InferenceSettings],
+    what: str,
+) -> list[int]:
+    """The group's records whose task is not cancelled, checked against every cancel the
+    broker acknowledged before this call; the model run that follows is logged."""
+    if cancels is None:
+        return group
+    checked_at = time.time()
+    if not cancels.sync():
+        ctx.log.warning("cancel topic not read to its end in time: running on what is known")
+    runnable = [i for i in group if not _cancelled(cancels, events[i])]
+    if len(runnable) < len(group):
+        SKIPPED.labels(ctx.stage).inc(len(group) - len(runnable))
+    if runnable:
+        ids = ",".join(str(events[i].subject) for i in runnable)
+        line = "model run %s tasks=%d checked_at=%.6f task_ids=%s"
+        ctx.log.info(line, what, len(runnable), checked_at, ids)
+    return runnable
+
+
+def _cancelled(cancels: CancelWatch, event: Event) -> bool:
+    task = task_of(event)
+    return task is not None and cancels.contains(*task)
+
+
+def _flag(cancels: CancelWatch, event: Event) -> Callable[[], bool]:
+    return lambda: _cancelled(cancels, event)
 
 
 def _run_isolated(
-    kind: str, registry: Any, name: str, batch: list[Mapping[str, Any]], streams: Any = None
+    kind: str,
+    registry: Any,
+    name: str,
+    batch: list[Mapping[str, Any]],
+    flags: Flags = None,
+    streams: Any = None,
 ) -> Results:
     """The model group's results; if the group call raises, each record is run alone, so the
     error lands on the record that causes it (and every record still gets an outcome)."""
@@ -130,26 +188,39 @@ def _run_isolated(
     except Exception as exc:  # the model does not load: no record of the group can run
         return [exc] * len(batch)
     try:
-        return runner(model, batch)
+        return runner(model, batch, flags)
     except Exception as exc:
         if len(batch) == 1:
             return [exc]
     out: Results = []
-    for data in batch:
+    for n, data in enumerate(batch):
+        flag = [flags[n]] if flags is not None else None
+        if flag is not None and flag[0]():  # cancelled while its batch ran: not run again
+            out.append(PermanentError("cancelled"))
+            continue
         try:
-            out.extend(runner(model, [data]))
+            out.extend(runner(model, [data], flag))
         except Exception as exc:
             out.append(exc)
     return out
 
 
-def _runner(kind: str, streams: Any) -> Callable[[Any, list[Mapping[str, Any]]], Results]:
+Runner = Callable[[Any, list[Mapping[str, Any]], Flags], Results]
+
+
+def _runner(kind: str, streams: Any) -> Runner:
     if kind == "generate" and streams is not None:  # streaming tasks' text: docs/streaming.md
-        return partial(_generate, streams=streams)
+
+        def streamed(model: Any, batch: list[Mapping[str, Any]], flags: Flags = None) -> Results:
+            return _generate(model, batch, flags, streams)
+
+        return streamed
     return _RUNNERS[kind]
 
 
-def _generate(model: Any, batch: list[Mapping[str, Any]], streams: Any = None) -> Results:
+def _generate(
+    model: Any, batch: list[Mapping[str, Any]], flags: Flags = None, streams: Any = None
+) -> Results:
     from conveyor.ml.generator import decoding_groups
 
     out: Results = []
@@ -165,11 +236,15 @@ def _generate(model: Any, batch: list[Mapping[str, Any]], streams: Any = None) -
     for group in decoding_groups(params).values():
         records = [runnable[g][0] for g in group]
         sinks = open_sinks(streams, [batch[i] for i in records])
+        # Cancel flags only when the stage follows cancels (test doubles take no such argument).
+        extra: dict[str, Any] = {}
+        if flags is not None:
+            extra["cancelled"] = [flags[i] for i in records]
+        if sinks:
+            extra["sinks"] = sinks
         try:
             texts: list[Any] = model.generate(
-                [batch[i]["prompt"] for i in records],
-                [params[g] for g in group],
-                **({"sinks": sinks} if sinks else {}),
+                [batch[i]["prompt"] for i in records], [params[g] for g in group], **extra
             )
         except Exception as exc:
             texts = [exc] * len(records)
@@ -196,12 +271,12 @@ def _gen_params(raw: Mapping[str, str]) -> Any:
         raise PermanentError(f"invalid generation parameter: {exc}") from None
 
 
-def _embed(model: Any, batch: list[Mapping[str, Any]]) -> Results:
+def _embed(model: Any, batch: list[Mapping[str, Any]], _flags: Flags = None) -> Results:
     vectors = model.embed([d["input"] for d in batch])
     return [{"embedding": vector} for vector in vectors]
 
 
-def _classify(model: Any, batch: list[Mapping[str, Any]]) -> Results:
+def _classify(model: Any, batch: list[Mapping[str, Any]], _flags: Flags = None) -> Results:
     out: Results = []
     runnable = []
     for data in batch:
@@ -229,7 +304,7 @@ def _labels_param(params: Mapping[str, str]) -> list[str]:
     return [label.strip() for label in params.get("labels", "").split(",") if label.strip()]
 
 
-_RUNNERS = {"generate": _generate, "embed": _embed, "classify": _classify}
+_RUNNERS: dict[str, Runner] = {"generate": _generate, "embed": _embed, "classify": _classify}
 
 
 def _expired(deadline: str | None, now: datetime) -> bool:

@@ -486,7 +486,7 @@ def test_openapi_describes_the_task_routes_and_bearer_auth(client: TestClient) -
     doc = client.get("/openapi.json").json()
     assert doc["openapi"].startswith("3.")
     assert set(doc["paths"]["/v1/tasks"]) == {"post"}
-    assert set(doc["paths"]["/v1/tasks/{task_id}"]) == {"get"}
+    assert set(doc["paths"]["/v1/tasks/{task_id}"]) == {"get", "delete"}
     assert "/v1/tasks/{task_id}/events" in doc["paths"]
     assert doc["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
     assert doc["security"] == [{"bearerAuth": []}]

@@ -22,6 +22,7 @@ COMMANDS = {
     "submit": ("tasks", "submit tasks from a JSONL file or arguments"),
     "status": ("tasks", "show a task's status, timeline and result"),
     "batch": ("batch", "submit, follow, cancel and collect batch jobs (through the gateway)"),
+    "cancel": ("cancel", "cancel a task (idempotent; a finished task is left as it is)"),
     "trace": ("trace", "print a task's trace id and its Jaeger UI link"),
     "models": ("models", "prepare the packaged models (convert once into the cache)"),
     "dlq": ("dlq", "list, show or redrive dead letters"),

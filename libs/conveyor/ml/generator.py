@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig, StoppingCriteriaList
 
 from conveyor.events.params import MAX_NEW_TOKENS
 from conveyor.ml.batching import run_batched
@@ -37,6 +37,7 @@ from conveyor.ml.device import resolve_device, resolve_dtype
 from conveyor.ml.loading import load_model, load_tokenizer, max_input_tokens
 from conveyor.ml.resolve import resolve_source
 from conveyor.ml.specs import ModelSpec
+from conveyor.ml.stopping import CancelCriteria, Flag
 from conveyor.ml.streamer import RowStreamer, TextSink
 
 logger = logging.getLogger(__name__)
@@ -112,13 +113,16 @@ class Generator:
         params: Sequence[GenParams],
         *,
         sinks: Mapping[int, TextSink] | None = None,
+        cancelled: Sequence[Flag | None] | None = None,
     ) -> list[str]:
         """One completion per prompt, in order. ``params[i]`` applies to ``prompts[i]``;
-        ``sinks[i]``, when given, receives prompt i's partial text as it is generated.
+        ``sinks[i]``, when given, receives prompt i's partial text as it is generated;
+        ``cancelled[i]``, when given, is read after every token: once True, that record stops
+        (its text is what it had so far).
 
         Raises the first group's error; ``generate_each`` keeps the other groups' texts.
         """
-        outputs = self.generate_each(prompts, params, sinks=sinks)
+        outputs = self.generate_each(prompts, params, sinks=sinks, cancelled=cancelled)
         for out in outputs:
             if isinstance(out, Exception):
                 raise out
@@ -130,6 +134,7 @@ class Generator:
         params: Sequence[GenParams],
         *,
         sinks: Mapping[int, TextSink] | None = None,
+        cancelled: Sequence[Flag | None] | None = None,
     ) -> list[str | Exception]:
         """Like ``generate``, but a decoding group that raises (a seed torch refuses, a
         temperature that turns the distribution into NaN) yields its error for its own records
@@ -139,7 +144,7 @@ class Generator:
         outputs: list[str | Exception] = [""] * len(prompts)
         for key, group in decoding_groups(params).items():
             try:
-                texts = self._generate_group(prompts, params, group, sinks or {})
+                texts = self._generate_group(prompts, params, group, sinks or {}, cancelled)
             except Exception as exc:  # isolated per group, reported per record
                 logger.warning(
                     "generation group failed key=%s size=%d error=%r", key, len(group), exc
@@ -155,6 +160,7 @@ class Generator:
         params: Sequence[GenParams],
         group: list[int],
         sinks: Mapping[int, TextSink],
+        cancelled: Sequence[Flag | None] | None = None,
     ) -> dict[int, str | Exception]:
         # Similar budgets side by side, so a chunk rarely waits on one long record.
         items = sorted(
@@ -162,7 +168,8 @@ class Generator:
             key=lambda item: item.max_new_tokens,
         )
         first = params[group[0]]
-        texts = run_batched(partial(self._run, params=first), items, self.max_batch_size)
+        run = partial(self._run, params=first, cancelled=cancelled)
+        texts = run_batched(run, items, self.max_batch_size)
         return {item.index: text for item, text in zip(items, texts, strict=True)}
 
     def _item(self, index: int, prompt: str, params: GenParams, sink: TextSink | None) -> _Item:
@@ -178,14 +185,27 @@ class Generator:
         )
         return str(rendered)
 
-    def _run(self, chunk: list[_Item], params: GenParams) -> list[str]:
+    def _run(
+        self, chunk: list[_Item], params: GenParams, cancelled: Sequence[Flag | None] | None = None
+    ) -> list[str]:
         started = time.perf_counter()
+        flags = [cancelled[item.index] for item in chunk] if cancelled is not None else []
+        if flags and all(flag is not None and flag() for flag in flags):
+            return [""] * len(chunk)  # every record cancelled before its chunk started
         budget = max(item.max_new_tokens for item in chunk)
         encoded = self._encode([item.text for item in chunk], budget)
         streamer = self._streamer(chunk)
+        extra: dict[str, Any] = {}
+        criteria = None
+        if any(flags):
+            criteria = CancelCriteria(flags)
+            extra["stopping_criteria"] = StoppingCriteriaList([criteria])
         with torch.inference_mode(), _seeded(params.seed, self.device):
             out = self.model.generate(
-                **encoded, generation_config=self._config(params, budget), streamer=streamer
+                **encoded,
+                generation_config=self._config(params, budget),
+                streamer=streamer,
+                **extra,
             )
         new_tokens = out[:, encoded["input_ids"].shape[1] :]
         texts = [
@@ -195,10 +215,11 @@ class Generator:
         if streamer is not None:  # the last piece is the result itself
             streamer.finish_rows(texts)
         logger.info(
-            "generated batch_size=%d max_new_tokens=%d seconds=%.3f",
+            "generated batch_size=%d max_new_tokens=%d seconds=%.3f stopped_cancelled=%d",
             len(chunk),
             budget,
             time.perf_counter() - started,
+            len(criteria.stopped) if criteria is not None else 0,
         )
         return texts
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from confluent_kafka import TopicPartition
 
+from conveyor.cancel.watch import CancelWatch
 from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import load_catalog
 from conveyor.kafka import config
@@ -118,6 +119,7 @@ class StageRunner:
         self.gate: RetryGate | None = None
         self._lanes: LaneScheduler | None = None
         self._lag: LagReporter | None = None
+        self.cancels: CancelWatch | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,6 +128,12 @@ class StageRunner:
             self.ctx.resources.update(self.service.setup(self.settings))
         if self._fair is not None:
             self._fair.capacity = self.ctx.resources.get("capacity")  # GPU-aware, if set up
+        if self.settings.cancel_watch:  # docs/cancellation.md
+            # Not waited for: the stage consumes at once and the watch catches up within a
+            # fetch or two; inference syncs with the topic before every model run anyway.
+            self.cancels = CancelWatch(self.settings, name=self.stage)
+            self.cancels.start()
+            self.ctx.resources["cancels"] = self.step.cancels = self.cancels
         client_id = f"conveyor-{self.stage}-{self.instance}"
         # A restarted instance reuses its slot's transactional.id, so init_transactions fences
         # the crashed one's open transaction at once (read_committed readers would otherwise
@@ -323,6 +331,8 @@ class StageRunner:
             self._lag.stop()
         if self._pipeline is not None:
             self._pipeline.close()
+        if self.cancels is not None:
+            self.cancels.stop()
         try:
             if self.producer is not None:
                 self.producer.flush()

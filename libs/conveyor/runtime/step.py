@@ -29,12 +29,14 @@ from conveyor.runtime.routing import Item, OutRecord, Router
 from conveyor.runtime.topics import StageTopics
 
 if TYPE_CHECKING:
+    from conveyor.cancel.watch import CancelWatch
     from conveyor.kafka.protocols import Message
     from conveyor.runtime.hooks import StageHooks
 
 TP = tuple[str, int]
 EMITTED = "emitted"
 DEAD_LETTERED = "dead-lettered"
+SKIPPED_CANCELLED = "skipped-cancelled"
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,9 +47,12 @@ class RecordOutcome:
     records: list[OutRecord]
     failure: Failure | None = None
     rung: int = 0
+    skipped: bool = False  # a work event of a cancelled task: nothing emitted, nothing failed
 
     @property
     def name(self) -> str:
+        if self.skipped:
+            return SKIPPED_CANCELLED
         if self.failure is None:
             return EMITTED
         return f"retry.{self.rung}" if self.rung else DEAD_LETTERED
@@ -96,6 +101,9 @@ class BatchStep:
         self.schemas = schemas
         self.max_record_bytes = max_record_bytes
         self.progress = progress  # called as records are handled: liveness is progress
+        # The replica's view of cancelled tasks (set by the runner when it follows the cancel
+        # topic): their work events are skipped before the handler sees them.
+        self.cancels: CancelWatch | None = None
 
     def __call__(self, records: Sequence[Message], now: str) -> BatchResult:
         offsets: dict[TP, int] = {}
@@ -109,10 +117,12 @@ class BatchStep:
             starts.setdefault(tp, item.offset)
             offsets[tp] = item.offset + 1
             consumed[item.topic] = consumed.get(item.topic, 0) + 1
-            if error is None:
-                items.append(item)
-            else:
+            if error is not None:
                 outcomes.append(self._fail(item, error, now))
+            elif self.cancels is not None and self.cancels.skips(cast(Event, item.event)):
+                outcomes.append(self._skip(item))
+            else:
+                items.append(item)
         if items:
             outcomes += self._handle(items, now)
         outputs = [record for outcome in outcomes for record in outcome.records]
@@ -201,6 +211,11 @@ class BatchStep:
         except PermanentError as exc:
             return self._fail(item, exc, now)
         outcome = RecordOutcome(item, records)
+        self.hooks.record_finish(outcome)
+        return outcome
+
+    def _skip(self, item: Item) -> RecordOutcome:
+        outcome = RecordOutcome(item, [], skipped=True)
         self.hooks.record_finish(outcome)
         return outcome
 

@@ -64,7 +64,7 @@ class TaskStatus(StrEnum):
     BLOCKED = "blocked"
     FAILED = "failed"
     EXPIRED = "expired"
-    CANCELLED = "cancelled"  # reserved for cancellation; no stage emits it yet
+    CANCELLED = "cancelled"  # set by a cancel (conveyor.cancel, docs/cancellation.md)
 
 
 STATUSES: frozenset[str] = frozenset(s.value for s in TaskStatus)

@@ -280,7 +280,28 @@ _PATHS: dict[str, Any] = {
                 **_AUTH_ERRORS,
                 "404": _answer("no such task for this tenant, or expired under retention"),
             },
-        }
+        },
+        "delete": {
+            "summary": "Cancel a task (idempotent)",
+            "description": "Records the cancel and publishes it before answering: every stage "
+            "then skips the task, a generation in progress stops at its next token, and the "
+            "task ends `cancelled` with one webhook and one WebSocket message. A repeat "
+            "answers the same. A task that finished first is left as it is (409).",
+            "operationId": "cancelTask",
+            "parameters": [_TASK_ID],
+            "responses": {
+                "200": _answer("the task is cancelled (now or by an earlier call)", "Cancelled"),
+                **_AUTH_ERRORS,
+                "404": _answer("no such task for this tenant"),
+                "409": _answer(
+                    "the task finished first: nothing was cancelled (`cancelled` false, "
+                    "`status` its terminal status)",
+                    "NotCancelled",
+                ),
+                "501": _answer("cancellation is not configured on this gateway"),
+                "503": _answer("store or broker unavailable: nothing accepted; retry"),
+            },
+        },
     },
     "/v1/tasks/{task_id}/events": {
         "get": {
@@ -320,6 +341,9 @@ _PATHS: dict[str, Any] = {
 }
 
 
+_TIME = "date-time"
+
+
 @functools.cache
 def _document() -> dict[str, Any]:
     task_with_timeline = copy.deepcopy(_TASK)
@@ -355,6 +379,21 @@ def _document() -> dict[str, Any]:
     for name in ("estimated_start", "queue_position_estimate"):
         del repeated["properties"][name]
     repeated["properties"]["status"] = {"enum": sorted(STATUSES)}
+    cancelled: dict[str, Any] = {
+        "type": "object",
+        "required": ["task_id", "cancelled", "status"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "tenant": _nullable("string"),
+            "cancelled": {"type": "boolean"},
+            "status": {"enum": sorted(STATUSES)},
+            "cancelled_at": _nullable("string", "when the cancel was recorded", format=_TIME),
+            "completed_at": _nullable("string", "when the task became terminal", format=_TIME),
+        },
+    }
+    not_cancelled = copy.deepcopy(cancelled)
+    not_cancelled["properties"]["error"] = {"type": "string"}
+    not_cancelled["required"].append("error")
     return {
         "openapi": "3.1.0",
         "info": {
@@ -384,6 +423,8 @@ def _document() -> dict[str, Any]:
                 "TaskRequest": _task_request_schema(),
                 "TaskAccepted": accepted,
                 "TaskRepeated": repeated,
+                "Cancelled": cancelled,
+                "NotCancelled": not_cancelled,
                 "Task": _TASK,
                 "TaskWithTimeline": task_with_timeline,
                 "TaskMessage": message,
