@@ -5,7 +5,10 @@ within a model by decoding parameters; a group that raises is re-run record by r
 generation group that raises fails only its own records, so one tenant's seed or parameter never
 fails another tenant's task. Parameters are re-checked with the ingress models
 (`conveyor.events.params`): a record that slipped past an older edge fails alone, with the
-parameter named.
+parameter named. The model is the task's variant (preprocess routed it, `task.model`); a task
+whose event lists `shadows` also runs on each of those, and each copy is emitted as its own
+inferred event marked `shadow` (or, when the shadow fails, a `failed` status of the copy alone),
+never in place of the task's own result (docs/variants.md).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from conveyor.events.params import parse_params
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.telemetry.tracing import span
+from conveyor.variants import SHADOW, SHADOWS, VARIANT
+from conveyor.variants import metrics as variant_metrics
 from services.inference.settings import InferenceSettings
 
 INFERRED = "conveyor.task.inferred.v1"
@@ -35,6 +40,7 @@ def handle_batch(
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(events)
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
+    shadows: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, event in enumerate(events):
         task = event.data["task"]
         if _expired(task.get("deadline"), now):
@@ -46,32 +52,98 @@ def handle_batch(
             outcomes[i] = PermanentError(str(exc))
             continue
         groups[(spec.kind, spec.name)].append(i)
+        for name in filter(None, (event.ext(SHADOWS) or "").split(",")):
+            shadows[(spec.kind, name)].append(i)
     for (kind, name), indices in groups.items():
-        batch = [events[i].data for i in indices]
-        started = time.perf_counter()
-        with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
-            results = _run_isolated(kind, registry, name, batch)
-        elapsed = time.perf_counter() - started
-        capacity = ctx.resources.get("capacity")
-        if capacity is not None:  # GPU-aware capacity learns from every batch
-            capacity.observe(len(indices), elapsed)
-        per_record_ms = elapsed * 1000 / len(indices)
-        for i, result in zip(indices, results, strict=True):
-            if isinstance(result, BaseException):
-                outcomes[i] = result
-                continue
-            data = events[i].data
-            outcomes[i] = Emit(
-                INFERRED,
-                {
-                    "task": data["task"],
-                    "input": data["input"],
-                    "model": name,
-                    "inference_ms": per_record_ms,
-                    **result,
-                },
-            )
+        for i, result in zip(indices, _run_group(ctx, kind, name, events, indices), strict=True):
+            outcomes[i] = result
+    for (kind, name), indices in shadows.items():
+        # A shadow runs only beside a primary that succeeded: a failed primary is retried, and
+        # its retry brings the shadow copy again.
+        ran = [i for i in indices if isinstance(outcomes[i], Emit)]
+        results = _run_group(ctx, kind, name, events, ran, shadow=True)
+        for i, result in zip(ran, results, strict=True):
+            primary = outcomes[i]
+            assert isinstance(primary, Emit)
+            if not isinstance(result, Emit):
+                result = _shadow_failed(events[i], name, result, now)
+            outcomes[i] = [primary, result]
     return outcomes
+
+
+def _run_group(
+    ctx: StageContext[InferenceSettings],
+    kind: str,
+    name: str,
+    events: Sequence[Event],
+    indices: list[int],
+    *,
+    shadow: bool = False,
+) -> list[Emit | BaseException]:
+    """One model group's outcomes, in `indices` order: an inferred event or the error."""
+    if not indices:
+        return []
+    batch = [events[i].data for i in indices]
+    started = time.perf_counter()
+    attributes = {
+        "conveyor.model": name,
+        "conveyor.variant": name,
+        "conveyor.shadow": shadow,
+        "conveyor.batch.size": len(batch),
+    }
+    with span(kind, attributes):
+        results = _run_isolated(kind, ctx.resources["models"], name, batch)
+    elapsed = time.perf_counter() - started
+    capacity = ctx.resources.get("capacity")
+    if capacity is not None:  # GPU-aware capacity learns from every batch
+        capacity.observe(len(indices), elapsed)
+    errors = sum(isinstance(r, BaseException) for r in results)
+    variant_metrics.observe(
+        kind, name, shadow=shadow, seconds=elapsed, ok=len(results) - errors, errors=errors
+    )
+    per_record_ms = elapsed * 1000 / len(indices)
+    # The variant rides in the event from here on; a shadow copy says it is one, so moderation
+    # checks it and writeback stores it beside the task, never as the task's result.
+    ext = {VARIANT: name, SHADOW: "true"} if shadow else {VARIANT: name}
+    out: list[Emit | BaseException] = []
+    for i, result in zip(indices, results, strict=True):
+        if isinstance(result, BaseException):
+            out.append(result)
+            continue
+        data = events[i].data
+        body = {
+            "task": data["task"],
+            "input": data["input"],
+            "model": name,
+            "inference_ms": per_record_ms,
+            **result,
+        }
+        out.append(Emit(INFERRED, body, extensions=ext))
+    return out
+
+
+def _shadow_failed(event: Event, name: str, exc: BaseException, now: datetime) -> Emit:
+    """A shadow copy that failed: a `failed` status of the copy alone (writeback records it in
+    the shadow's runs; the task itself goes on with its primary's result)."""
+    task = event.data["task"]
+    return Emit(
+        STATUS_TYPE,
+        {
+            "task_id": task["task_id"],
+            "tenant": task["tenant"],
+            "status": "failed",
+            "stage": "inference",
+            "reason": f"{type(exc).__name__}: {exc}"[:1000],
+            "error_class": type(exc).__name__,
+            "attempt": event.attempt,
+            "callback_url": None,
+            "kind": task.get("kind"),
+            "time": now.isoformat(),
+        },
+        topic=STATUS_TOPIC,
+        discriminator="shadow-failed",
+        extensions={VARIANT: name, SHADOW: "true"},
+    )
 
 
 Results = list[dict[str, Any] | BaseException]

@@ -37,4 +37,7 @@ class InferenceSettings(StageSettings):
     models: str | None = Field(
         default=None, description="model registry JSON; default: packaged models"
     )
+    models_file: str | None = Field(
+        default=None, description="model registry JSON file, read instead of `models`"
+    )
     preload: bool = Field(default=True, description="load the configured models at start")

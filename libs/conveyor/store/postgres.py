@@ -48,8 +48,18 @@ from conveyor.store.base import (
     tenant_key,
     utcnow,
 )
+from conveyor.store.variantruns import (
+    RUN_SELECT,
+    VariantRun,
+    run_from_row,
+    run_params,
+    run_schema,
+    run_upsert,
+)
 
 log = logging.getLogger(__name__)
+
+_RUN_UPSERT = run_upsert("%s")
 
 # Bounds how long open (and a reconnect) waits for an unreachable server before failing retryable.
 CONNECT_TIMEOUT_S = 10
@@ -102,7 +112,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered_at timestamptz,
     PRIMARY KEY (tenant, task_id)
 )
-"""
+""" + run_schema("timestamptz")
 
 # A database written before task ids were per tenant (`tasks` without `digest`) is migrated in
 # place at open, in the schema transaction under the advisory lock: its tables are renamed *_v1,
@@ -394,6 +404,23 @@ class PostgresResultStore:
             if self._conn is not None:
                 self._conn.close()
         log.info("result store closed backend=postgresql")
+
+    def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
+        """Merge what events say about variant runs (conveyor.store.variantruns), one
+        transaction."""
+        if not runs:
+            return
+        with self._transaction() as cur:
+            cur.executemany(_RUN_UPSERT, [run_params(run, _utc) for run in runs])
+
+    def variant_runs(self, *, kind: str | None = None) -> list[VariantRun]:
+        """Every variant run (of `kind`), for `conveyor variants report`."""
+        with self._transaction() as cur:
+            if kind is None:
+                rows = cur.execute(RUN_SELECT).fetchall()
+            else:
+                rows = cur.execute(RUN_SELECT + " WHERE kind = %s", (kind,)).fetchall()
+        return [run_from_row(row, _utc) for row in rows]
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

@@ -45,8 +45,18 @@ from conveyor.store.base import (
     tenant_key,
     utcnow,
 )
+from conveyor.store.variantruns import (
+    RUN_SELECT,
+    VariantRun,
+    run_from_row,
+    run_params,
+    run_schema,
+    run_upsert,
+)
 
 log = logging.getLogger(__name__)
+
+_RUN_UPSERT = run_upsert("?")
 
 # How long a statement waits for another process's write lock before failing as retryable.
 # Writes hold the lock for milliseconds; 5 s absorbs bursts without stalling a stage for long.
@@ -100,7 +110,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered_at TEXT,
     PRIMARY KEY (tenant, task_id)
 );
-"""
+""" + run_schema("TEXT")
 
 # A database written before task ids were per tenant (no `digest` column) is migrated in place
 # at open, in the schema transaction: its tables are renamed *_v1, the new ones created, the rows
@@ -389,6 +399,23 @@ class SqliteResultStore:
         with self._lock:
             self._conn.close()
         log.info("result store closed backend=sqlite path=%s", self._path)
+
+    def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
+        """Merge what events say about variant runs (conveyor.store.variantruns), one
+        transaction."""
+        if not runs:
+            return
+        with self._transaction() as cur:
+            cur.executemany(_RUN_UPSERT, [run_params(run, _ts) for run in runs])
+
+    def variant_runs(self, *, kind: str | None = None) -> list[VariantRun]:
+        """Every variant run (of `kind`), for `conveyor variants report`."""
+        with self._read() as cur:
+            if kind is None:
+                rows = cur.execute(RUN_SELECT).fetchall()
+            else:
+                rows = cur.execute(RUN_SELECT + " WHERE kind = ?", (kind,)).fetchall()
+        return [run_from_row(row, _dt) for row in rows]
 
 
 def _transient(exc: sqlite3.Error) -> bool:
