@@ -25,6 +25,7 @@ COMMANDS = {
     "models": ("models", "prepare the packaged models (convert once into the cache)"),
     "dlq": ("dlq", "list, show or redrive dead letters"),
     "replay": ("replay", "reprocess a stage's input from a time or offset"),
+    "variants": ("variants", "show, set (canary weights) or report model variants"),
 }
 
 

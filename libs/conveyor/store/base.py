@@ -37,7 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from conveyor.store.variantruns import VariantRun
 
 
 class AmbiguousTaskError(ValueError):
@@ -447,4 +450,12 @@ class ResultStore(Protocol):
 
     def close(self) -> None:
         """Release the connection; the store is unusable afterwards."""
+        ...
+
+    def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
+        """Merge what events say about model variants' runs (`conveyor.store.variantruns`)."""
+        ...
+
+    def variant_runs(self, *, kind: str | None = None) -> list[VariantRun]:
+        """Every variant run recorded (of `kind`): what `conveyor variants report` reads."""
         ...
