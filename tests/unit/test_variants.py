@@ -455,3 +455,30 @@ def test_report_figures_rates_percentiles_and_label_agreement() -> None:
     assert s.role == "shadow" and s.block_rate == pytest.approx(0.1)
     assert s.agreement == pytest.approx(8 / 10) and s.compared == 10
     assert percentile([], 50) is None and percentile([3.0], 95) == 3.0
+
+
+def test_a_retried_or_dead_lettered_record_keeps_its_variant_and_shadows() -> None:
+    from conveyor.runtime.deadletter import Failure
+
+    schemas = default_schemas()
+    settings = StageSettings(stage="moderation", topic_prefix="p.", retry_delays=[1.0])
+    router = Router("moderation", settings, load_catalog(), schemas)
+    key, value, headers = inferred_record("t-1", variant="canary", shadows="s")
+    item = Item(
+        "p.conveyor.task.inferred",
+        0,
+        1,
+        key,
+        value,
+        headers,
+        header_map(headers),
+        INVALID_SPAN,
+        decode(headers, value, schemas),
+    )
+    failure = Failure.of(RuntimeError("flaky"), permanent=False)
+    records, rung = router.failure(item, failure, "2026-11-23T00:00:00Z")
+    assert rung == 1
+    retry = header_map(records[0].headers)
+    assert (retry["ce_variant"], retry["ce_shadows"], retry["ce_attempt"]) == ("canary", "s", "1")
+    status = header_map(records[1].headers)
+    assert status["ce_variant"] == "canary"  # a retrying/failed status names the variant too

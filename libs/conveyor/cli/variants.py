@@ -54,7 +54,7 @@ def show_table(specs: Sequence[ModelSpec]) -> str:
     from conveyor.variants.source import table_of
 
     table = table_of(specs)
-    lines = [f"{'kind':<9}{'variant':<18}{'share':>8}  {'tenants':<16}{'dtype':<9}source"]
+    lines = [f"{'kind':<9}{'variant':<18}{'share':>11}  {'tenants':<16}{'dtype':<9}source"]
     for spec in specs:
         if spec.shadow:
             share = f"shadow {spec.shadow:.0%}"
@@ -63,7 +63,7 @@ def show_table(specs: Sequence[ModelSpec]) -> str:
             share = f"{table.shares(spec.kind, tenant).get(spec.name, 0.0):.0%}"
         tenants = ",".join(spec.tenants) or "*"
         lines.append(
-            f"{spec.kind:<9}{spec.name:<18}{share:>8}  {tenants:<16}{spec.dtype:<9}{spec.source}"
+            f"{spec.kind:<9}{spec.name:<18}{share:>11}  {tenants:<16}{spec.dtype:<9}{spec.source}"
         )
     return "\n".join(lines)
 
