@@ -57,18 +57,32 @@ def handle_batch(
     for (kind, name), indices in groups.items():
         for i, result in zip(indices, _run_group(ctx, kind, name, events, indices), strict=True):
             outcomes[i] = result
+    succeeded = {i: o for i, o in enumerate(outcomes) if isinstance(o, Emit) and o.type == INFERRED}
+    for i, copies in _run_shadows(ctx, events, shadows, succeeded, now).items():
+        outcomes[i] = [succeeded[i], *copies]
+    return outcomes
+
+
+def _run_shadows(
+    ctx: StageContext[InferenceSettings],
+    events: Sequence[Event],
+    shadows: Mapping[tuple[str, str], list[int]],
+    succeeded: Mapping[int, Emit],
+    now: datetime,
+) -> dict[int, list[Emit]]:
+    """Each shadowed record's copies: one inferred event (or `failed` status) per shadow.
+
+    A shadow runs only beside a primary that succeeded: a failed primary is retried, and its
+    retry brings the shadow copy again."""
+    copies: dict[int, list[Emit]] = defaultdict(list)
     for (kind, name), indices in shadows.items():
-        # A shadow runs only beside a primary that succeeded: a failed primary is retried, and
-        # its retry brings the shadow copy again.
-        ran = [i for i in indices if isinstance(outcomes[i], Emit)]
+        ran = [i for i in indices if i in succeeded]
         results = _run_group(ctx, kind, name, events, ran, shadow=True)
         for i, result in zip(ran, results, strict=True):
-            primary = outcomes[i]
-            assert isinstance(primary, Emit)
             if not isinstance(result, Emit):
                 result = _shadow_failed(events[i], name, result, now)
-            outcomes[i] = [primary, result]
-    return outcomes
+            copies[i].append(result)
+    return copies
 
 
 def _run_group(

@@ -482,3 +482,14 @@ def test_a_retried_or_dead_lettered_record_keeps_its_variant_and_shadows() -> No
     assert (retry["ce_variant"], retry["ce_shadows"], retry["ce_attempt"]) == ("canary", "s", "1")
     status = header_map(records[1].headers)
     assert status["ce_variant"] == "canary"  # a retrying/failed status names the variant too
+
+
+def test_a_task_with_two_shadows_gets_one_copy_from_each() -> None:
+    registry = FakeRegistry(
+        {"stable": FakeEmbedder(1), "s1": FakeEmbedder(2), "s2": FakeEmbedder(3)}
+    )
+    c = ctx(InferenceSettings(stage="inference"), models=registry)
+    outcome = infer([preprocessed("t-1", "stable", shadows="s1,s2")], c)[0]
+    assert isinstance(outcome, list)
+    assert [e.data["model"] for e in outcome] == ["stable", "s1", "s2"]
+    assert [e.extensions.get("shadow") for e in outcome] == [None, "true", "true"]
