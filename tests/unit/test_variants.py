@@ -422,19 +422,6 @@ def run(task_id: str, variant: str, status: str, **over: Any) -> VariantRun:
     )
 
 
-def test_run_merge_keeps_finished_status_and_never_erases_values() -> None:
-    store = open_store("sqlite:///:memory:")
-    done = T0 + timedelta(seconds=2)
-    store.record_variant_runs([run("t", "a", "completed", verdict="allow", finished_at=done)])
-    store.record_variant_runs([run("t", "a", "running", inference_ms=4.0, submitted_at=T0)])
-    (merged,) = store.variant_runs()
-    assert (merged.status, merged.verdict, merged.inference_ms) == ("completed", "allow", 4.0)
-    assert merged.submitted_at == T0 and merged.finished_at == done
-    store.record_variant_runs([run("t", "a", "blocked", result={"label": "x"})])
-    assert store.variant_runs()[0].result is None  # a blocked output is withheld
-    store.close()
-
-
 def test_report_figures_rates_percentiles_and_label_agreement() -> None:
     runs = []
     for i in range(10):

@@ -112,7 +112,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered_at timestamptz,
     PRIMARY KEY (tenant, task_id)
 )
-""" + run_schema("timestamptz")
+""" + ";" + run_schema("timestamptz")
 
 # A database written before task ids were per tenant (`tasks` without `digest`) is migrated in
 # place at open, in the schema transaction under the advisory lock: its tables are renamed *_v1,
