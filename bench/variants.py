@@ -79,7 +79,8 @@ def main() -> None:
     secrets = {tenant: new_secret() for tenant in TENANTS}
     store_url = f"sqlite:///{root / 'conveyor.db'}"
     prefix = f"bv{uuid.uuid4().hex[:6]}."
-    with LocalBroker() as broker:
+    # A generous start: this bench runs on shared machines where the JVM can start slowly.
+    with LocalBroker(start_timeout=300) as broker:
         hooks = WebhookReceiver(secrets).start()
         env = {
             "CONVEYOR_KAFKA_BOOTSTRAP": broker.bootstrap,
