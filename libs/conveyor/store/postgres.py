@@ -60,6 +60,7 @@ from conveyor.store.variantruns import (
 log = logging.getLogger(__name__)
 
 _RUN_UPSERT = run_upsert("%s")
+_RUN_SCHEMA = run_schema("timestamptz")
 
 # Bounds how long open (and a reconnect) waits for an unreachable server before failing retryable.
 CONNECT_TIMEOUT_S = 10
@@ -112,7 +113,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered_at timestamptz,
     PRIMARY KEY (tenant, task_id)
 )
-""" + ";" + run_schema("timestamptz")
+"""
 
 # A database written before task ids were per tenant (`tasks` without `digest`) is migrated in
 # place at open, in the schema transaction under the advisory lock: its tables are renamed *_v1,
@@ -198,6 +199,8 @@ class PostgresResultStore:
             if old:
                 _rename_old(cur)
             for statement in _SCHEMA.split(";"):
+                cur.execute(statement)
+            for statement in _RUN_SCHEMA.split(";"):  # variant runs (docs/variants.md)
                 cur.execute(statement)
             if old:
                 for statement in _MIGRATE:

@@ -57,6 +57,7 @@ from conveyor.store.variantruns import (
 log = logging.getLogger(__name__)
 
 _RUN_UPSERT = run_upsert("?")
+_RUN_SCHEMA = run_schema("TEXT")  # variant runs (docs/variants.md)
 
 # How long a statement waits for another process's write lock before failing as retryable.
 # Writes hold the lock for milliseconds; 5 s absorbs bursts without stalling a stage for long.
@@ -110,7 +111,7 @@ CREATE TABLE IF NOT EXISTS notifications (
     delivered_at TEXT,
     PRIMARY KEY (tenant, task_id)
 );
-""" + run_schema("TEXT")
+"""
 
 # A database written before task ids were per tenant (no `digest` column) is migrated in place
 # at open, in the schema transaction: its tables are renamed *_v1, the new ones created, the rows
@@ -195,7 +196,7 @@ class SqliteResultStore:
                 old = _old_layout(cur)
                 if old:
                     _rename_old(cur)
-                for statement in _SCHEMA.split(";"):
+                for statement in (_SCHEMA + ";" + _RUN_SCHEMA).split(";"):
                     if statement.strip():
                         cur.execute(statement)
                 if old:
