@@ -128,7 +128,7 @@ def _stats(
 
 _HEADER = (
     f"{'kind':<9}{'variant':<18}{'role':<8}{'runs':>6}{'model p50/p95 ms':>19}"
-    f"{'e2e p50/p95 ms':>19}{'errors':>8}{'blocked':>9}{'agreement':>16}"
+    f"{'e2e p50/p95 ms':>21}{'errors':>8}{'blocked':>9}{'agreement':>20}"
 )
 
 
@@ -137,8 +137,8 @@ def format_table(stats: Sequence[VariantStats]) -> str:
     for s in stats:
         lines.append(
             f"{s.kind:<9}{s.variant:<18}{s.role:<8}{s.runs:>6}"
-            f"{_pair(s.model_ms_p50, s.model_ms_p95):>19}{_pair(s.e2e_ms_p50, s.e2e_ms_p95):>19}"
-            f"{_pct(s.error_rate):>8}{_pct(s.block_rate):>9}{_agreement(s):>16}"
+            f"{_pair(s.model_ms_p50, s.model_ms_p95):>19}{_pair(s.e2e_ms_p50, s.e2e_ms_p95):>21}"
+            f"{_pct(s.error_rate):>8}{_pct(s.block_rate):>9}{_agreement(s):>20}"
         )
     return "\n".join(lines)
 
@@ -159,4 +159,4 @@ def _agreement(s: VariantStats) -> str:
     if s.agreement is None:
         return "-"
     measure = "cos" if s.kind == "embed" else "agree"
-    return f"{measure} {s.agreement:.4f} n={s.compared}"
+    return f"{measure} {s.agreement:.5f} n={s.compared}"
