@@ -480,3 +480,11 @@ def test_a_task_with_two_shadows_gets_one_copy_from_each() -> None:
     assert isinstance(outcome, list)
     assert [e.data["model"] for e in outcome] == ["stable", "s1", "s2"]
     assert [e.extensions.get("shadow") for e in outcome] == [None, "true", "true"]
+
+
+def test_a_kinds_default_model_is_never_a_shadow() -> None:
+    from conveyor.ml.registry import ModelRegistry
+
+    registry = ModelRegistry(parse_specs(json.dumps([spec("s", shadow=0.5), spec("main")])))
+    assert registry.spec("embed").name == "main"
+    assert registry.spec("embed", "s").name == "s"

@@ -149,9 +149,10 @@ class ModelRegistry:
         return self._specs
 
     def spec(self, kind: Kind, name: str | None = None) -> ModelSpec:
-        """The spec for ``kind`` named ``name``, or the first one of that kind."""
+        """The spec for ``kind`` named ``name``, or the first of that kind that is not a shadow
+        (a shadow only ever gets copies of tasks)."""
         for spec in self._specs:
-            if spec.kind == kind and (name is None or spec.name == name):
+            if spec.kind == kind and (spec.name == name if name else spec.shadow == 0):
                 return spec
         raise KeyError(f"no model {name!r} of kind {kind!r} is configured")
 
