@@ -196,13 +196,18 @@ class CatalogSettings(BaseSettings):
     )
     default_template: str = "plain"
     models: str | None = Field(default=None, description="model registry JSON (CONVEYOR_MODELS)")
+    models_file: str | None = Field(
+        default=None,
+        description="model registry JSON file, read instead of `models`; variant weights "
+        "follow it without a restart (docs/variants.md)",
+    )
 
     def task_rules(self) -> TaskRules:
         from conveyor.events.ingress import TaskRules
-        from conveyor.ml.registry import ModelRegistry
+        from conveyor.ml.registry import load_specs
 
         names: dict[str, set[str]] = {}
-        for spec in ModelRegistry.from_json(self.models).specs:
+        for spec in load_specs(self.models, self.models_file):
             names.setdefault(spec.kind, set()).add(spec.name)
         return TaskRules(
             templates=frozenset(self.templates),

@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def setup(settings: InferenceSettings) -> dict[str, Any]:
     from conveyor.ml.registry import ModelRegistry
 
-    registry = ModelRegistry.from_json(settings.models)
+    registry = ModelRegistry.from_settings(settings.models, settings.models_file)
     if settings.preload:
         for spec in registry.specs:
             registry.for_kind(spec.kind, spec.name)

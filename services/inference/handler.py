@@ -7,7 +7,11 @@ fails another tenant's task. Parameters are re-checked with the ingress models
 (`conveyor.events.params`): a record that slipped past an older edge fails alone, with the
 parameter named. With result reuse on (`conveyor.reuse`), records whose identical task already
 ran take its stored result, identical records of one batch run once, and only the rest reach the
-model; every record still gets its own inferred event.
+model; every record still gets its own inferred event. The model is the task's variant
+(preprocess routed it, `task.model`); a task whose event lists `shadows` also runs on each of
+those, and each copy is emitted as its own inferred event marked `shadow` (or, when the shadow
+fails, a `failed` status of the copy alone), never in place of the task's own result
+(docs/variants.md).
 
 A cancelled task is not run (docs/cancellation.md): before each model group runs, the stage's
 cancel watch is synced with the cancel topic (every cancel the broker acknowledged before is
@@ -37,6 +41,8 @@ from conveyor.runtime.handler import BatchOutcome, status_emit
 from conveyor.store.base import TaskStatus
 from conveyor.telemetry.metrics import MODEL_RECORDS
 from conveyor.telemetry.tracing import span
+from conveyor.variants import SHADOW, SHADOWS, VARIANT
+from conveyor.variants import metrics as variant_metrics
 from services.inference.settings import InferenceSettings
 from services.inference.streaming import close_sinks, open_sinks
 
@@ -50,6 +56,7 @@ def handle_batch(
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(events)
     models: dict[int, str] = {}
+    shadows: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, event in enumerate(events):
         task = event.data["task"]
         if stopped is not None and stopped.stopped(task["tenant"], task["task_id"]):
@@ -63,10 +70,12 @@ def handle_batch(
             outcomes[i] = PermanentError(str(exc))
             continue
         models[i] = spec.name
+        for name in filter(None, (event.ext(SHADOWS) or "").split(",")):
+            shadows[(spec.kind, name)].append(i)
     reuse: ReuseCache | None = ctx.resources.get("reuse")
     plan = ReusePlan()
     if reuse is not None:
-        # variant: "" until model variants route tasks; the router's choice goes here.
+        # The model name is the task's variant (preprocess routed it): part of the reuse key.
         plan = reuse.begin([(i, events[i], name) for i, name in models.items()])
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, name in models.items():
@@ -75,30 +84,108 @@ def handle_batch(
     results: dict[int, Any] = {}
     for (kind, name), group in groups.items():
         indices = _runnable(events, group, cancels, ctx, f"kind={kind} model={name}")
-        if not indices:
-            continue
-        batch = [events[i].data for i in indices]
-        flags = [_flag(cancels, events[i]) for i in indices] if cancels is not None else None
-        started = time.perf_counter()
-        with span(kind, {"conveyor.model": name, "conveyor.batch.size": len(batch)}):
-            ran = _run_isolated(kind, registry, name, batch, flags, ctx.resources.get("streams"))
-        MODEL_RECORDS.labels("inference", kind, name).inc(len(indices))
-        elapsed = time.perf_counter() - started
-        capacity = ctx.resources.get("capacity")
-        if capacity is not None:  # GPU-aware capacity learns from every batch
-            capacity.observe(len(indices), elapsed)
-        per_record_ms = elapsed * 1000 / len(indices)
+        ran, per_record_ms = _run_group(ctx, kind, name, events, indices, cancels=cancels)
         for i, result in zip(indices, ran, strict=True):
             if cancels is not None and _cancelled(cancels, events[i]):
                 # Cancelled while it ran (a generation stopped early): nothing to emit, and its
                 # cut-short text is never kept for reuse.
                 continue
             results[i] = result
-            outcomes[i] = _inferred(events[i], name, per_record_ms, result)
+            outcomes[i] = _inferred(events[i], name, per_record_ms, result, **{VARIANT: name})
     if reuse is not None:
         _settle(events, plan, results, models, outcomes)
         reuse.finish(plan, results, models)
+    succeeded = {i: o for i, o in enumerate(outcomes) if isinstance(o, Emit) and o.type == INFERRED}
+    for i, copies in _run_shadows(ctx, events, shadows, succeeded, now).items():
+        outcomes[i] = [succeeded[i], *copies]
     return outcomes
+
+
+def _run_group(
+    ctx: StageContext[InferenceSettings],
+    kind: str,
+    name: str,
+    events: Sequence[Event],
+    indices: list[int],
+    *,
+    cancels: CancelWatch | None = None,
+    shadow: bool = False,
+) -> tuple[Results, float]:
+    """One model group's results, in `indices` order, and the model time per record (ms)."""
+    if not indices:
+        return [], 0.0
+    batch = [events[i].data for i in indices]
+    flags = [_flag(cancels, events[i]) for i in indices] if cancels is not None else None
+    # A shadow copy streams nothing: its text never reaches the task's caller.
+    streams = None if shadow else ctx.resources.get("streams")
+    attributes = {
+        "conveyor.model": name,
+        "conveyor.variant": name,
+        "conveyor.shadow": shadow,
+        "conveyor.batch.size": len(batch),
+    }
+    started = time.perf_counter()
+    with span(kind, attributes):
+        ran = _run_isolated(kind, ctx.resources["models"], name, batch, flags, streams)
+    MODEL_RECORDS.labels("inference", kind, name).inc(len(indices))
+    elapsed = time.perf_counter() - started
+    capacity = ctx.resources.get("capacity")
+    if capacity is not None:  # GPU-aware capacity learns from every batch
+        capacity.observe(len(indices), elapsed)
+    errors = sum(isinstance(r, BaseException) for r in ran)
+    variant_metrics.observe(
+        kind, name, shadow=shadow, seconds=elapsed, ok=len(ran) - errors, errors=errors
+    )
+    return ran, elapsed * 1000 / len(indices)
+
+
+def _run_shadows(
+    ctx: StageContext[InferenceSettings],
+    events: Sequence[Event],
+    shadows: Mapping[tuple[str, str], list[int]],
+    succeeded: Mapping[int, Emit],
+    now: datetime,
+) -> dict[int, list[Emit]]:
+    """Each shadowed record's copies: one inferred event (or `failed` status) per shadow.
+
+    A shadow runs only beside a primary that succeeded (or reused a result): a failed primary
+    is retried, and its retry brings the shadow copy again. The variant rides in the event from
+    here on; a shadow copy says it is one, so moderation checks it and writeback stores it beside
+    the task, never as the task's result."""
+    copies: dict[int, list[Emit]] = defaultdict(list)
+    for (kind, name), indices in shadows.items():
+        ran = [i for i in indices if i in succeeded]
+        results, per_record_ms = _run_group(ctx, kind, name, events, ran, shadow=True)
+        for i, result in zip(ran, results, strict=True):
+            if isinstance(result, BaseException):
+                copies[i].append(_shadow_failed(events[i], name, result, now))
+                continue
+            ext = {VARIANT: name, SHADOW: "true"}
+            copy = _inferred(events[i], name, per_record_ms, result, **ext)
+            assert isinstance(copy, Emit)
+            copies[i].append(copy)
+    return copies
+
+
+def _shadow_failed(event: Event, name: str, exc: BaseException, now: datetime) -> Emit:
+    """A shadow copy that failed: a `failed` status of the copy alone (writeback records it in
+    the shadow's runs; the task itself goes on with its primary's result)."""
+    task = event.data["task"]
+    report = StatusData(
+        task_id=task["task_id"],
+        tenant=task["tenant"],
+        status=TaskStatus.FAILED,
+        stage="inference",
+        reason=f"{type(exc).__name__}: {exc}"[:1000],
+        error_class=type(exc).__name__,
+        attempt=event.attempt,
+        callback_url=None,
+        kind=task.get("kind"),
+        time=now.isoformat(),
+    )
+    return status_emit(
+        report, discriminator="shadow-failed", extensions={VARIANT: name, SHADOW: "true"}
+    )
 
 
 def _inferred(
@@ -120,9 +207,8 @@ def _settle(
 ) -> None:
     """The outcomes of records the model did not run for: reused, waiting, or coalesced."""
     for i, reused in plan.reused.items():
-        outcomes[i] = _inferred(
-            events[i], reused.model, 0.0, reused.result, **{REUSED: reused.source_task_id}
-        )
+        ext = {REUSED: reused.source_task_id, VARIANT: reused.model}
+        outcomes[i] = _inferred(events[i], reused.model, 0.0, reused.result, **ext)
     for i, waiting in plan.waiting.items():
         outcomes[i] = waiting
     for i, leader in plan.followers.items():
@@ -132,7 +218,8 @@ def _settle(
         if leader not in results:  # the identical task it waited on was cancelled: run it later
             outcomes[i] = RetryableError(f"identical task {source} was cancelled before it ran")
             continue
-        outcomes[i] = _inferred(events[i], models[leader], 0.0, results[leader], **{REUSED: source})
+        ext = {REUSED: source, VARIANT: models[leader]}
+        outcomes[i] = _inferred(events[i], models[leader], 0.0, results[leader], **ext)
 
 
 Results = list[dict[str, Any] | BaseException]

@@ -44,6 +44,9 @@ class InferenceSettings(StageSettings, ReuseSettings, StreamSettings):
     models: str | None = Field(
         default=None, description="model registry JSON; default: packaged models"
     )
+    models_file: str | None = Field(
+        default=None, description="model registry JSON file, read instead of `models`"
+    )
     preload: bool = Field(default=True, description="load the configured models at start")
 
     @model_validator(mode="after")

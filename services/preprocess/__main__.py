@@ -11,17 +11,22 @@ from services.preprocess.settings import PreprocessSettings
 
 
 def setup(settings: PreprocessSettings) -> dict[str, Any]:
+    from conveyor.variants.source import VariantSource
+
     rules = settings.task_rules()
+    # Routing to variants happens here, so the variant travels in the event from preprocess on
+    # and a retry or replay of any later stage keeps it (docs/variants.md).
+    variants = VariantSource(settings.models, settings.models_file)
     if not settings.tokenizers:
-        return {"count_tokens": word_count, "rules": rules}
+        return {"count_tokens": word_count, "rules": rules, "variants": variants}
     from conveyor.ml.registry import ModelRegistry
 
-    registry = ModelRegistry.from_json(settings.models)
+    registry = ModelRegistry.from_settings(settings.models, settings.models_file)
 
     def count_tokens(kind: str, text: str) -> int:
         return registry.count_tokens(registry.spec(kind).name, text)  # type: ignore[arg-type]
 
-    return {"count_tokens": count_tokens, "rules": rules}
+    return {"count_tokens": count_tokens, "rules": rules, "variants": variants}
 
 
 SERVICE = StageService("preprocess", PreprocessSettings, handle=handle, setup=setup)

@@ -1,5 +1,5 @@
 """preprocess's decisions: what a valid task is, how its text is normalised and templated,
-how many tokens it has and which priority lane it takes.
+how many tokens it has, which priority lane it takes and which model variant serves it.
 
 The task id in the data is the task's identity (the runtime derives every output's key, subject
 and event id from it). A task submitted without one takes the event's `subject`, else an id
@@ -22,6 +22,9 @@ from conveyor.events.ingress import param_text, parse_task
 from conveyor.events.model import ASSIGNED_ID, Event, assigned_task_id
 from conveyor.runtime import Emit, StageContext
 from conveyor.telemetry.tracing import span
+from conveyor.variants import SHADOWS, VARIANT
+from conveyor.variants.source import VariantSource
+from conveyor.variants.table import Route
 from services.preprocess.settings import PreprocessSettings
 
 TokenCounter = Callable[[str, str], int]  # (kind, text) -> tokens
@@ -59,6 +62,7 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
         tokens = count(task.kind, prompt)
     if tokens > s.max_input_tokens:
         raise PermanentError(f"prompt has {tokens} tokens, over the limit of {s.max_input_tokens}")
+    route = _route(ctx.resources.get("variants"), task.kind, task.tenant, task.task_id, task.model)
     data = {
         "task": {
             "task_id": task.task_id,
@@ -68,7 +72,7 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
             "callback_url": task.callback_url,
             "deadline": task.deadline.isoformat() if task.deadline else None,
             "submitted_at": event.time or datetime.now(UTC).isoformat(),
-            "model": task.model,
+            "model": route.variant if route else task.model,
             "params": {k: param_text(v) for k, v in task.params.items()},
         },
         "input": text,
@@ -81,8 +85,24 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
         ext[ASSIGNED_ID] = assigned_from
     if task.deadline is not None:
         ext["deadline"] = task.deadline.isoformat()
+    if route is not None:
+        ext[VARIANT] = route.variant
+        if route.shadows:
+            ext[SHADOWS] = ",".join(route.shadows)
     topic = load_catalog().lane_topic(PREPROCESSED, task.priority)
     return Emit(PREPROCESSED, data, topic=topic, extensions=ext)
+
+
+def _route(
+    variants: VariantSource | None, kind: str, tenant: str, task_id: str, model: str | None
+) -> Route | None:
+    """The task's variant (sticky: a hash of tenant and task id) and shadow copies."""
+    if variants is None:
+        return None
+    try:
+        return variants.route(kind, tenant, task_id, model)
+    except LookupError:
+        raise PermanentError(f"no {kind} variant serves tenant {tenant!r}") from None
 
 
 def with_task_id(event: Event) -> tuple[Any, str | None]:

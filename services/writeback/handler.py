@@ -7,7 +7,9 @@ timeline note otherwise. An event carrying `rerun` belongs to an operator redriv
 the task: it may replace a terminal status, and its timeline entry names the operator action.
 `stored` is emitted when the task's stored status is terminal and is the one the event brought,
 so a note, or a failure that lost to an earlier outcome, notifies nobody; a redelivered event
-emits it again (same id: notify deduplicates).
+emits it again (same id: notify deduplicates). An event naming its model `variant` also records
+that variant's run (`variant_runs`); the events of a shadow copy (`shadow`) record only that, so
+a shadow's output never becomes the task's result and never emits `stored` (docs/variants.md).
 """
 
 from __future__ import annotations
@@ -31,16 +33,26 @@ from conveyor.reuse import REUSED
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
 from conveyor.store import TaskRecord, TaskStatus, TaskUpdate, is_terminal
+from conveyor.store.variantruns import VariantRun
 from conveyor.telemetry.traceparent import trace_id_of
 from conveyor.telemetry.tracing import span
+from conveyor.variants import SHADOW, SHADOWS, VARIANT
 from services.writeback.settings import WritebackSettings
 
 
 def handle_batch(
     events: Sequence[Event], ctx: StageContext[WritebackSettings]
 ) -> list[BatchOutcome]:
-    updates = [_retained(update_for(event), ctx.settings) for event in events]
+    # A shadow copy's events never touch the task: they are recorded as the shadow's run only.
+    updates = [
+        None if event.ext(SHADOW) else _retained(update_for(event), ctx.settings)
+        for event in events
+    ]
     todo = [u for u in updates if u is not None]
+    runs = [run for run in map(run_for, events) if run is not None]
+    if runs:  # before the task rows: a retried batch merges them again, unchanged
+        with span("db upsert variant_runs", {"db.operation.batch.size": len(runs)}):
+            ctx.resources["store"].record_variant_runs(runs)
     rows: list[TaskRecord] = []
     if todo:
         with span(
@@ -126,6 +138,53 @@ def _retained(update: TaskUpdate | None, settings: WritebackSettings) -> TaskUpd
     if update is None or not is_terminal(update.status):
         return update
     return dataclasses.replace(update, retain_s=settings.retain_s(update.tenant))
+
+
+def run_for(event: Event) -> VariantRun | None:
+    """What an event from inference on says about its variant's run of the task, or None.
+
+    The primary's output is kept only when the task had shadows (to compare with), a shadow's
+    always; a failure counts when inference or moderation dead-lettered the run."""
+    variant = event.ext(VARIANT)
+    if variant is None:
+        return None
+    shadow = bool(event.ext(SHADOW))
+    data = event.data
+    if event.type == STATUS_TYPE:
+        if data["status"] != "failed" or data["stage"] not in ("inference", "moderation"):
+            return None
+        return VariantRun(
+            tenant=data["tenant"] or None,
+            task_id=data["task_id"],
+            variant=variant,
+            shadow=shadow,
+            status="failed",
+            kind=data.get("kind"),
+            error=(data.get("reason") or "failed")[:500],
+            finished_at=_time(event.time),
+        )
+    if event.type not in (INFERRED_TYPE, MODERATED_TYPE):
+        return None
+    task = data["task"]
+    keep = shadow or bool(event.ext(SHADOWS))
+    common = {
+        "tenant": task["tenant"] or None,
+        "task_id": task["task_id"],
+        "variant": variant,
+        "shadow": shadow,
+        "kind": task["kind"],
+        "result": result_of(data) if keep else None,
+        "submitted_at": _time(task.get("submitted_at")),
+    }
+    if event.type == INFERRED_TYPE:
+        return VariantRun(status="running", inference_ms=data.get("inference_ms"), **common)
+    blocked = data["verdict"] == "block"
+    return VariantRun(
+        status="blocked" if blocked else "completed",
+        verdict=data["verdict"],
+        finished_at=_time(event.time),
+        **common,
+    )
 
 
 def _assigned(event: Event) -> str | None:

@@ -19,6 +19,7 @@ from conveyor.ml.registry import ModelRegistry, ModelSpec
 from conveyor.reuse import REUSED, ReuseCache, ReuseSettings, reuse_key
 from conveyor.runtime import Emit, StageContext
 from conveyor.store import ResultStore, ReuseClaim, open_store
+from conveyor.variants import VARIANT
 from services.inference.handler import handle_batch
 from services.inference.settings import InferenceSettings
 from tests.unit.test_inference_isolation import preprocessed
@@ -174,13 +175,13 @@ def test_repeats_in_a_batch_and_across_batches_run_the_model_once(
     a0, b1, a2 = (emitted(o) for o in first)
     assert a0["embedding"] == a2["embedding"] != b1["embedding"]
     assert [a0["task"]["task_id"], a2["task"]["task_id"]] == ["acme-0", "acme-2"]
-    assert first[2].extensions == {REUSED: "acme-0"}  # type: ignore[union-attr]
+    assert first[2].extensions == {REUSED: "acme-0", VARIANT: "tiny-bert"}  # type: ignore[union-attr]
     later = handle_batch([task(3, "beta"), task(4, "gamma"), task(5, "alpha", tenant="other")], ctx)
     assert model_records("embed") - before == 4  # gamma, and alpha for another tenant
     b3 = emitted(later[0])
     assert b3["embedding"] == b1["embedding"] and b3["task"]["task_id"] == "acme-3"
-    assert later[0].extensions == {REUSED: "acme-1"}  # type: ignore[union-attr]
-    assert later[2].extensions == {}  # type: ignore[union-attr]
+    assert later[0].extensions == {REUSED: "acme-1", VARIANT: "tiny-bert"}  # type: ignore[union-attr]
+    assert later[2].extensions == {VARIANT: "tiny-bert"}  # type: ignore[union-attr]
 
 
 def test_opt_outs_run_the_model(registry: ModelRegistry, store: ResultStore) -> None:

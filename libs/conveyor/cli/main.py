@@ -28,6 +28,7 @@ COMMANDS = {
     "dlq": ("dlq", "list, show or redrive dead letters"),
     "replay": ("replay", "reprocess a stage's input from a time or offset"),
     "retention": ("retention", "sweep what retention has expired (results, timelines)"),
+    "variants": ("variants", "show, set (canary weights) or report model variants"),
 }
 
 

@@ -19,6 +19,7 @@ from conveyor.ml.specs import (
     ModelSpec,
     check_unique,
     default_specs,
+    load_specs,
     parse_specs,
 )
 
@@ -29,7 +30,15 @@ if TYPE_CHECKING:
 
 # The specs are defined in `specs` (so model classes can name theirs without importing this
 # module); they are part of the registry's interface too.
-__all__ = ["KINDS", "Kind", "ModelRegistry", "ModelSpec", "default_specs", "parse_specs"]
+__all__ = [
+    "KINDS",
+    "Kind",
+    "ModelRegistry",
+    "ModelSpec",
+    "default_specs",
+    "load_specs",
+    "parse_specs",
+]
 logger = logging.getLogger(__name__)
 
 
@@ -50,14 +59,20 @@ class ModelRegistry:
         """Registry for a ``CONVEYOR_MODELS`` value; the defaults when it is unset or blank."""
         return cls(parse_specs(text) if text and text.strip() else None)
 
+    @classmethod
+    def from_settings(cls, models: str | None, models_file: str | None) -> ModelRegistry:
+        """Registry for the ``models`` / ``models_file`` settings (see ``load_specs``)."""
+        return cls(load_specs(models, models_file))
+
     @property
     def specs(self) -> tuple[ModelSpec, ...]:
         return self._specs
 
     def spec(self, kind: Kind, name: str | None = None) -> ModelSpec:
-        """The spec for ``kind`` named ``name``, or the first one of that kind."""
+        """The spec for ``kind`` named ``name``, or the first of that kind that is not a shadow
+        (a shadow only ever gets copies of tasks)."""
         for spec in self._specs:
-            if spec.kind == kind and (name is None or spec.name == name):
+            if spec.kind == kind and (spec.name == name if name else spec.shadow == 0):
                 return spec
         raise KeyError(f"no model {name!r} of kind {kind!r} is configured")
 

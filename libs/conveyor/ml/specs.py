@@ -10,9 +10,10 @@ their spec without importing the registry that loads them.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from conveyor.ml.sources import MINILM_PACKAGE, PACKAGE_PREFIX, SMOLLM2_PACKAGE, check_source
 
@@ -41,11 +42,27 @@ class ModelSpec(BaseModel):
     # Waiting longer than a few tens of ms for a fuller batch costs more latency than it saves.
     max_batch_wait_ms: int = Field(default=20, ge=0, le=10_000, description="wait to fill a batch")
     max_new_tokens: int = Field(default=64, ge=1, le=4096, description="default generation budget")
+    # Variant routing (conveyor.variants, docs/variants.md): only these fields change on a reload.
+    weight: float | None = Field(
+        default=None, ge=0, description="share of the kind's tasks, relative to its siblings"
+    )
+    tenants: tuple[str, ...] = Field(
+        default=(), description="pinned: serves only these tenants (and they only it)"
+    )
+    shadow: float = Field(
+        default=0.0, ge=0, le=1, description="shadow: share of the kind's tasks copied to it"
+    )
 
     @field_validator("source")
     @classmethod
     def _valid_source(cls, value: str) -> str:
         return check_source(value)
+
+    @model_validator(mode="after")
+    def _shadow_has_no_weight(self) -> ModelSpec:
+        if self.shadow > 0 and self.weight:
+            raise ValueError(f"model {self.name!r} is a shadow: it takes no weight")
+        return self
 
 
 _SPECS = TypeAdapter(list[ModelSpec])
@@ -72,7 +89,25 @@ def default_specs() -> tuple[ModelSpec, ...]:
 
 def check_unique(specs: Iterable[ModelSpec]) -> None:
     seen: set[tuple[str, str]] = set()
+    primaries: set[str] = set()
     for spec in specs:
         if (spec.kind, spec.name) in seen:
             raise ValueError(f"model {spec.name!r} is configured twice for kind {spec.kind!r}")
         seen.add((spec.kind, spec.name))
+        if spec.shadow == 0:
+            primaries.add(spec.kind)
+    shadow_only = {kind for kind, _ in seen} - primaries
+    if shadow_only:
+        raise ValueError(f"kinds with only shadow models: {sorted(shadow_only)}")
+
+
+def load_specs(models: str | None, models_file: str | None = None) -> tuple[ModelSpec, ...]:
+    """The configured specs: the file `models_file` when set (`CONVEYOR_MODELS_FILE`, the
+    reloadable form), else the JSON `models` (`CONVEYOR_MODELS`), else the packaged defaults."""
+    if models_file:
+        try:
+            text = Path(models_file).read_text()
+        except OSError as exc:
+            raise ValueError(f"models file {models_file}: {exc.strerror or exc}") from None
+        return parse_specs(text)
+    return parse_specs(models) if models and models.strip() else default_specs()

@@ -73,7 +73,15 @@ class StageService(Generic[S]):
             raise ValueError(f"stage {self.name}: give exactly one of handle / handle_batch")
 
 
-def status_emit(data: StatusData, *, discriminator: str) -> Emit:
+def status_emit(
+    data: StatusData, *, discriminator: str, extensions: Mapping[str, str] | None = None
+) -> Emit:
     """The status event reporting `data`, on the status topic; `discriminator` tells one
     task's status events apart (their deterministic ids)."""
-    return Emit(STATUS_TYPE, data.record(), topic=STATUS_TOPIC, discriminator=discriminator)
+    return Emit(
+        STATUS_TYPE,
+        data.record(),
+        topic=STATUS_TOPIC,
+        discriminator=discriminator,
+        extensions=dict(extensions or {}),
+    )

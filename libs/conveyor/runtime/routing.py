@@ -13,6 +13,8 @@ writeback only notes it on an existing task. The `rerun` extension (an operator 
 replay of the task) travels on to every output and enters their ids (a re-run is a new run, so
 its events are not taken for the first run's duplicates); on the ingress topic, which upstream
 clients write, it counts only on a record that also carries the redrive/replay header.
+A shadow copy of a task (extension `shadow`, docs/variants.md) is a run of its own too: its
+variant enters its ids, so its events never pass for the task's.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from conveyor.runtime.ladder import RetryPolicy, retry_headers
 from conveyor.settings import StageSettings
 from conveyor.store.base import TaskStatus
 from conveyor.telemetry import tracing
+from conveyor.variants import SHADOW, VARIANT
 
 # An upper bound of the CloudEvents and tracing headers of one record (a dozen short strings).
 _HEADER_ALLOWANCE = 16_384
@@ -133,6 +136,8 @@ class Router:
             if start:
                 ext[TRACEPARENT] = start  # this hop starts the task's trace
         ext.update(emit.extensions)
+        if ext.get(SHADOW):  # a shadow copy is a run of its own: ids apart from the primary's
+            discriminator = f"{discriminator}\x1eshadow.{ext.get(VARIANT, '')}"
         event = Event(
             id=event_id(task_id, emit.type, discriminator, tenant=ext.get(TENANT) or ""),
             type=emit.type,

@@ -26,6 +26,7 @@ from conveyor.runtime.step import BatchResult, RecordOutcome
 from conveyor.telemetry import tracing
 from conveyor.telemetry.metrics import StageMetrics
 from conveyor.telemetry.traceparent import trace_id_of
+from conveyor.variants import SHADOW, VARIANT
 
 log = logging.getLogger("conveyor.runtime.stage")
 
@@ -152,6 +153,11 @@ class StageTelemetry:
         }
         if key:
             attributes["messaging.kafka.message.key"] = key
+        ext = event.extensions if event is not None else {}
+        variant = ext.get(VARIANT) or hmap.get("ce_" + VARIANT)
+        if variant:  # the model variant serving the task (docs/variants.md)
+            attributes["conveyor.variant"] = variant
+            attributes["conveyor.shadow"] = bool(ext.get(SHADOW) or hmap.get("ce_" + SHADOW))
         return attributes
 
     def _batch_attributes(self, items: Sequence[Item]) -> dict[str, Any]:

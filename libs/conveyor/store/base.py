@@ -37,7 +37,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from conveyor.store.variantruns import VariantRun
 
 
 class AmbiguousTaskError(ValueError):
@@ -544,4 +547,12 @@ class ResultStore(Protocol):
 
     def reuse_finish(self, entries: Sequence[ReuseEntry], released: Sequence[ReuseClaim]) -> None:
         """Store the results of keys that ran and drop the claims of those that failed."""
+        ...
+
+    def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
+        """Merge what events say about model variants' runs (`conveyor.store.variantruns`)."""
+        ...
+
+    def variant_runs(self, *, kind: str | None = None) -> list[VariantRun]:
+        """Every variant run recorded (of `kind`): what `conveyor variants report` reads."""
         ...

@@ -65,8 +65,19 @@ from conveyor.store.batches import (
     batch_from_row,
     batch_params,
 )
+from conveyor.store.variantruns import (
+    RUN_SELECT,
+    VariantRun,
+    run_from_row,
+    run_params,
+    run_schema,
+    run_upsert,
+)
 
 log = logging.getLogger(__name__)
+
+_RUN_UPSERT = run_upsert("%s")
+_RUN_SCHEMA = run_schema("timestamptz")
 
 # Bounds how long open (and a reconnect) waits for an unreachable server before failing retryable.
 CONNECT_TIMEOUT_S = 10
@@ -260,6 +271,8 @@ class PostgresResultStore:
             if old:
                 _rename_old(cur)
             for statement in _SCHEMA.split(";"):
+                cur.execute(statement)
+            for statement in _RUN_SCHEMA.split(";"):  # variant runs (docs/variants.md)
                 cur.execute(statement)
             if old:
                 for statement in _MIGRATE:
@@ -610,6 +623,23 @@ class PostgresResultStore:
                 (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, now, limit),
             ).fetchall()
         return [batch_from_row(row, _utc) for row in rows]
+
+    def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
+        """Merge what events say about variant runs (conveyor.store.variantruns), one
+        transaction."""
+        if not runs:
+            return
+        with self._transaction() as cur:
+            cur.executemany(_RUN_UPSERT, [run_params(run, _utc) for run in runs])
+
+    def variant_runs(self, *, kind: str | None = None) -> list[VariantRun]:
+        """Every variant run (of `kind`), for `conveyor variants report`."""
+        with self._transaction() as cur:
+            if kind is None:
+                rows = cur.execute(RUN_SELECT).fetchall()
+            else:
+                rows = cur.execute(RUN_SELECT + " WHERE kind = %s", (kind,)).fetchall()
+        return [run_from_row(row, _utc) for row in rows]
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

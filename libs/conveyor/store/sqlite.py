@@ -62,8 +62,19 @@ from conveyor.store.batches import (
     batch_from_row,
     batch_params,
 )
+from conveyor.store.variantruns import (
+    RUN_SELECT,
+    VariantRun,
+    run_from_row,
+    run_params,
+    run_schema,
+    run_upsert,
+)
 
 log = logging.getLogger(__name__)
+
+_RUN_UPSERT = run_upsert("?")
+_RUN_SCHEMA = run_schema("TEXT")  # variant runs (docs/variants.md)
 
 # How long a statement waits for another process's write lock before failing as retryable.
 # Writes hold the lock for milliseconds; 5 s absorbs bursts without stalling a stage for long.
@@ -256,7 +267,7 @@ class SqliteResultStore:
                 old = _old_layout(cur)
                 if old:
                     _rename_old(cur)
-                for statement in _SCHEMA.split(";"):
+                for statement in (_SCHEMA + ";" + _RUN_SCHEMA).split(";"):
                     if statement.strip():
                         cur.execute(statement)
                 if old:
@@ -601,6 +612,23 @@ class SqliteResultStore:
                 (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, _ts(now), limit),
             ).fetchall()
         return [batch_from_row(row, _dt) for row in rows]
+
+    def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
+        """Merge what events say about variant runs (conveyor.store.variantruns), one
+        transaction."""
+        if not runs:
+            return
+        with self._transaction() as cur:
+            cur.executemany(_RUN_UPSERT, [run_params(run, _ts) for run in runs])
+
+    def variant_runs(self, *, kind: str | None = None) -> list[VariantRun]:
+        """Every variant run (of `kind`), for `conveyor variants report`."""
+        with self._read() as cur:
+            if kind is None:
+                rows = cur.execute(RUN_SELECT).fetchall()
+            else:
+                rows = cur.execute(RUN_SELECT + " WHERE kind = ?", (kind,)).fetchall()
+        return [run_from_row(row, _dt) for row in rows]
 
 
 def _transient(exc: sqlite3.Error) -> bool:
