@@ -11,8 +11,8 @@ sampled and for records whose trace is not (what most records cost under
 `parentbased_traceidratio`). The three tracing modes are timed in turn, batch by batch, in one
 process, so that a shared machine's changing load hits them alike. CPU time of the stage loop's
 thread: span export (the BatchSpanProcessor's thread) is timed apart, per span, with the SDK's
-OTLP encoder and exporter and with Conveyor's (`conveyor.telemetry.spanexport`); so is each
-tracing step of a record, as the runtime does it and as the stock OpenTelemetry calls do it.
+OTLP encoder and exporter (the runtime's, public API only); so is each tracing step of a
+record, as the runtime does it and as the stock OpenTelemetry calls do it.
 
     python bench/overhead.py    # prints the figures, writes bench/results/overhead.json
 """
@@ -50,7 +50,7 @@ from conveyor.runtime.handler import Emit
 from conveyor.runtime.routing import Item
 from conveyor.runtime.stage import StageRunner
 from conveyor.settings import StageSettings
-from conveyor.telemetry import spanexport, tracing
+from conveyor.telemetry import tracing
 from conveyor.telemetry.logging import TextFormatter
 
 INFERRED = "conveyor.task.inferred.v1"
@@ -340,19 +340,17 @@ def _spans_of(runner: StageRunner, batch: list[FakeMessage], provider: Any) -> l
 
 
 def span_export_cost(spans: list[Any]) -> dict[str, float]:
-    """CPU per span of encoding `spans` into one OTLP request, and of exporting them over
-    OTLP/HTTP (encoding + the POST, client side), with the SDK's encoder and exporter and with
-    `conveyor.telemetry.spanexport`'s; both exporters configured by the OTEL_* variables."""
+    """CPU per span of encoding `spans` into one OTLP request with the SDK's encoder, and of
+    exporting them over OTLP/HTTP with the exporter the runtime installs (the SDK's own,
+    `tracing.otlp_exporter`, configured by the OTEL_* variables): encoding + the POST, client
+    side, as the BatchSpanProcessor's thread spends it."""
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    stock, fast = OTLPSpanExporter(), spanexport.otlp_exporter("http/protobuf")
+    exporter = tracing.otlp_exporter()
     try:
         steps: dict[str, Callable[[], object]] = {
-            "encode, SDK encoder (before)": lambda: encode_spans(spans).SerializePartialToString(),
-            "encode, spanexport.encode_request": lambda: spanexport.encode_request(spans),
-            "export over OTLP/HTTP, SDK exporter (before)": lambda: stock.export(spans),
-            "export over OTLP/HTTP, spanexport exporter": lambda: fast.export(spans),
+            "encode, SDK encoder": lambda: encode_spans(spans).SerializePartialToString(),
+            "export over OTLP/HTTP, SDK exporter": lambda: exporter.export(spans),
         }
         best = dict.fromkeys(steps, float("inf"))
         for _ in range(5):  # in turn, so that a change in the machine's load hits all alike
@@ -362,8 +360,7 @@ def span_export_cost(spans: list[Any]) -> dict[str, float]:
                 best[name] = min(best[name], time.thread_time() - started)
         return {name: round(seconds / len(spans) * 1e6, 2) for name, seconds in best.items()}
     finally:
-        stock.shutdown()  # type: ignore[no-untyped-call]
-        fast.shutdown()
+        exporter.shutdown()
 
 
 def main() -> None:

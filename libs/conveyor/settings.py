@@ -126,7 +126,17 @@ class StageSettings(KafkaSettings):
         "(docs/cancellation.md)",
     )
     linger_ms: float = Field(
-        default=1.0, ge=0, description="producer linger; low for latency per hop"
+        default=0.0,
+        ge=0,
+        description="producer linger: 0 sends at once (latency per hop); batches still form "
+        "under load, while earlier requests are in flight",
+    )
+    commit_interval_ms: float = Field(
+        default=100.0,
+        ge=0,
+        description="while records flow, acknowledged offsets are committed at most this "
+        "often (an idle stage, a revoke and a stop commit at once); a crash redelivers what "
+        "was acknowledged since, never loses it",
     )
     delivery_timeout_s: float = Field(default=30.0, gt=0, description="max wait for broker acks")
     metrics_host: str = Field(

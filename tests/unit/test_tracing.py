@@ -303,3 +303,20 @@ def test_an_unsampled_parent_is_handed_on_unparsed_and_handler_spans_stay_in_its
     assert tracing.unsampled_remote({}) is None
     monkeypatch.setattr(tracing, "_parent_based_sampler", False)
     assert tracing.unsampled_remote({"traceparent": unsampled}) is None  # a child is sampled
+
+
+@pytest.mark.parametrize("protocol", ["http/protobuf", "grpc"])
+def test_spans_are_exported_by_the_sdks_own_exporter_for_each_protocol(
+    protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    exporter = tracing.otlp_exporter()
+    try:
+        # Exactly the SDK's class: no subclass reaching into its private members.
+        assert type(exporter) is (Grpc if protocol == "grpc" else Http)
+    finally:
+        exporter.shutdown()

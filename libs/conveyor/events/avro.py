@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 from pathlib import Path
@@ -67,7 +68,7 @@ class SchemaSet:
             raise SchemaError(f"unknown schema {name}")
         return version, self.schemas[(name, version)]
 
-    def encode(self, name: str, version: int, data: dict[str, Any]) -> bytes:
+    def encode(self, name: str, version: int, data: Mapping[str, Any]) -> bytes:
         buf = io.BytesIO()
         try:
             fastavro.schemaless_writer(buf, self.get(name, version), data)

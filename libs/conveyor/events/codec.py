@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from conveyor.errors import PermanentError
@@ -28,6 +28,7 @@ Headers = list[tuple[str, bytes]]
 RawHeaders = Sequence[tuple[str, bytes | str | None]] | None
 
 _REQUIRED = ("id", "source", "type")
+_SPECVERSION = ("ce_specversion", SPECVERSION.encode())
 _CORE = frozenset(
     ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema")
 )
@@ -39,22 +40,48 @@ class DecodeError(PermanentError):
 
 def encode_binary(event: Event, schemas: SchemaSet) -> tuple[Headers, bytes]:
     """Headers and value of `event` in binary content mode; Avro data needs `dataschema`."""
-    headers: Headers = [
-        ("ce_specversion", b"1.0"),
-        ("ce_id", event.id.encode()),
-        ("ce_source", event.source.encode()),
-        ("ce_type", event.type.encode()),
-        ("content-type", event.datacontenttype.encode()),
-    ]
-    if event.subject is not None:
-        headers.append(("ce_subject", event.subject.encode()))
-    if event.time is not None:
-        headers.append(("ce_time", event.time.encode()))
-    if event.dataschema is not None:
-        headers.append(("ce_dataschema", event.dataschema.encode()))
-    for name, value in event.extensions.items():
-        headers.append(("ce_" + name, value.encode()))
+    headers = binary_headers(
+        event.id,
+        event.source,
+        event.type,
+        event.datacontenttype,
+        subject=event.subject,
+        time=event.time,
+        dataschema=event.dataschema,
+        extensions=event.extensions,
+    )
     return headers, _encode_data(event, schemas)
+
+
+def binary_headers(
+    event_id: str,
+    source: str,
+    event_type: str,
+    content_type: str,
+    *,
+    subject: str | None,
+    time: str | None,
+    dataschema: str | None,
+    extensions: Mapping[str, str],
+) -> Headers:
+    """The binary-mode headers of an event with these attributes (`encode_binary`'s, and the
+    runtime's, which encodes the data itself and need not build an `Event` per output)."""
+    headers: Headers = [
+        _SPECVERSION,
+        ("ce_id", event_id.encode()),
+        ("ce_source", source.encode()),
+        ("ce_type", event_type.encode()),
+        ("content-type", content_type.encode()),
+    ]
+    if subject is not None:
+        headers.append(("ce_subject", subject.encode()))
+    if time is not None:
+        headers.append(("ce_time", time.encode()))
+    if dataschema is not None:
+        headers.append(("ce_dataschema", dataschema.encode()))
+    for name, value in extensions.items():
+        headers.append(("ce_" + name, value.encode()))
+    return headers
 
 
 def _encode_data(event: Event, schemas: SchemaSet) -> bytes:
@@ -70,6 +97,11 @@ def _encode_data(event: Event, schemas: SchemaSet) -> bytes:
 
 def header_map(headers: RawHeaders) -> dict[str, str]:
     """Kafka headers as str -> str (the last value wins; undecodable values are rejected)."""
+    try:
+        # The common case, every value UTF-8 bytes: one comprehension, no per-header branch.
+        return {key: value.decode() for key, value in headers or ()}  # type: ignore[union-attr]
+    except (AttributeError, UnicodeDecodeError):
+        pass  # a str or None value (or a bad one): the careful way
     out: dict[str, str] = {}
     for key, value in headers or ():
         if value is None:

@@ -58,11 +58,14 @@ def event_id(task_id: str, event_type: str, discriminator: str = "", *, tenant: 
     if tenant:
         name = f"{len(tenant)}:{tenant}\x1d".encode() + name
     namespace = _TENANT_NS_BYTES if tenant else _NS_BYTES
-    digest = bytearray(hashlib.sha1(namespace + name).digest()[:16])
-    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
-    digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
-    h = digest.hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = hashlib.sha1(namespace + name).hexdigest()
+    # The first 16 bytes, with the version nibble 5 and the RFC 4122 variant bits 10 (the
+    # high two bits of the 17th hex digit), written straight into the text.
+    variant = _VARIANT[int(h[16], 16) & 0x3]
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{variant}{h[17:20]}-{h[20:32]}"
+
+
+_VARIANT = "89ab"
 
 
 def assigned_task_id(origin: str) -> str:

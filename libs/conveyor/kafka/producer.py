@@ -142,10 +142,22 @@ class KafkaProducer:
             group.sent += 1
 
     def send_all(self, records: Iterable[Record], acks: Acks | None = None) -> None:
+        group = acks or self.acks
+        produce, callback = self.client.produce, group.callback
         for record in records:
             # librdkafka's stubs want str | bytes | None header values; bytes are that.
             headers: Any = record.headers
-            self.send(record.topic, record.value, record.key, headers, acks=acks)
+            try:  # the common case, inline: room in the local queue
+                produce(
+                    record.topic, record.value, record.key, on_delivery=callback, headers=headers
+                )
+            except BufferError:  # full: `send` waits it out (or raises BrokerError)
+                self.send(record.topic, record.value, record.key, headers, acks=group)
+                continue
+            except KafkaException as exc:
+                raise BrokerError(f"produce failed: {exc}") from exc
+            group.pending += 1
+            group.sent += 1
 
     def poll(self, timeout_s: float = 0) -> None:
         """Serve delivery reports and client events (`error_cb`)."""

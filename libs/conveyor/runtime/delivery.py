@@ -5,14 +5,16 @@ The order is the guarantee: a commit never precedes its outputs' acknowledgement
 skips an earlier batch, so a crash redelivers (at-least-once) and never loses; deterministic
 event ids let consumers deduplicate. The loop does not wait for a batch's acknowledgements
 before reading the next one: up to `max_pending` batches wait at once, and each `settle`
-commits those acknowledged so far. With `exactly_once`, each batch's records and offsets go in
-one Kafka transaction instead.
+commits those acknowledged so far, at most every `commit_interval_s` while records flow (one
+commit request per record at a low rate cost the stage and the broker more than the record).
+With `exactly_once`, each batch's records and offsets go in one Kafka transaction instead.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,6 +78,7 @@ class Delivery:
         exactly_once: bool,
         on_abort: Callable[[BatchResult], None],
         failpoint: Failpoint | None = None,
+        commit_interval_s: float = 0.0,
     ) -> None:
         self.stage = stage
         self.consumer = consumer
@@ -86,12 +89,15 @@ class Delivery:
         self.failpoint = failpoint
         # A fault-injection run waits for each batch, so "the Nth batch" is exactly one batch.
         self.max_pending = 1 if failpoint is not None else MAX_PENDING_BATCHES
+        self.commit_interval_s = 0.0 if failpoint is not None else commit_interval_s
         self._pending: deque[_Pending] = deque()
+        self._acked: dict[TP, int] = {}  # acknowledged, not yet committed (commit cadence)
+        self._committed_at = float("-inf")
 
     @property
     def idle(self) -> bool:
         """Nothing produced is waiting for its acknowledgement or commit."""
-        return not self._pending
+        return not self._pending and not self._acked
 
     def deliver(self, result: BatchResult) -> None:
         if self.exactly_once:
@@ -103,11 +109,13 @@ class Delivery:
         if len(self._pending) >= self.max_pending:
             self.settle(wait=True)
 
-    def settle(self, *, wait: bool = False, sync: bool = False) -> None:
+    def settle(self, *, wait: bool = False, sync: bool = False, idle: bool = True) -> None:
         """Commit the acknowledged batches, oldest first; `wait` for all of them; `sync`
-        waits for the commit's answer too (a revoke: the partitions are about to move)."""
+        waits for the commit's answer too (a revoke: the partitions are about to move).
+        While records flow (`idle` False) a commit is sent at most every
+        `commit_interval_s`: one commit covers every batch acknowledged in between."""
         self.producer.poll(0)  # delivery reports and client events (error_cb)
-        offsets: dict[TP, int] = {}
+        offsets = self._acked
         while self._pending and (wait or self._pending[0].acks.done):
             pending = self._pending[0]
             # Emit, wait for the broker's acknowledgement, then commit: a crash before the
@@ -118,6 +126,12 @@ class Delivery:
             offsets.update(pending.offsets)
             if self.failpoint is not None:
                 self.failpoint.passed(self.producer, self.stage)
+        if not offsets:
+            return
+        now = time.monotonic()
+        if not (idle or wait or sync) and now - self._committed_at < self.commit_interval_s:
+            return  # the next settle commits these with what it acknowledges
+        self._acked, self._committed_at = {}, now
         if sync:
             self.consumer.commit_now(offsets)
         else:

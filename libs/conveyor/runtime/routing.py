@@ -28,7 +28,7 @@ from opentelemetry.trace import Span
 from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaSet
 from conveyor.events.catalog import Catalog
-from conveyor.events.codec import encode_binary
+from conveyor.events.codec import binary_headers
 from conveyor.events.model import (
     AVRO,
     FIRSTFAILEDAT,
@@ -57,6 +57,9 @@ from conveyor.variants import SHADOW, VARIANT
 
 # An upper bound of the CloudEvents and tracing headers of one record (a dozen short strings).
 _HEADER_ALLOWANCE = 16_384
+# Topics a stage emits to (outputs, lanes, status): a dozen; a handler naming topics at random
+# must not grow the cache without bound.
+_TOPIC_CACHE_LIMIT = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +113,8 @@ class Router:
         self.source = f"/conveyor/{stage}"
         self.dlq_topic = settings.topic(catalog.dlq_topic(stage))
         self._specs = {spec.type: spec for spec in catalog.events}
+        self._urns = {spec.type: spec.dataschema for spec in catalog.events}
+        self._topic_names: dict[str, str] = {}
         self._ingress = frozenset(
             settings.topic(t) for spec in catalog.events if spec.ingress for t in spec.topics
         )
@@ -138,19 +143,18 @@ class Router:
         ext.update(emit.extensions)
         if ext.get(SHADOW):  # a shadow copy is a run of its own: ids apart from the primary's
             discriminator = f"{discriminator}\x1eshadow.{ext.get(VARIANT, '')}"
-        event = Event(
-            id=event_id(task_id, emit.type, discriminator, tenant=ext.get(TENANT) or ""),
-            type=emit.type,
-            source=self.source,
+        value = self.schemas.encode(spec.schema, spec.version, emit.data)  # SchemaError
+        headers = binary_headers(
+            event_id(task_id, emit.type, discriminator, tenant=ext.get(TENANT) or ""),
+            self.source,
+            emit.type,
+            AVRO,
             subject=task_id,
             time=now,
-            datacontenttype=AVRO,
-            dataschema=spec.dataschema,
-            data=emit.data,
+            dataschema=self._urns[spec.type],
             extensions=ext,
         )
-        headers, value = encode_binary(event, self.schemas)
-        topic = self.settings.topic(emit.topic or spec.topics[0])
+        topic = self._topic(emit.topic or spec.topics[0])
         if item.span.is_recording():
             # The next hop's span is a child of this record's PRODUCER span, itself a child of
             # the consume span: one per emitted record, made only for sampled records.
@@ -167,6 +171,15 @@ class Router:
         record = OutRecord(topic, task_id.encode(), value, headers)
         self._check_size(record)
         return record
+
+    def _topic(self, name: str) -> str:
+        """The deployment's name of catalog topic `name` (prefixed), made once per topic."""
+        topic = self._topic_names.get(name)
+        if topic is None:
+            topic = self.settings.topic(name)
+            if len(self._topic_names) < _TOPIC_CACHE_LIMIT:
+                self._topic_names[name] = topic
+        return topic
 
     def _from_ingress(self, item: Item) -> bool:
         # A record on a retry rung came from the topic its origin header names.

@@ -182,6 +182,7 @@ class StageRunner:
             exactly_once=self.settings.exactly_once,
             on_abort=self._rewind,
             failpoint=Failpoint.from_env(),
+            commit_interval_s=self.settings.commit_interval_ms / 1000,
         )
         self.gate = RetryGate(consumer, self.router.policy, self.topics.retries)
         if self.settings.priority_lanes and self.topics.lanes:
@@ -235,7 +236,7 @@ class StageRunner:
             self._pipeline.pump(now_iso())  # the worker is free: hand it what was gathered
         if self._fair is not None:
             self._fair.feed(time.monotonic(), now_iso())
-        self._settle()
+        self._settle(idle=not batch)
 
     def _process(self, records: list[Any]) -> None:
         if self._fair is not None:
@@ -252,9 +253,9 @@ class StageRunner:
         self.hooks.batch_finish(result)
         self.delivery.deliver(result)
 
-    def _settle(self, *, wait: bool = False, sync: bool = False) -> None:
+    def _settle(self, *, wait: bool = False, sync: bool = False, idle: bool = True) -> None:
         assert self.delivery is not None
-        self.delivery.settle(wait=wait, sync=sync)
+        self.delivery.settle(wait=wait, sync=sync, idle=idle)
 
     def _drain(self) -> None:
         """Finish the work in flight, deliver it, and commit everything acknowledged."""

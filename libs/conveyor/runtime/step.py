@@ -37,6 +37,7 @@ TP = tuple[str, int]
 EMITTED = "emitted"
 DEAD_LETTERED = "dead-lettered"
 SKIPPED_CANCELLED = "skipped-cancelled"
+_CHECKED_LIMIT = 1024  # bounds the passed-check cache against a stream of invented schemas
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +105,7 @@ class BatchStep:
         # The replica's view of cancelled tasks (set by the runner when it follows the cancel
         # topic): their work events are skipped before the handler sees them.
         self.cancels: CancelWatch | None = None
+        self._checked: set[tuple[str, str, str, str | None]] = set()  # combinations that passed
 
     def __call__(self, records: Sequence[Message], now: str) -> BatchResult:
         offsets: dict[TP, int] = {}
@@ -177,6 +179,16 @@ class BatchStep:
         return Item(topic, partition, offset, msg.key(), value, headers, hmap, span, event), error
 
     def _check(self, topic: str, event: Event) -> None:
+        # A stage sees a handful of (topic, type, content type, schema) combinations: each is
+        # checked once, not per record.
+        key = (topic, event.type, event.datacontenttype, event.dataschema)
+        if key in self._checked:
+            return
+        self._check_once(topic, event)
+        if len(self._checked) < _CHECKED_LIMIT:
+            self._checked.add(key)
+
+    def _check_once(self, topic: str, event: Event) -> None:
         if event.type not in self.topics.accepts:
             raise PermanentError(f"stage {self.stage} does not accept {event.type}")
         expected = self.topics.types.get(topic)

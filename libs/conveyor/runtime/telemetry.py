@@ -50,6 +50,7 @@ class StageTelemetry:
         if client_id:
             self._client["messaging.client.id"] = client_id
         self._client.update(tracing.server_attributes(bootstrap))
+        self._last_submitted: tuple[str, float] = ("", 0.0)
 
     # -- records ---------------------------------------------------------------------------
 
@@ -72,13 +73,17 @@ class StageTelemetry:
         elif item.span.is_recording():
             tracing.set_attributes(item.span, _failure_attributes(outcome))
         self._log_outcome(outcome)
-        tracing.end_span(item.span, error)
+        if item.span is not INVALID_SPAN:  # tracing off: no span to end
+            tracing.end_span(item.span, error)
 
     def record_enter(self, item: Item) -> object:
+        if item.span is INVALID_SPAN:
+            return None  # tracing off: nothing to nest in, and no context to attach
         return tracing.activate(item.span)
 
     def record_exit(self, token: object) -> None:
-        tracing.deactivate(token)
+        if token is not None:
+            tracing.deactivate(token)
 
     # -- handler calls ---------------------------------------------------------------------
 
@@ -179,13 +184,24 @@ class StageTelemetry:
         if submitted is None and event is not None and event.type == SUBMITTED:
             submitted = event.time  # the ingress event: the time it was submitted
         if isinstance(submitted, str):
-            try:
-                start = datetime.fromisoformat(submitted)
-            except ValueError:
-                return
-            if start.tzinfo is None:
-                start = start.replace(tzinfo=UTC)
-            self.metrics.e2e.observe(now_s - start.timestamp())
+            start = self._submitted_s(submitted)
+            if start is not None:
+                self.metrics.e2e.observe(now_s - start)
+
+    def _submitted_s(self, submitted: str) -> float | None:
+        """`submitted` in epoch seconds; the last one is kept (a batch of one task's events,
+        or of a burst submitted together, parses it once)."""
+        last = self._last_submitted
+        if last[0] == submitted:
+            return last[1]
+        try:
+            start = datetime.fromisoformat(submitted)
+        except ValueError:
+            return None
+        if start.tzinfo is None:
+            start = start.replace(tzinfo=UTC)
+        self._last_submitted = (submitted, start.timestamp())
+        return self._last_submitted[1]
 
     def _log_outcome(self, outcome: RecordOutcome) -> None:
         if not log.isEnabledFor(logging.INFO):

@@ -16,7 +16,7 @@ pipeline: every call here logs and swallows its own failures.
 
 Per record this costs what the SDK's span costs and little more: headers are read and written by
 `traceparent` (not the propagator), a record whose parent was sampled out gets no span of its
-own, and spans are exported by `spanexport`, which writes the OTLP protobuf bytes directly.
+own, and spans are exported by the SDK's own OTLP exporter (public API only).
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def init_tracing(service: str) -> bool:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         provider = TracerProvider(resource=Resource.create(resource_attributes(service)))
-        provider.add_span_processor(BatchSpanProcessor(_exporter()))
+        provider.add_span_processor(BatchSpanProcessor(otlp_exporter()))
         trace.set_tracer_provider(provider)
         _tracer = provider.get_tracer(_TRACER_NAME)
         _read_sampler(provider.sampler)
@@ -129,13 +129,22 @@ def _resource_env() -> dict[str, str]:
     return out
 
 
-def _exporter() -> Any:
-    from conveyor.telemetry.spanexport import otlp_exporter
-
+def otlp_exporter() -> Any:
+    """The SDK's own OTLP span exporter for the configured protocol (`grpc`, else HTTP/protobuf),
+    configured by the standard `OTEL_EXPORTER_OTLP_*` variables. Conveyor once wrote the OTLP
+    bytes itself (~3x cheaper per span) through the exporter's private members; an SDK upgrade
+    could break that silently, so export costs what the SDK's encoder costs
+    (docs/performance.md)."""
     protocol = os.environ.get(
         "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "")
     )
-    return otlp_exporter(protocol)
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+        return OTLPSpanExporter()
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+    return Http()
 
 
 def _read_sampler(sampler: Any) -> None:
