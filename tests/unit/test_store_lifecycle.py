@@ -18,6 +18,8 @@ import pytest
 
 from conveyor.store import ResultStore, ReuseClaim, ReuseEntry, TaskUpdate, open_store
 
+# Reset before each test (`LifecycleContract._now`): the stores compare expiry with the real
+# clock, so a time taken at import would be minutes old when the full suite reaches these tests.
 NOW = datetime.now(UTC)
 
 
@@ -52,6 +54,11 @@ def finished(
 
 
 class LifecycleContract:
+    @pytest.fixture(autouse=True)
+    def _now(self) -> None:
+        global NOW
+        NOW = datetime.now(UTC)
+
     @pytest.fixture
     def store(self, store_url: str) -> Iterator[ResultStore]:
         opened = open_store(store_url)

@@ -47,6 +47,9 @@ from conveyor.settings import StageSettings
 from conveyor.telemetry import tracing
 
 log = logging.getLogger(__name__)
+# Prefetch of a stage whose lane scheduler (not fair share) orders its lanes: per partition,
+# fetch again below this many queued records, at most this many bytes per fetch.
+LANE_PREFETCH = {"queued.min.messages": 20, "max.partition.fetch.bytes": 16_384}
 TP = tuple[str, int]
 # How often consumer lag is refreshed (on its own thread): one probe round trip per interval.
 LAG_INTERVAL_S = 10.0
@@ -148,6 +151,13 @@ class StageRunner:
         if txn_id:
             self.producer.init_transactions()
         conf = config.consumer(self.settings, client_id=client_id)
+        if self.settings.priority_lanes and self.topics.lanes and self._fair is None:
+            # The lane scheduler pauses and resumes partitions, but records librdkafka has
+            # already fetched are handed out first: a lower lane resumed by the starvation
+            # guard waits behind every prefetched record of a higher lane (a whole 1 MiB fetch
+            # of small tasks is thousands). A shallow prefetch keeps that queue short.
+            for key, value in LANE_PREFETCH.items():
+                conf.setdefault(key, value)
         self.consumer = KafkaConsumer.open(conf, availability=self.availability)
         self.attach(self.consumer, self.producer)
         self.consumer.subscribe(
