@@ -55,6 +55,7 @@ from conveyor.quota import SubmissionQuota, retry_after_header
 from conveyor.store import Reservation, ResultStore, is_terminal
 from conveyor.streaming.feed import StreamFeed
 from conveyor.streaming.hub import StreamHub
+from conveyor.streaming.sockets import pause, push_partial, start_feed
 from conveyor.web.auth import (
     SUBPROTOCOL,
     TokenTable,
@@ -74,7 +75,6 @@ from conveyor.web.schema import (
 )
 from conveyor.webhooks.policy import edge_refusal
 from services.gateway.settings import GatewaySettings
-from services.gateway.streaming import pause, push_partial, start_feed
 
 log = logging.getLogger(__name__)
 
@@ -427,7 +427,7 @@ async def _follow(
     ws: WebSocket, gateway: Gateway, task_id: str, tenant: str, view: dict[str, Any]
 ) -> None:
     left = asyncio.ensure_future(_until_disconnect(ws))
-    # Partial text of a streaming task, between the status messages (services.gateway.streaming).
+    # Partial text of a streaming task, between the status messages (conveyor.streaming.sockets).
     stream = gateway.streams.subscribe(tenant, task_id) if gateway.streams else None
     deadline = time.monotonic() + gateway.settings.ws_max_s
     sent: tuple[Any, Any] | None = None

@@ -25,7 +25,7 @@ from conveyor.streaming.chunks import (
 from conveyor.streaming.gate import ChunkGate, ChunkRules, Piece, common_prefix, whole_words
 from conveyor.streaming.hub import StreamHub
 from conveyor.streaming.publisher import ChunkPublisher, moderation_judge
-from services.inference.streaming import wants_stream
+from conveyor.streaming.sinks import wants_stream
 
 
 class Clock:
