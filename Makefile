@@ -60,11 +60,11 @@ test-unit: python ## unit tests only (no broker)
 	$(BIN)/python -m pytest -q tests/unit
 
 lint: python ## ruff lint and format check
-	$(BIN)/ruff check libs services tests bench
-	$(BIN)/ruff format --check libs services tests bench
+	$(BIN)/ruff check libs tests bench
+	$(BIN)/ruff format --check libs tests bench
 
-typecheck: python ## mypy --strict on libs and services
-	$(BIN)/mypy libs/conveyor services
+typecheck: python ## mypy --strict on libs (services included)
+	$(BIN)/mypy libs/conveyor
 
 bench: python jars models bench-venv ## run the benchmarks; figures go to bench/results/*.json
 	$(BIN)/python bench/embed_batching.py

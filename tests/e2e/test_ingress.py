@@ -35,9 +35,9 @@ from conveyor.events.codec import PLAIN_JSON_SOURCE
 from conveyor.events.model import assigned_task_id
 from conveyor.local.samples import MINILM_ONLY
 from conveyor.local.stack import LocalStack
+from conveyor.services.preprocess.settings import DEFAULT_TEMPLATES
 from conveyor.settings import KafkaSettings
 from conveyor.store import REJECTED_RECORD, ResultStore, TaskRecord, is_terminal, open_store
-from services.preprocess.settings import DEFAULT_TEMPLATES
 from tests.support import produce_raw, read_topics
 
 pytestmark = [pytest.mark.broker, pytest.mark.models]

@@ -35,12 +35,12 @@ from conveyor.local.receiver import Delivery, WebhookReceiver
 from conveyor.local.samples import SENTENCES
 from conveyor.local.stack import LocalStack
 from conveyor.ml.registry import parse_specs
+from conveyor.services.gateway.__main__ import build, uvicorn_config
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.settings import KafkaSettings
 from conveyor.store import TaskRecord, open_store
 from conveyor.store.variantruns import VariantRun
 from conveyor.variants.source import table_of
-from services.gateway.__main__ import build, uvicorn_config
-from services.gateway.settings import GatewaySettings
 from tests.e2e.conftest import SECRETS, WEBHOOK_ENV
 from tests.e2e.observability import service_env, wait_done
 from tests.support import headers_of, read_topics

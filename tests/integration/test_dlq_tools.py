@@ -35,10 +35,10 @@ from conveyor.events.codec import encode_binary
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext, StageService
 from conveyor.runtime.stage import StageRunner
+from conveyor.services.preprocess.handler import handle as preprocess
+from conveyor.services.preprocess.handler import word_count
+from conveyor.services.preprocess.settings import PreprocessSettings
 from conveyor.settings import KafkaSettings
-from services.preprocess.handler import handle as preprocess
-from services.preprocess.handler import word_count
-from services.preprocess.settings import PreprocessSettings
 from tests.support import apply, headers_of, produce_raw, read_topics
 
 pytestmark = pytest.mark.broker

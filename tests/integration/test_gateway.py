@@ -1,7 +1,8 @@
 """The gateway over real sockets: uvicorn on a free 127.0.0.1 port, the real broker, httpx and a
 real WebSocket client. A POSTed task is a CloudEvent on the ingress topic; the queue estimate
 follows the preprocess group's committed offsets; the WebSocket pushes store changes and closes
-after the terminal status; `python -m services.gateway` starts, serves and drains on SIGTERM."""
+after the terminal status; `python -m conveyor.services.gateway` starts, serves and drains on
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -26,10 +27,10 @@ from conveyor.events.catalog import INGRESS_TOPIC
 from conveyor.events.codec import decode
 from conveyor.local.process import ServiceProcess
 from conveyor.net import free_ports
+from conveyor.services.gateway.__main__ import build, uvicorn_config
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import ResultStore, TaskUpdate, open_store
 from conveyor.web.auth import SUBPROTOCOL, token_subprotocol
-from services.gateway.__main__ import build, uvicorn_config
-from services.gateway.settings import GatewaySettings
 from tests.support import apply, read_topics
 
 pytestmark = pytest.mark.timeout(180)

@@ -184,7 +184,7 @@ def test_services_start_from_the_image_and_take_a_task(
         "CONVEYOR_GATEWAY_TOKENS": json.dumps({TOKEN: "acme"}),
     }
     with (
-        _service(container, env, "python", "-m", "services.writeback") as writeback,
+        _service(container, env, "python", "-m", "conveyor.services.writeback") as writeback,
         _service(container, gateway_env, "conveyor", "run", "gateway") as gateway,
     ):
         _wait_ready(f"http://127.0.0.1:{writeback_port}/readyz", writeback)

@@ -13,8 +13,8 @@ from conveyor.errors import PermanentError
 from conveyor.ml.generator import GenParams
 from conveyor.ml.registry import ModelRegistry
 from conveyor.runtime import Emit, StageContext
-from services.inference.handler import handle_batch
-from services.inference.settings import InferenceSettings
+from conveyor.services.inference.handler import handle_batch
+from conveyor.services.inference.settings import InferenceSettings
 from tests.unit.test_inference_isolation import SEED_OVERFLOW, preprocessed
 
 pytestmark = [pytest.mark.models, pytest.mark.timeout(600)]

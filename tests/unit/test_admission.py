@@ -22,10 +22,10 @@ from conveyor.admission import (
     service_rate,
 )
 from conveyor.errors import BrokerError
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import TaskUpdate, open_store
 from conveyor.web.schema import openapi_document
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
 from tests.unit.test_gateway import FakePublisher
 
 NOW = datetime(2026, 12, 2, 7, 0, tzinfo=UTC)

@@ -26,14 +26,14 @@ from conveyor.events.codec import decode
 from conveyor.events.model import Event
 from conveyor.kafka.producer import KafkaProducer
 from conveyor.runtime import StageContext
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
+from conveyor.services.inference.handler import handle_batch as infer
+from conveyor.services.inference.settings import InferenceSettings
+from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.settings import KafkaSettings
 from conveyor.store import ResultStore, TaskUpdate, open_store
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
-from services.inference.handler import handle_batch as infer
-from services.inference.settings import InferenceSettings
-from services.writeback.handler import handle_batch as write_back
-from services.writeback.settings import WritebackSettings
 from tests.kafkafakes import FakeMessage, FakeProducerClient
 from tests.unit.test_handlers import FakeRegistry, preprocessed
 from tests.unit.test_ml_tiny import tiny_dirs  # noqa: F401  (a session fixture)

@@ -10,9 +10,9 @@ from conveyor.events.ingress import TaskRequest
 from conveyor.local.demo import load_tasks
 from conveyor.local.webhooks import local_webhooks
 from conveyor.paths import repo_root
+from conveyor.services.notify.settings import NotifySettings
 from conveyor.webhooks import new_secret, secret_key
 from conveyor.webhooks.policy import DestinationPolicy
-from services.notify.settings import NotifySettings
 
 EXAMPLES = repo_root() / "examples" / "tasks.jsonl"
 

@@ -477,7 +477,7 @@ def test_every_service_has_probes_metrics_port_and_config_checksum(
         assert sole_container(deployments[f"conveyor-{stage}"])["command"] == [
             "python",
             "-m",
-            f"services.{stage}",
+            f"conveyor.services.{stage}",
         ]
     gateway = deployments["conveyor-gateway"]
     assert sole_container(gateway)["command"] == ["conveyor", "run", "gateway"]

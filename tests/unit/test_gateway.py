@@ -14,10 +14,10 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from conveyor.client import normalise_request
 from conveyor.errors import BrokerError, PermanentError
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import ResultStore, TaskUpdate, open_store
 from conveyor.web.auth import token_subprotocol
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
 
 # Every test here is fast; the bound only turns a hung WebSocket receive into a failure.
 pytestmark = pytest.mark.timeout(60)

@@ -16,9 +16,9 @@ from starlette.testclient import TestClient
 
 from conveyor.batches.skip import StoppedBatches
 from conveyor.errors import BrokerError, PermanentError
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import TaskUpdate, open_store
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
 from tests.unit.test_gateway import ACME, BETA, FakePublisher
 
 pytestmark = pytest.mark.timeout(60)
@@ -324,8 +324,8 @@ def test_cli_follows_a_batch_to_its_end_and_writes_results_in_order(
 def test_inference_drops_the_records_of_a_cancelled_batch_and_runs_the_rest(
     client: TestClient, store: Any
 ) -> None:
-    from services.inference.handler import handle_batch
-    from services.inference.settings import InferenceSettings
+    from conveyor.services.inference.handler import handle_batch
+    from conveyor.services.inference.settings import InferenceSettings
     from tests.unit.test_handlers import FakeRegistry, ctx, preprocessed
 
     running = submit(client, embed_lines(1)).json()["id"]

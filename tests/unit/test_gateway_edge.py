@@ -13,12 +13,12 @@ import pytest
 from pydantic import SecretStr, ValidationError
 from starlette.testclient import TestClient, WebSocketDenialResponse
 
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.settings import KafkaSettings, StoreSettings
 from conveyor.store import ResultStore, open_store
 from conveyor.web.auth import token_subprotocol
 from conveyor.web.redact import RedactingFilter
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
 from tests.unit.test_gateway import ACME, BETA, FakePublisher, update
 
 pytestmark = pytest.mark.timeout(60)

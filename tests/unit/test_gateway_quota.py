@@ -12,9 +12,9 @@ from prometheus_client import REGISTRY
 from starlette.testclient import TestClient
 
 from conveyor.quota import QuotaSettings, SqlRateLedger, SubmissionQuota, TenantQuota
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import TaskUpdate, open_store
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
 from tests.unit.test_gateway import FakePublisher
 
 TOKENS = {"tok-acme": "acme", "tok-beta": "beta", "tok-gamma": "gamma"}

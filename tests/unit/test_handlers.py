@@ -15,22 +15,22 @@ import pytest
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.model import Event
 from conveyor.runtime import Emit, StageContext
+from conveyor.services.inference.handler import handle_batch as infer
+from conveyor.services.inference.settings import InferenceSettings
+from conveyor.services.moderation.handler import decide
+from conveyor.services.moderation.handler import handle_batch as moderate
+from conveyor.services.moderation.settings import ModerationSettings, Threshold
+from conveyor.services.notify.handler import handle_batch as notify_batch
+from conveyor.services.notify.settings import NotifySettings
+from conveyor.services.preprocess.handler import handle as preprocess
+from conveyor.services.preprocess.handler import normalise, with_task_id, word_count
+from conveyor.services.preprocess.settings import PreprocessSettings
+from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.handler import update_for
+from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.store import open_store
 from conveyor.webhooks import new_secret, verify
 from conveyor.webhooks.sender import WebhookRequest
-from services.inference.handler import handle_batch as infer
-from services.inference.settings import InferenceSettings
-from services.moderation.handler import decide
-from services.moderation.handler import handle_batch as moderate
-from services.moderation.settings import ModerationSettings, Threshold
-from services.notify.handler import handle_batch as notify_batch
-from services.notify.settings import NotifySettings
-from services.preprocess.handler import handle as preprocess
-from services.preprocess.handler import normalise, with_task_id, word_count
-from services.preprocess.settings import PreprocessSettings
-from services.writeback.handler import handle_batch as write_back
-from services.writeback.handler import update_for
-from services.writeback.settings import WritebackSettings
 from tests.eventdata import inferred_data
 
 LOG = logging.getLogger("test")

@@ -20,8 +20,8 @@ from conveyor.events.model import Event
 from conveyor.ml.generator import GenParams
 from conveyor.ml.registry import ModelRegistry, ModelSpec
 from conveyor.runtime import Emit, StageContext
-from services.inference.handler import handle_batch
-from services.inference.settings import InferenceSettings
+from conveyor.services.inference.handler import handle_batch
+from conveyor.services.inference.settings import InferenceSettings
 from tests.unit.test_ml_tiny import tiny_dirs  # noqa: F401  (the session's tiny model folders)
 
 pytestmark = pytest.mark.timeout(300)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.inference.settings import InferenceSettings
+from conveyor.services.inference.settings import InferenceSettings
 
 
 @pytest.mark.parametrize(

@@ -18,11 +18,11 @@ from conveyor.events.ingress import InvalidTaskError, TaskRules, parse_task
 from conveyor.events.model import Event
 from conveyor.events.params import MAX_SEED
 from conveyor.runtime import StageContext
+from conveyor.services.preprocess.handler import handle as preprocess
+from conveyor.services.preprocess.handler import word_count
+from conveyor.services.preprocess.settings import PreprocessSettings
 from conveyor.settings import CatalogSettings
 from conveyor.store import open_store
-from services.preprocess.handler import handle as preprocess
-from services.preprocess.handler import word_count
-from services.preprocess.settings import PreprocessSettings
 
 BASE = {"task_id": "t-1", "tenant": "acme", "kind": "generate", "input": "hi"}
 

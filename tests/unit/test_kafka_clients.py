@@ -180,8 +180,8 @@ def test_fakes_satisfy_the_protocols() -> None:
 
 
 def test_a_stage_group_is_named_once_for_the_stage_the_gateway_and_replay() -> None:
+    from conveyor.services.gateway.settings import GatewaySettings
     from conveyor.settings import StageSettings
-    from services.gateway.settings import GatewaySettings
 
     stage = StageSettings(stage="inference", topic_prefix="p.")
     assert stage.group == stage.stage_group("inference") == "p.conveyor.inference"

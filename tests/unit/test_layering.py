@@ -239,3 +239,24 @@ def test_runtime_only_imports_skip_type_only_and_function_level_ones() -> None:
 )
 def test_cycles_finds_every_circle(graph: dict[str, list[str]], expected: list[list[str]]) -> None:
     assert sorted(cycles(graph)) == expected
+
+
+def test_the_distribution_installs_one_top_level_package_conveyor() -> None:
+    """The services live in `conveyor.services`: a wheel installs no generic `services`."""
+    from setuptools import find_packages
+
+    root = LIBS.parent
+    config = (root / "pyproject.toml").read_text()
+    assert 'where = ["libs"]' in config and 'include = ["conveyor*"]' in config
+    packages = find_packages(where=str(LIBS), include=["conveyor*"])
+    assert {name.split(".")[0] for name in packages} == {"conveyor"}
+    assert "conveyor.services.moderation" in packages
+    assert not (root / "services").exists()
+    imported = {
+        name
+        for path in LIBS.joinpath("conveyor").rglob("*.py")
+        for name in imports_in(
+            path.read_text(), module_name(path), is_package=path.stem == "__init__"
+        )
+    }
+    assert not {name for name in imported if name.split(".")[0] == "services"}

@@ -14,9 +14,9 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from conveyor.cli.main import main as cli
 from conveyor.retention import RetentionSettings, start_sweeper
+from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.store import ResultStore, TaskUpdate, open_store
-from services.writeback.handler import handle_batch as write_back
-from services.writeback.settings import WritebackSettings
 from tests.unit.test_gateway import ACME, client, publisher, store  # noqa: F401  (fixtures)
 from tests.unit.test_handlers import ctx, event, task
 

@@ -18,10 +18,10 @@ from conveyor.events.params import InvalidParamsError, parse_params
 from conveyor.ml.registry import ModelRegistry, ModelSpec
 from conveyor.reuse import REUSED, ReuseCache, ReuseSettings, reuse_key
 from conveyor.runtime import Emit, StageContext
+from conveyor.services.inference.handler import handle_batch
+from conveyor.services.inference.settings import InferenceSettings
 from conveyor.store import ResultStore, ReuseClaim, open_store
 from conveyor.variants import VARIANT
-from services.inference.handler import handle_batch
-from services.inference.settings import InferenceSettings
 from tests.unit.test_inference_isolation import preprocessed
 from tests.unit.test_ml_tiny import tiny_dirs  # noqa: F401  (the session's tiny model folders)
 

@@ -460,8 +460,8 @@ def infer_with_streams(model: StreamingModel, events: list[Event], sender: FakeS
     import logging
 
     from conveyor.runtime import StageContext
-    from services.inference.handler import handle_batch
-    from services.inference.settings import InferenceSettings
+    from conveyor.services.inference.handler import handle_batch
+    from conveyor.services.inference.settings import InferenceSettings
 
     publisher = ChunkPublisher(sender, allow_all, ChunkRules(1, 0.25))
     context = StageContext(
@@ -505,8 +505,8 @@ def test_without_a_publisher_nobody_streams_and_the_model_gets_no_sinks() -> Non
     import logging
 
     from conveyor.runtime import StageContext
-    from services.inference.handler import handle_batch
-    from services.inference.settings import InferenceSettings
+    from conveyor.services.inference.handler import handle_batch
+    from conveyor.services.inference.settings import InferenceSettings
 
     model = StreamingModel()
     context = StageContext(

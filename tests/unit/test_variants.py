@@ -21,6 +21,13 @@ from conveyor.events.model import Event
 from conveyor.ml.registry import ModelSpec, load_specs, parse_specs
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.routing import Item, Router
+from conveyor.services.inference.handler import handle_batch as infer
+from conveyor.services.inference.settings import InferenceSettings
+from conveyor.services.preprocess.handler import handle as preprocess
+from conveyor.services.preprocess.handler import word_count
+from conveyor.services.preprocess.settings import PreprocessSettings
+from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.settings import StageSettings
 from conveyor.store import open_store
 from conveyor.store.variantruns import VariantRun
@@ -28,13 +35,6 @@ from conveyor.variants.edit import parse_assignments, set_variants
 from conveyor.variants.report import percentile, report
 from conveyor.variants.source import VariantSource, table_of
 from conveyor.variants.table import VariantRule, VariantTable, bucket
-from services.inference.handler import handle_batch as infer
-from services.inference.settings import InferenceSettings
-from services.preprocess.handler import handle as preprocess
-from services.preprocess.handler import word_count
-from services.preprocess.settings import PreprocessSettings
-from services.writeback.handler import handle_batch as write_back
-from services.writeback.settings import WritebackSettings
 from tests.eventdata import inferred_record
 
 LOG = logging.getLogger("test")

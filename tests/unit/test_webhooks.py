@@ -10,6 +10,7 @@ import pytest
 import standardwebhooks
 from pydantic import ValidationError
 
+from conveyor.services.notify.settings import NotifySettings
 from conveyor.webhooks import (
     WebhookVerificationError,
     new_secret,
@@ -18,7 +19,6 @@ from conveyor.webhooks import (
     verify,
 )
 from conveyor.webhooks.policy import DestinationPolicy, DestinationRefusedError, redact
-from services.notify.settings import NotifySettings
 
 BODY = b'{"task_id":"t-1","status":"completed"}'
 

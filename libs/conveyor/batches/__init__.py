@@ -4,5 +4,5 @@ The shape is the OpenAI Batch API's (input lines with `custom_id`, a batch objec
 `request_counts` and `completion_window`, a results file in input order): `jsonl` reads and checks
 the input, `lifecycle` creates, refreshes, cancels and expires batches over the store, `views`
 writes the batch object and the result lines, and `skip` lets a stage drop the tasks of a batch
-that was stopped. The HTTP routes are in `services/gateway/batches.py`; docs/batches.md.
+that was stopped. The HTTP routes are in `conveyor.services.gateway.batches`; docs/batches.md.
 """

@@ -6,7 +6,7 @@ task's batch is read from its id (`<batch id>.<line>`), so a task of no batch co
 test. The batch's status is read from the store at most every `ttl_s` per batch; a stopped batch
 stays stopped, so that answer is kept for good (within `max_size` batches). The check fails
 open: when the store does not answer, the task runs, and its late outcome loses to the status
-the store already has. Inference uses it (`services/inference`), when given the store's URL.
+the store already has. Inference uses it (`conveyor.services.inference`), given the store's URL.
 """
 
 from __future__ import annotations

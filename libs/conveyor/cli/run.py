@@ -14,7 +14,7 @@ def configure(_name: str, parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    module = importlib.import_module(f"services.{args.service}.__main__")
+    module = importlib.import_module(f"conveyor.services.{args.service}.__main__")
     if args.service == "gateway":
         code: int = module.serve()
         return code

@@ -1,8 +1,8 @@
 """One stage service as its own OS process: start, wait until healthy, stop, kill, restart.
 
 Used by `conveyor up` and by the end-to-end tests, so both run services exactly the same way:
-`python -m services.<name>` with the environment given, `/metrics` + `/healthz` on a free port
-on 127.0.0.1 (the port is read back from `CONVEYOR_PORT_FILE`), output to a log file.
+`python -m conveyor.services.<name>` with the environment given, `/metrics` + `/healthz` on a
+free port on 127.0.0.1 (the port is read back from `CONVEYOR_PORT_FILE`), output to a log file.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class ServiceProcess:
         env.setdefault("CONVEYOR_METRICS_PORT", "0")
         log = private_file(self.log_path).open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", f"services.{self.name}"],
+            [sys.executable, "-m", f"conveyor.services.{self.name}"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

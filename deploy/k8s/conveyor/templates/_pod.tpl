@@ -141,7 +141,7 @@ spec:
   image: {{ include "conveyor.image" $root | quote }}
   imagePullPolicy: {{ $root.Values.image.pullPolicy }}
   {{- if $isStage }}
-  command: ["python", "-m", "services.{{ $component }}"]
+  command: ["python", "-m", "conveyor.services.{{ $component }}"]
   {{- else }}
   command: ["conveyor", "run", "gateway"]
   {{- end }}

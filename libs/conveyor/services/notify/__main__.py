@@ -1,4 +1,4 @@
-"""Entry point: `python -m services.notify` (or `conveyor run notify`)."""
+"""Entry point: `python -m conveyor.services.notify` (or `conveyor run notify`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
-from services.notify.handler import handle_batch, resources
-from services.notify.settings import NotifySettings
+from conveyor.services.notify.handler import handle_batch, resources
+from conveyor.services.notify.settings import NotifySettings
 
 
 def teardown(res: dict[str, Any]) -> None:

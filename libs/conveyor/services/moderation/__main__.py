@@ -1,4 +1,4 @@
-"""Entry point: `python -m services.moderation` (or `conveyor run moderation`)."""
+"""Entry point: `python -m conveyor.services.moderation` (or `conveyor run moderation`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
-from services.moderation.handler import handle_batch
-from services.moderation.settings import ModerationSettings
+from conveyor.services.moderation.handler import handle_batch
+from conveyor.services.moderation.settings import ModerationSettings
 
 
 def setup(settings: ModerationSettings) -> dict[str, Any]:

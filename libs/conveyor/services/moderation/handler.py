@@ -20,8 +20,8 @@ from conveyor.events.model import Event
 from conveyor.ml.policy import LEVELS, Verdict, decide
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.services.moderation.settings import ModerationSettings
 from conveyor.telemetry.tracing import span
-from services.moderation.settings import ModerationSettings
 
 # The policy (thresholds -> verdict) is shared with inference's stream gate: conveyor.ml.policy.
 __all__ = ["LEVELS", "MODERATED", "Verdict", "decide", "handle_batch"]

@@ -1,4 +1,4 @@
-"""Entry point: `python -m services.inference` (or `conveyor run inference`)."""
+"""Entry point: `python -m conveyor.services.inference` (or `conveyor run inference`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
+from conveyor.services.inference.handler import handle_batch
+from conveyor.services.inference.settings import InferenceSettings
 from conveyor.telemetry.gpu import start_gpu_sampler
-from services.inference.handler import handle_batch
-from services.inference.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
 

@@ -38,13 +38,13 @@ from conveyor.events.status import StatusData
 from conveyor.reuse import REUSED, ReuseCache, ReusePlan
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome, status_emit
+from conveyor.services.inference.settings import InferenceSettings
 from conveyor.store.base import TaskStatus
 from conveyor.streaming.sinks import close_sinks, open_sinks
 from conveyor.telemetry.metrics import MODEL_RECORDS
 from conveyor.telemetry.tracing import span
 from conveyor.variants import SHADOW, SHADOWS, VARIANT
 from conveyor.variants import metrics as variant_metrics
-from services.inference.settings import InferenceSettings
 
 
 def handle_batch(

@@ -32,12 +32,12 @@ from conveyor.events.model import ASSIGNED_ID, RERUN, TRACEPARENT, Event
 from conveyor.reuse import REUSED
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.store import TaskRecord, TaskStatus, TaskUpdate, is_terminal
 from conveyor.store.variantruns import VariantRun
 from conveyor.telemetry.traceparent import trace_id_of
 from conveyor.telemetry.tracing import span
 from conveyor.variants import SHADOW, SHADOWS, VARIANT
-from services.writeback.settings import WritebackSettings
 
 
 def handle_batch(

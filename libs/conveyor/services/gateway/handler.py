@@ -52,6 +52,7 @@ from conveyor.errors import BrokerError, PermanentError, RetryableError
 from conveyor.events.ingress import InvalidTaskError, TaskRequest, parse_task
 from conveyor.publisher import TaskPublisher
 from conveyor.quota import SubmissionQuota, retry_after_header
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import Reservation, ResultStore, is_terminal
 from conveyor.streaming.feed import StreamFeed
 from conveyor.streaming.hub import StreamHub
@@ -74,7 +75,6 @@ from conveyor.web.schema import (
     timeline_view,
 )
 from conveyor.webhooks.policy import edge_refusal
-from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger(__name__)
 
@@ -495,7 +495,10 @@ async def _unavailable(_request: Request, exc: Exception) -> Response:
 
 
 def build_app(gateway: Gateway) -> Starlette:
-    from services.gateway.batches import batch_routes, sweep_forever  # they import this module
+    from conveyor.services.gateway.batches import (  # they import this module
+        batch_routes,
+        sweep_forever,
+    )
 
     @asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -21,11 +21,11 @@ from conveyor.events.catalog import load_catalog
 from conveyor.events.ingress import param_text, parse_task
 from conveyor.events.model import ASSIGNED_ID, Event, assigned_task_id
 from conveyor.runtime import Emit, StageContext
+from conveyor.services.preprocess.settings import PreprocessSettings
 from conveyor.telemetry.tracing import span
 from conveyor.variants import SHADOWS, VARIANT
 from conveyor.variants.source import VariantSource
 from conveyor.variants.table import Route
-from services.preprocess.settings import PreprocessSettings
 
 TokenCounter = Callable[[str, str], int]  # (kind, text) -> tokens
 _SPACE = re.compile(r"[ \t\f\v\u00a0]+")

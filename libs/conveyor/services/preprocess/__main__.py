@@ -1,4 +1,4 @@
-"""Entry point: `python -m services.preprocess` (or `conveyor run preprocess`)."""
+"""Entry point: `python -m conveyor.services.preprocess` (or `conveyor run preprocess`)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
-from services.preprocess.handler import handle, word_count
-from services.preprocess.settings import PreprocessSettings
+from conveyor.services.preprocess.handler import handle, word_count
+from conveyor.services.preprocess.settings import PreprocessSettings
 
 
 def setup(settings: PreprocessSettings) -> dict[str, Any]:

@@ -22,12 +22,12 @@ from conveyor.events.catalog import NOTIFIED_TYPE as NOTIFIED
 from conveyor.events.model import TRACEPARENT, TRACESTATE, Event
 from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.services.notify.settings import NotifySettings
 from conveyor.store.base import NOTIFICATION_CLAIMED
 from conveyor.telemetry import tracing
 from conveyor.webhooks.policy import redact
 from conveyor.webhooks.sender import WebhookRequest
 from conveyor.webhooks.signing import sign
-from services.notify.settings import NotifySettings
 
 
 @dataclass(frozen=True, slots=True)

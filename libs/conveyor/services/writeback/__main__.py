@@ -1,4 +1,4 @@
-"""Entry point: `python -m services.writeback` (or `conveyor run writeback`)."""
+"""Entry point: `python -m conveyor.services.writeback` (or `conveyor run writeback`)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 from conveyor.retention import start_sweeper
 from conveyor.runtime.entry import main
 from conveyor.runtime.handler import StageService
+from conveyor.services.writeback.handler import handle_batch
+from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.store import open_store
-from services.writeback.handler import handle_batch
-from services.writeback.settings import WritebackSettings
 
 
 def setup(settings: WritebackSettings) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Entry point: `python -m services.gateway` or `conveyor run gateway` (which calls `serve()`).
+"""Entry point: `python -m conveyor.services.gateway` or `conveyor run gateway` (which calls
+`serve()`).
 
 Builds the gateway's resources (result store, one producer for the process, the preprocess lag
 probe), serves the ASGI app with uvicorn on `gateway_host:gateway_port`, and, when
@@ -29,14 +30,14 @@ from conveyor.paths import restrict_new_files
 from conveyor.publisher import AsyncTaskPublisher
 from conveyor.quota import QuotaSettings, SqlRateLedger, SubmissionQuota
 from conveyor.runtime.health import HealthServer
+from conveyor.services.gateway.handler import Gateway, build_app
+from conveyor.services.gateway.settings import GatewaySettings
 from conveyor.store import open_store
 from conveyor.streaming.feed import StreamFeed
 from conveyor.streaming.hub import StreamHub
 from conveyor.telemetry.logging import setup_logging
 from conveyor.telemetry.tracing import init_tracing, shutdown_tracing
 from conveyor.web import redact
-from services.gateway.handler import Gateway, build_app
-from services.gateway.settings import GatewaySettings
 
 # Open WebSockets follow tasks for up to an hour; a rolling restart should not wait for them.
 _GRACE_S = 10

@@ -35,10 +35,10 @@ from conveyor.batches.jsonl import BatchInput, BatchLine, InvalidBatchError, par
 from conveyor.batches.views import batch_view, result_line
 from conveyor.errors import PermanentError
 from conveyor.quota import retry_after_header
+from conveyor.services.gateway.handler import Gateway, _gateway, _tenant, submission_digest
 from conveyor.store.batches import BatchRecord, BatchStore
 from conveyor.web.body import read_body
 from conveyor.webhooks.policy import edge_refusal
-from services.gateway.handler import Gateway, _gateway, _tenant, submission_digest
 
 log = logging.getLogger(__name__)
 
