@@ -492,3 +492,85 @@ def test_webhook_allowlist_reaches_notify_and_the_gateway(helm_bin: str) -> None
     default = render(helm_bin, *TRIAL_SECRETS)
     for obj in by_kind(default, "ConfigMap").values():
         assert "CONVEYOR_WEBHOOK_ALLOW" not in obj.get("data", {})
+
+
+MODELS = [
+    {"name": "stable", "kind": "embed", "source": "/models/minilm", "weight": 90},
+    {
+        "name": "canary",
+        "kind": "embed",
+        "source": "/models/minilm",
+        "dtype": "bfloat16",
+        "weight": 10,
+    },
+]
+
+
+def test_a_models_file_is_mounted_outside_the_config_checksum(
+    helm_bin: str, kv: ModuleType
+) -> None:
+    # `conveyor variants set` and the services' reload work on a file: with modelsFile the list
+    # is a ConfigMap mounted in the three services that read it, and changing a weight must not
+    # roll any pod (it is in no checksum), so the reload is what applies it.
+    args = (*TRIAL_SECRETS, "--set-json", f"config.models={json.dumps(MODELS)}")
+    objects = render(helm_bin, *args, "--set", "config.modelsFile=true")
+    validate_builtin(kv, objects)
+    configmap = by_kind(objects, "ConfigMap")["conveyor-models"]
+    assert json.loads(configmap["data"]["models.json"]) == MODELS
+    deployments = by_kind(objects, "Deployment")
+    for service in SERVICES:
+        deployment = deployments[f"conveyor-{service}"]
+        variables = env_by_name(sole_container(deployment))
+        mounts = {m["name"]: m for m in sole_container(deployment).get("volumeMounts", [])}
+        volumes = {v["name"]: v for v in pod_spec(deployment).get("volumes", [])}
+        wanted = service in ("preprocess", "inference", "gateway")
+        assert "CONVEYOR_MODELS" not in variables, service
+        assert ("CONVEYOR_MODELS_FILE" in variables) == wanted, service
+        assert ("models" in mounts) == wanted == ("models" in volumes), service
+        if wanted:
+            path = variables["CONVEYOR_MODELS_FILE"]["value"]
+            assert path == f"{mounts['models']['mountPath']}/models.json", service
+            assert mounts["models"]["readOnly"] is True
+            assert volumes["models"]["configMap"]["name"] == "conveyor-models"
+    reweighted = [dict(MODELS[0], weight=0), dict(MODELS[1], weight=100)]
+    changed = render(
+        helm_bin,
+        *TRIAL_SECRETS,
+        "--set-json",
+        f"config.models={json.dumps(reweighted)}",
+        "--set",
+        "config.modelsFile=true",
+    )
+    before = {n: d["spec"]["template"]["metadata"] for n, d in deployments.items()}
+    after = {
+        n: d["spec"]["template"]["metadata"] for n, d in by_kind(changed, "Deployment").items()
+    }
+    assert before == after  # no pod rolls: the reload applies the new weights
+    assert by_kind(changed, "ConfigMap")["conveyor-models"] != configmap
+
+
+def test_a_models_file_without_models_is_refused(helm_bin: str) -> None:
+    proc = template(helm_bin, *TRIAL_SECRETS, "--set", "config.modelsFile=true")
+    assert proc.returncode != 0
+    assert "config.models is empty" in proc.stderr
+
+
+def test_reuse_gives_inference_the_store_and_is_refused_with_the_embedded_store(
+    helm_bin: str,
+) -> None:
+    objects = render(helm_bin, *TRIAL_SECRETS, "--set", "config.reuse.enabled=true")
+    deployments = by_kind(objects, "Deployment")
+    inference = env_by_name(sole_container(deployments["conveyor-inference"]))
+    assert inference["CONVEYOR_REUSE"]["value"] == "true"
+    assert float(inference["CONVEYOR_REUSE_TTL_S"]["value"]) == 86400
+    ref = inference["CONVEYOR_STORE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "store-url"
+    for service in ("preprocess", "moderation"):
+        variables = env_by_name(sole_container(deployments[f"conveyor-{service}"]))
+        assert not {"CONVEYOR_STORE_URL", "CONVEYOR_REUSE"} & set(variables), service
+    default = by_kind(render(helm_bin, *TRIAL_SECRETS), "Deployment")
+    plain = env_by_name(sole_container(default["conveyor-inference"]))
+    assert not {"CONVEYOR_STORE_URL", "CONVEYOR_REUSE"} & set(plain)
+    proc = template(helm_bin, "-f", str(EMBEDDED_VALUES), "--set", "config.reuse.enabled=true")
+    assert proc.returncode != 0
+    assert "needs the shared PostgreSQL store" in proc.stderr

@@ -235,6 +235,12 @@ set. Included by the ConfigMap, which every render contains.
 {{- if and $embedded $s.values.storeUrl }}
 {{- fail "\n\nstore.embedded.enabled=true uses SQLite in one pod; secrets.values.storeUrl is set as well. Choose one: unset the URL, or turn embedded mode off." }}
 {{- end }}
+{{- if and $embedded .Values.config.reuse.enabled }}
+{{- fail "\n\nconfig.reuse.enabled=true needs the shared PostgreSQL store (inference runs in its own pod and cannot reach the embedded SQLite file): turn reuse off or store.embedded off." }}
+{{- end }}
+{{- if and .Values.config.modelsFile (not .Values.config.models) }}
+{{- fail "\n\nconfig.modelsFile=true mounts config.models as a file, and config.models is empty: list the models (docs/variants.md) or turn modelsFile off." }}
+{{- end }}
 {{- if and .Values.gateway.enabled (not $s.existingSecret) (not $s.values.gatewayTokens) }}
 {{- fail "\n\nThe gateway needs bearer tokens or it answers 401 to every call: set secrets.values.gatewayTokens ({\"<token>\": \"<tenant>\"}) or secrets.existingSecret (a Secret with the key secrets.gatewayTokens.key, \"gateway-tokens\" by default)." }}
 {{- end }}
@@ -251,13 +257,14 @@ set. Included by the ConfigMap, which every render contains.
 
 {{/*
 The app Secret's env for one service, all through secretKeyRef: the store URL (writeback, notify,
-gateway; a local SQLite path in the embedded pod instead), the gateway tokens (gateway) and the
+gateway, and inference when reuse is on; a local SQLite path in the embedded pod instead), the gateway tokens (gateway) and the
 webhook secrets (notify). Call with (dict "root" $ "component" "notify").
 */}}
 {{- define "conveyor.appSecretEnv" -}}
 {{- $root := .root }}
 {{- $s := $root.Values.secrets }}
-{{- if has .component (include "conveyor.storeServices" $root | fromJsonArray) }}
+{{- $reuse := and (eq .component "inference") $root.Values.config.reuse.enabled }}
+{{- if or $reuse (has .component (include "conveyor.storeServices" $root | fromJsonArray)) }}
 {{- if $root.Values.store.embedded.enabled }}
 # Single-pod embedded mode: the three containers share this SQLite file.
 - name: {{ $s.storeUrl.env }}
@@ -331,3 +338,12 @@ service's pod labels as labelSelector when it has none. Call with
 {{- define "conveyor.metricsServicePort" -}}
 {{- if eq .name "metrics" }}{{ .root.Values.metrics.port }}{{ else }}{{ index .root.Values.store.embedded.metricsPorts (trimPrefix "metrics-" .name) }}{{ end }}
 {{- end }}
+
+{{/* The services that read the model list: preprocess (variant routing, tokenizers), inference
+and the gateway (it refuses unknown model names). */}}
+{{- define "conveyor.modelServices" -}}
+{{- list "preprocess" "inference" "gateway" | toJson }}
+{{- end }}
+
+{{/* Where the models file is mounted when config.modelsFile is on. */}}
+{{- define "conveyor.modelsDir" -}}/etc/conveyor/models{{- end }}

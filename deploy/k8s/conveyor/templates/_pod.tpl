@@ -93,6 +93,13 @@ spec:
         sizeLimit: {{ $root.Values.store.embedded.sizeLimit }}
       {{- end }}
     {{- end }}
+    {{- if and $root.Values.config.modelsFile $root.Values.config.models (or $embedded (has .component (include "conveyor.modelServices" $root | fromJsonArray))) }}
+    # The model list as a file, outside checksum/config: the kubelet refreshes it in place and
+    # the services reload it (CONVEYOR_MODELS_FILE), so a weight change restarts nothing.
+    - name: models
+      configMap:
+        name: {{ include "conveyor.componentName" (dict "root" $root "component" "models") }}
+    {{- end }}
     {{- with include "conveyor.kafkaCaVolume" $root | trim }}{{ . | nindent 4 }}{{ end }}
   {{- with $nodeSelector }}
   nodeSelector:
@@ -177,9 +184,22 @@ spec:
       value: {{ $svc.batchWaitMs | quote }}
     {{- end }}
     {{- /* The gateway checks model names at the edge (422 for an unknown one), so it needs the list too. */}}
-    {{- if and (has $component (list "preprocess" "inference" "gateway")) $root.Values.config.models }}
+    {{- if and (has $component (include "conveyor.modelServices" $root | fromJsonArray)) $root.Values.config.models }}
+    {{- if $root.Values.config.modelsFile }}
+    - name: CONVEYOR_MODELS_FILE
+      value: {{ printf "%s/models.json" (include "conveyor.modelsDir" $root) | quote }}
+    {{- else }}
     - name: CONVEYOR_MODELS
       value: {{ toJson $root.Values.config.models | quote }}
+    {{- end }}
+    {{- end }}
+    {{- if and (eq $component "inference") $root.Values.config.reuse.enabled }}
+    - name: CONVEYOR_REUSE
+      value: "true"
+    - name: CONVEYOR_REUSE_TTL_S
+      value: {{ $root.Values.config.reuse.ttlSeconds | quote }}
+    - name: CONVEYOR_REUSE_LEASE_S
+      value: {{ $root.Values.config.reuse.leaseSeconds | quote }}
     {{- end }}
     {{- if eq $component "gateway" }}
     - name: CONVEYOR_GATEWAY_HOST
@@ -241,6 +261,11 @@ spec:
     {{- if .embedded }}
     - name: store
       mountPath: {{ include "conveyor.embeddedStoreDir" $root }}
+    {{- end }}
+    {{- if and $root.Values.config.modelsFile $root.Values.config.models (has $component (include "conveyor.modelServices" $root | fromJsonArray)) }}
+    - name: models
+      mountPath: {{ include "conveyor.modelsDir" $root }}
+      readOnly: true
     {{- end }}
     {{- with include "conveyor.kafkaCaVolumeMount" $root | trim }}{{ . | nindent 4 }}{{ end }}
 {{- end }}
