@@ -437,7 +437,8 @@ def test_reset_reconsumes_from_a_time_and_is_refused_while_the_group_is_active(
     lanes = [topic_prefix + t for t in LANES]
     try:
         (a, b, c), (t1, _) = _three_batches(kafka_bootstrap, topic_prefix)
-        assert len(read_topics(kafka_bootstrap, lanes, expect=9, timeout_s=60)) == 9
+        first = read_topics(kafka_bootstrap, lanes, expect=9, timeout_s=120)
+        assert len(first) == 9, _whereabouts(kafka_bootstrap, topic_prefix, a + b + c, first)
         code, _, err = cli(
             kafka_bootstrap, topic_prefix, "replay", "--stage", "preprocess", "--from", rfc3339(t1)
         )
@@ -466,6 +467,20 @@ def test_reset_reconsumes_from_a_time_and_is_refused_while_the_group_is_active(
     finally:
         stage.stop()
     assert keys(after) == collections.Counter(a + b + b + c + c)
+
+
+def _whereabouts(bootstrap: str, prefix: str, sent: list[str], got: list[Message]) -> str:
+    """Where each task id missing from `got` is, over every topic of this test: a failure
+    then says whether a record was lost, held in a retry topic, or dead-lettered."""
+    missing = set(sent) - set(keys(got))
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    topics = [t for t in admin.list_topics(timeout=10).topics if t.startswith(prefix)]
+    found: dict[str, list[str]] = collections.defaultdict(list)
+    for msg in read_topics(bootstrap, topics, expect=10**6, timeout_s=10):
+        key = (msg.key() or b"").decode("utf-8", "replace")
+        if key in missing:
+            found[key].append(str(msg.topic()))
+    return f"missing {sorted(missing)}; found in: {dict(found)}"
 
 
 def _wait_inactive(bootstrap: str, group: str, timeout_s: float = 30.0) -> None:
