@@ -54,7 +54,7 @@ up: python jars models ## run the pipeline locally until Ctrl-C
 
 # bench-venv: the peer benchmark's smoke test runs its Quix Streams hops too.
 test: setup models bench-venv ## run every test: unit, real broker, real models, end to end
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 test-unit: python ## unit tests only (no broker)
 	$(BIN)/python -m pytest -q tests/unit
