@@ -3,8 +3,10 @@
 `open_store(url)` picks the backend from the URL: `sqlite:///relative/file.db`,
 `sqlite:////absolute/file.db` (SQLAlchemy's convention: the path is what follows the third
 slash), `sqlite:///:memory:` (private in-memory database, for unit tests), or
-`postgresql://user@host:port/db` (also `postgres://`), passed as is to psycopg. The PostgreSQL
-backend is imported only when asked for. The status model and merge rules are in `base.py`.
+`postgresql://user@host:port/db` (also `postgres://`), passed as is to psycopg. Both are one
+`SqlStore` (`sql.py`, every method written once) over a small dialect (`sqlite.py`,
+`postgres.py`; the seam is `dialect.py`); the PostgreSQL driver is imported only when asked for.
+The status model and merge rules are in `base.py`.
 """
 
 from __future__ import annotations
@@ -66,17 +68,19 @@ def open_store(url: str | SecretStr) -> ResultStore:
     The URL may be the `store_url` setting itself, a `SecretStr` (it may hold a password)."""
     if isinstance(url, SecretStr):
         url = url.get_secret_value()
+    from conveyor.store.sql import SqlStore
+
     if url.startswith(_SQLITE_PREFIX):
-        from conveyor.store.sqlite import SqliteResultStore
+        from conveyor.store.sqlite import SqliteDialect
 
         path = url.removeprefix(_SQLITE_PREFIX)
         if not path:
             raise ValueError(f"sqlite URL without a path: {url!r}")
-        return SqliteResultStore(path)
+        return SqlStore(SqliteDialect(path))
     if url.startswith(_POSTGRES_PREFIXES):
-        from conveyor.store.postgres import PostgresResultStore
+        from conveyor.store.postgres import PostgresDialect
 
-        return PostgresResultStore(url)
+        return SqlStore(PostgresDialect(url))
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise ValueError(
         f"unsupported result store URL scheme {scheme!r}: use sqlite:///path or postgresql://..."
