@@ -34,6 +34,7 @@ from conveyor.store.base import (
     merge_task,
     status_wins,
 )
+from conveyor.store.dialect import Dialect
 
 __all__ = [
     "REJECTED_RECORD",
@@ -41,6 +42,7 @@ __all__ = [
     "TERMINAL_STATUSES",
     "AmbiguousTaskError",
     "Applied",
+    "Dialect",
     "NotificationRecord",
     "Reservation",
     "ResultStore",
@@ -54,6 +56,7 @@ __all__ = [
     "TaskUpdate",
     "is_terminal",
     "merge_task",
+    "open_dialect",
     "open_store",
     "status_wins",
 ]
@@ -66,21 +69,27 @@ def open_store(url: str | SecretStr) -> ResultStore:
     """Open (and create the schema of) the store at `url`; raises ValueError for other schemes.
 
     The URL may be the `store_url` setting itself, a `SecretStr` (it may hold a password)."""
-    if isinstance(url, SecretStr):
-        url = url.get_secret_value()
     from conveyor.store.sql import SqlStore
 
+    return SqlStore(open_dialect(url))
+
+
+def open_dialect(url: str | SecretStr) -> Dialect:
+    """The connection and dialect of the database at `url` (`sqlite:///...`, `postgresql://...`);
+    raises ValueError for other schemes. The store and the quota ledger share it."""
+    if isinstance(url, SecretStr):
+        url = url.get_secret_value()
     if url.startswith(_SQLITE_PREFIX):
         from conveyor.store.sqlite import SqliteDialect
 
         path = url.removeprefix(_SQLITE_PREFIX)
         if not path:
             raise ValueError(f"sqlite URL without a path: {url!r}")
-        return SqlStore(SqliteDialect(path))
+        return SqliteDialect(path)
     if url.startswith(_POSTGRES_PREFIXES):
         from conveyor.store.postgres import PostgresDialect
 
-        return SqlStore(PostgresDialect(url))
+        return PostgresDialect(url)
     scheme = url.split(":", 1)[0] if ":" in url else url
     raise ValueError(
         f"unsupported result store URL scheme {scheme!r}: use sqlite:///path or postgresql://..."
