@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,9 +23,7 @@ from conveyor.store.base import (
     NOTIFICATION_CLAIMED,
     NOTIFICATION_DELIVERED,
     NOTIFICATION_REJECTED,
-    STATUSES,
     TASK_COLUMNS,
-    TERMINAL_STATUSES,
     AmbiguousTaskError,
     Applied,
     NotificationRecord,
@@ -44,19 +42,10 @@ from conveyor.store.base import (
     tenant_key,
     utcnow,
 )
-from conveyor.store.batches import (
-    BatchConflictError,
-    BatchItem,
-    BatchRecord,
-    BatchStatus,
-    NewBatchItem,
-    batch_from_row,
-    batch_params,
-    batch_sql,
-    set_status_sql,
-)
+from conveyor.store.batches import batch_sql
 from conveyor.store.dialect import Cursor, Dialect
 from conveyor.store.schema import create_schema
+from conveyor.store.sqlbatches import SqlBatches, per_status
 from conveyor.store.statements import UNFINISHED, UPDATED_COLUMNS, store_sql
 from conveyor.store.variantruns import RUN_SELECT, VariantRun, run_from_row, run_params, run_upsert
 
@@ -65,8 +54,10 @@ log = logging.getLogger(__name__)
 _TENANT = TASK_COLUMNS.index("tenant")
 
 
-class SqlStore:
-    """`ResultStore` and `BatchStore` on any `Dialect`; `open_store(url)` picks the dialect."""
+class SqlStore(SqlBatches):
+    """`ResultStore` and `BatchStore` on any `Dialect`; `open_store(url)` picks the dialect.
+
+    New methods go at the end of the class, written once (docs/store.md)."""
 
     def __init__(self, dialect: Dialect) -> None:
         self._d = dialect
@@ -104,24 +95,24 @@ class SqlStore:
             row = cur.execute(self._sql.task_by_key, key).fetchone()
             assert row is not None  # its event was recorded with the row, in one transaction
             return Applied(False, self._task(row))
-        # Two rounds at most: the first may lose a race to insert the row (PostgreSQL), the
-        # second then finds it (committed) and locks it.
+        return Applied(True, self._merge(cur, key, update))
+
+    def _merge(self, cur: Cursor, key: tuple[str, str], update: TaskUpdate) -> TaskRecord:
+        """Merge `update` into the task's locked row and write it back; the merged row."""
+        # Two rounds at most: the first may lose a race to insert the row (PostgreSQL; SQLite's
+        # write lock excludes it), the second then finds it (committed) and locks it.
         for _ in range(2):
             row = cur.execute(self._sql.task_for_update, key).fetchone()
             current = None if row is None else self._task(row)
             merged = merge_task(current, update)
-            if current is not None:
-                if merged is not current:
-                    params = dict(
-                        zip(TASK_COLUMNS, task_params(merged, self._d.stamp), strict=True)
-                    )
-                    cur.execute(
-                        self._sql.task_update, (*(params[c] for c in UPDATED_COLUMNS), *key)
-                    )
-                return Applied(True, merged)
-            cur.execute(self._sql.task_insert, task_params(merged, self._d.stamp))
-            if cur.rowcount == 1:
-                return Applied(True, merged)
+            if current is None:
+                cur.execute(self._sql.task_insert, task_params(merged, self._d.stamp))
+                if cur.rowcount == 0:
+                    continue  # another writer created it first
+            elif merged is not current:
+                values = dict(zip(TASK_COLUMNS, task_params(merged, self._d.stamp), strict=True))
+                cur.execute(self._sql.task_update, (*(values[c] for c in UPDATED_COLUMNS), *key))
+            return merged
         raise RetryableError(f"task row contention task_id={update.task_id}")
 
     def _event_params(self, tenant: str, update: TaskUpdate) -> tuple[Any, ...]:
@@ -162,7 +153,7 @@ class SqlStore:
     def count_by_status(self) -> dict[str, int]:
         with self._d.read() as cur:
             rows = cur.execute(self._sql.count_by_status).fetchall()
-        return _per_status(rows)
+        return per_status(rows)
 
     def count_unfinished(self, tenant: str) -> int:
         """The tenant's tasks not yet in a terminal status (the gateway's in-flight quota)."""
@@ -280,86 +271,6 @@ class SqlStore:
                 cur, self._life, entries, released, now=utcnow(), stamp=self._d.stamp
             )
 
-    # Batches (`conveyor.store.batches`).
-
-    def create_batch(self, batch: BatchRecord, items: Sequence[NewBatchItem]) -> None:
-        tenant = tenant_key(batch.tenant)
-        now = self._d.stamp(batch.created_at)
-        pending = TaskStatus.PENDING
-        with self._d.transaction() as cur:
-            cur.execute(self._batch.insert, batch_params(batch, self._d.stamp))
-            cur.executemany(
-                self._batch.item_insert,
-                [
-                    (tenant, batch.batch_id, n.item.line, n.item.custom_id, n.item.task_id)
-                    for n in items
-                ],
-            )
-            cur.executemany(
-                self._sql.reserve,
-                [
-                    (tenant, n.item.task_id, pending, now, now, n.kind, n.callback_url, n.digest)
-                    for n in items
-                ],
-            )
-            if cur.rowcount != len(items):  # rolled back with the batch
-                raise BatchConflictError(f"a task id of batch {batch.batch_id} is taken")
-
-    def get_batch(self, tenant: str, batch_id: str) -> BatchRecord | None:
-        with self._d.read() as cur:
-            row = cur.execute(self._batch.select, (tenant_key(tenant), batch_id)).fetchone()
-        return None if row is None else batch_from_row(row, self._d.time)
-
-    def set_batch_status(
-        self,
-        tenant: str,
-        batch_id: str,
-        status: str,
-        *,
-        expect: Collection[str],
-        ended_at: datetime | None = None,
-        error: str | None = None,
-    ) -> bool:
-        if not expect:
-            return False  # no status to move from
-        sql = set_status_sql(self._d.p, len(expect))
-        params = (status, self._d.stamp(ended_at), error, tenant_key(tenant), batch_id, *expect)
-        with self._d.transaction() as cur:
-            cur.execute(sql, params)
-            return cur.rowcount == 1
-
-    def batch_counts(self, tenant: str, batch_id: str) -> dict[str, int]:
-        with self._d.read() as cur:
-            rows = cur.execute(self._batch.counts, (tenant_key(tenant), batch_id)).fetchall()
-        return _per_status(rows)
-
-    def batch_unfinished(self, tenant: str, batch_id: str, *, limit: int) -> list[str]:
-        params = (tenant_key(tenant), batch_id, *sorted(TERMINAL_STATUSES), limit)
-        with self._d.read() as cur:
-            rows = cur.execute(self._batch.unfinished, params).fetchall()
-        return [str(r[0]) for r in rows]
-
-    def batch_results(
-        self, tenant: str, batch_id: str, *, after_line: int, limit: int
-    ) -> list[tuple[BatchItem, TaskRecord | None]]:
-        params = (tenant_key(tenant), batch_id, after_line, limit)
-        with self._d.read() as cur:
-            rows = cur.execute(self._batch.results, params).fetchall()
-        return [
-            (BatchItem(r[0], r[1], r[2]), None if r[3] is None else self._task(r[3:])) for r in rows
-        ]
-
-    def batch_of(self, task_id: str, *, tenant: str) -> str | None:
-        with self._d.read() as cur:
-            row = cur.execute(self._batch.batch_of, (tenant_key(tenant), task_id)).fetchone()
-        return None if row is None else str(row[0])
-
-    def overdue_batches(self, now: datetime, *, limit: int) -> list[BatchRecord]:
-        params = (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, self._d.stamp(now), limit)
-        with self._d.read() as cur:
-            rows = cur.execute(self._batch.overdue, params).fetchall()
-        return [batch_from_row(row, self._d.time) for row in rows]
-
     # Variant runs (`conveyor.store.variantruns`).
 
     def record_variant_runs(self, runs: Sequence[VariantRun]) -> None:
@@ -418,10 +329,3 @@ class SqlStore:
         if named in owners or len(owners) != 1:
             return named
         return owners.pop()
-
-
-def _per_status(rows: Sequence[Any]) -> dict[str, int]:
-    """Counts per status from (status, count) rows: every status present, zeros included."""
-    counts = dict.fromkeys(sorted(STATUSES), 0)
-    counts.update({str(status): int(count) for status, count in rows})
-    return counts
