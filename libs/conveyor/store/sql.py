@@ -57,7 +57,8 @@ _TENANT = TASK_COLUMNS.index("tenant")
 class SqlStore(SqlBatches):
     """`ResultStore` and `BatchStore` on any `Dialect`; `open_store(url)` picks the dialect.
 
-    New methods go at the end of the class, written once (docs/store.md)."""
+    A new method is written once, after the last section and before the row helpers
+    (docs/store.md)."""
 
     def __init__(self, dialect: Dialect) -> None:
         self._d = dialect
@@ -71,6 +72,10 @@ class SqlStore(SqlBatches):
 
     def __repr__(self) -> str:
         return f"SqlStore({self._d!r})"
+
+    def close(self) -> None:
+        self._d.close()
+        log.info("result store closed backend=%s", self._d.name)
 
     # Tasks and timelines.
 
@@ -289,10 +294,6 @@ class SqlStore(SqlBatches):
             else:
                 rows = cur.execute(f"{RUN_SELECT} WHERE kind = {self._d.p}", (kind,)).fetchall()
         return [run_from_row(row, self._d.time) for row in rows]
-
-    def close(self) -> None:
-        self._d.close()
-        log.info("result store closed backend=%s", self._d.name)
 
     # Row helpers.
 
