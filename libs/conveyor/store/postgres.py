@@ -41,7 +41,7 @@ _TRANSIENT: tuple[type[Exception], ...] = (
 
 # Keys include the tenant: a task is (tenant, task_id). `digest` identifies the gateway
 # submission that reserved the row (not part of `TaskRecord`).
-SCHEMA = """
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     tenant       text NOT NULL DEFAULT '',
     task_id      text NOT NULL,
@@ -125,7 +125,7 @@ class PostgresDialect:
     time_type = "timestamptz"
     arrival = "seq"
     for_update = " FOR UPDATE"
-    schema = SCHEMA
+    schema = _SCHEMA
 
     def __init__(self, url: str) -> None:
         self._url = url

@@ -68,7 +68,7 @@ class SqlStore(SqlBatches):
         self._run_upsert = run_upsert(dialect.p)
         with dialect.transaction() as cur:
             create_schema(cur, dialect)
-        log.info("result store opened backend=%s", dialect.name)
+        log.info("result store opened backend=%s dialect=%r", dialect.name, dialect)
 
     def __repr__(self) -> str:
         return f"SqlStore({self._d!r})"

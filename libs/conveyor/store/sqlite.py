@@ -34,7 +34,7 @@ _TRANSIENT = ("locked", "busy", "disk i/o error", "unable to open database file"
 # Keys include the tenant: a task is (tenant, task_id). `digest` identifies the gateway
 # submission that reserved the row (not part of `TaskRecord`). Timeline ties are ordered by the
 # implicit `rowid` (arrival).
-SCHEMA = """
+_SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     tenant       TEXT NOT NULL DEFAULT '',
     task_id      TEXT NOT NULL,
@@ -112,7 +112,7 @@ class SqliteDialect:
     time_type = "TEXT"
     arrival = "rowid"
     for_update = ""  # BEGIN IMMEDIATE already holds the database's write lock
-    schema = SCHEMA
+    schema = _SCHEMA
 
     def __init__(self, path: str) -> None:
         if path != ":memory:":
