@@ -7,8 +7,9 @@ the whole bucket state fits one row. `gcra` is the pure rule.
 Where the state lives decides who shares it:
 
 - `SqlRateLedger` keeps each tenant's TAT in a table of the result store's database (SQLite
-  file or PostgreSQL), updated in one transaction per check (`BEGIN IMMEDIATE` / `SELECT ...
-  FOR UPDATE`): every gateway replica on that database draws from the same bucket.
+  file or PostgreSQL, through the store's dialect), updated in one transaction per check
+  (`BEGIN IMMEDIATE` / `SELECT ... FOR UPDATE`): every gateway replica on that database draws
+  from the same bucket. A transient database fault raises `RetryableError` (the gateway: 503).
 - `MemoryRateLedger` keeps it in the process (the inference stage's hold of tasks that arrive
   straight on Kafka: each instance paces what it starts; unit tests).
 
@@ -22,12 +23,11 @@ Limits per tenant come from `QuotaSettings` (`CONVEYOR_QUOTA_*`, `CONVEYOR_TENAN
 from __future__ import annotations
 
 import math
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from prometheus_client import Counter
 from pydantic import BaseModel, Field
@@ -140,73 +140,40 @@ class MemoryRateLedger:
 
 
 class SqlRateLedger:
-    """The TATs in a table of the store's database, shared by every process using it."""
+    """The TATs in a table of the store's database, shared by every process using it: one
+    transaction per check, written once over the store's dialect (`conveyor.store.dialect`),
+    whose write transaction (`BEGIN IMMEDIATE`) or row lock (`FOR UPDATE`) keeps two replicas
+    from reading the same TAT."""
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time) -> None:
-        self.clock = clock  # wall time: replicas compare their clocks through the table
-        self._lock = threading.Lock()
-        self._conn: Any
-        if url.startswith("sqlite:///"):
-            self._pg = False
-            path = url.removeprefix("sqlite:///")
-            self._conn = sqlite3.connect(
-                path, isolation_level=None, check_same_thread=False, timeout=5.0
-            )
-            self._conn.execute(
-                f"CREATE TABLE IF NOT EXISTS {TABLE} (tenant TEXT PRIMARY KEY, tat REAL NOT NULL)"
-            )
-        elif url.startswith(("postgresql://", "postgres://")):
-            import psycopg
+        from conveyor.store import open_dialect
 
-            self._pg = True
-            self._conn = psycopg.connect(url, autocommit=True)
-            self._conn.execute(
+        self.clock = clock  # wall time: replicas compare their clocks through the table
+        self._d = open_dialect(url)  # ValueError for a scheme that is no SQL store
+        p = self._d.p
+        # The row exists before it is read, so the read can lock it on every dialect.
+        self._insert = f"INSERT INTO {TABLE} (tenant, tat) VALUES ({p}, 0) ON CONFLICT DO NOTHING"
+        self._select = f"SELECT tat FROM {TABLE} WHERE tenant = {p}{self._d.for_update}"
+        self._update = f"UPDATE {TABLE} SET tat = {p} WHERE tenant = {p}"
+        with self._d.transaction() as cur:
+            cur.execute(
                 f"CREATE TABLE IF NOT EXISTS {TABLE} "
                 "(tenant TEXT PRIMARY KEY, tat DOUBLE PRECISION NOT NULL)"
             )
-        else:
-            raise ValueError("quota ledger needs a sqlite:/// or postgresql:// store URL")
 
     def take(self, tenant: str, quota: TenantQuota) -> Decision:
         if quota.rate <= 0:
             return Decision(True, 0.0)
-        with self._lock:
-            return self._take_pg(tenant, quota) if self._pg else self._take_sqlite(tenant, quota)
-
-    def _take_sqlite(self, tenant: str, quota: TenantQuota) -> Decision:
-        conn = self._conn
-        conn.execute("BEGIN IMMEDIATE")  # the write lock first: no two replicas read one TAT
-        try:
-            row = conn.execute(f"SELECT tat FROM {TABLE} WHERE tenant = ?", (tenant,)).fetchone()
-            decision, tat = gcra(row[0] if row else 0.0, self.clock(), quota.rate, quota.burst)
+        with self._d.transaction() as cur:
+            cur.execute(self._insert, (tenant,))
+            (tat,) = cur.execute(self._select, (tenant,)).fetchone()
+            decision, new_tat = gcra(float(tat), self.clock(), quota.rate, quota.burst)
             if decision.allowed:
-                conn.execute(
-                    f"INSERT INTO {TABLE} (tenant, tat) VALUES (?, ?) "
-                    "ON CONFLICT (tenant) DO UPDATE SET tat = excluded.tat",
-                    (tenant, tat),
-                )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return decision
-
-    def _take_pg(self, tenant: str, quota: TenantQuota) -> Decision:
-        with self._conn.transaction():
-            self._conn.execute(
-                f"INSERT INTO {TABLE} (tenant, tat) VALUES (%s, 0) ON CONFLICT DO NOTHING",
-                (tenant,),
-            )
-            row = self._conn.execute(
-                f"SELECT tat FROM {TABLE} WHERE tenant = %s FOR UPDATE", (tenant,)
-            ).fetchone()
-            decision, tat = gcra(row[0], self.clock(), quota.rate, quota.burst)
-            if decision.allowed:
-                self._conn.execute(f"UPDATE {TABLE} SET tat = %s WHERE tenant = %s", (tat, tenant))
+                cur.execute(self._update, (new_tat, tenant))
         return decision
 
     def close(self) -> None:
-        self._conn.close()
+        self._d.close()
 
 
 def retry_after_header(decision: Decision | Refusal) -> str:

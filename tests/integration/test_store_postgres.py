@@ -6,7 +6,6 @@ and the next call reconnects.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -15,7 +14,11 @@ import pytest
 
 from conveyor.errors import RetryableError
 from conveyor.store import ResultStore, TaskUpdate, open_store
-from tests.unit.test_store import SharedStoreContract  # the contract is written once, there
+from tests.unit.test_store import (  # the contracts are written once, there
+    V1_ROWS,
+    MigrationContract,
+    SharedStoreContract,
+)
 
 pytestmark = pytest.mark.postgres
 
@@ -59,13 +62,7 @@ def test_killed_connection_is_retryable_then_reconnects(
     assert store.apply(event) is False
 
 
-def test_schema_creation_is_idempotent(clean_postgres: str) -> None:
-    stores = [open_store(clean_postgres) for _ in range(3)]
-    for opened in stores:
-        opened.close()
-
-
-_V1_SCHEMA = (
+V1_POSTGRES = (
     "CREATE TABLE tasks (task_id text PRIMARY KEY, status text NOT NULL, "
     "created_at timestamptz NOT NULL, updated_at timestamptz NOT NULL, tenant text, kind text, "
     "stage text, result text, verdict text CHECK (verdict IN ('allow', 'flag', 'block')), "
@@ -78,51 +75,16 @@ _V1_SCHEMA = (
     "CREATE TABLE notifications (task_id text PRIMARY KEY, event_id text NOT NULL, "
     "status text NOT NULL, url text NOT NULL, claimed_at timestamptz NOT NULL, "
     "http_status integer, delivered_at timestamptz)",
-    "INSERT INTO tasks VALUES ('t1', 'completed', '2024-05-01T12:00:00Z', "
-    "'2024-05-01T12:00:05Z', 'acme', 'embed', 'writeback', '{\"x\":1}', NULL, NULL, NULL, NULL, "
-    "'https://cb', '2024-05-01T12:00:05Z')",
-    "INSERT INTO tasks (task_id, status, created_at, updated_at) "
-    "VALUES ('t2', 'processing', '2024-05-01T12:00:00Z', '2024-05-01T12:00:00Z')",
-    "INSERT INTO task_events (event_id, task_id, type, status, time) "
-    "VALUES ('e1', 't1', 'x', 'processing', '2024-05-01T12:00:05Z'), "
-    "('e2', 't1', 'x', 'completed', '2024-05-01T12:00:05Z'), "
-    "('e3', 't2', 'x', 'processing', '2024-05-01T12:00:00Z')",
-    "INSERT INTO notifications VALUES ('t1', 'e2', 'delivered', 'https://cb', "
-    "'2024-05-01T12:00:06Z', 204, '2024-05-01T12:00:07Z')",
 )
 
 
-def test_database_of_the_global_id_layout_is_migrated(postgres_url: str) -> None:
-    # A database written before ids were per tenant: rows keep their data under their tenant,
-    # timeline ties keep their arrival order, and a second open finds the new layout.
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS tasks, task_events, notifications")
-        for statement in _V1_SCHEMA:
-            conn.execute(statement)
-    store = open_store(postgres_url)
-    try:
-        t1 = store.get("t1", tenant="acme")
-        assert t1 is not None and (t1.status, t1.result, t1.callback_url) == (
-            "completed",
-            {"x": 1},
-            "https://cb",
-        )
-        assert [e.event_id for e in store.timeline("t1", tenant="acme")] == ["e1", "e2"]
-        t2 = store.get("t2")
-        assert t2 is not None and t2.tenant is None
-        notice = store.notification("t1", tenant="acme")
-        assert notice is not None and (notice.status, notice.tenant) == ("delivered", "acme")
-        assert store.reserve("t1", "globex", time=datetime.now(UTC), digest="d").new
-        event = TaskUpdate("t1", "e2", "x", "completed", datetime(2024, 5, 1, tzinfo=UTC))
-        assert store.apply(dataclasses.replace(event, tenant="acme")) is False
-    finally:
-        store.close()
-    open_store(postgres_url).close()
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        tables = conn.execute(
-            "SELECT table_name FROM information_schema.tables "
-            "WHERE table_schema = current_schema() AND table_name LIKE %s",
-            ("%_v1",),
-        ).fetchall()
-        assert tables == []
-        conn.execute("TRUNCATE tasks, task_events, notifications")
+class TestPostgresMigration(MigrationContract):
+    @pytest.fixture
+    def v1_url(self, postgres_url: str) -> Iterator[str]:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("DROP TABLE IF EXISTS tasks, task_events, notifications")
+            for statement in (*V1_POSTGRES, *V1_ROWS):
+                conn.execute(statement)
+        yield postgres_url
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            conn.execute("TRUNCATE tasks, task_events, notifications")

@@ -3,6 +3,7 @@ one SQLite file stand for two gateway replicas)."""
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import pytest
@@ -79,19 +80,33 @@ def test_tenants_have_separate_buckets() -> None:
     assert ledger.take("b", quota).allowed
 
 
-def test_two_replicas_on_one_database_share_each_tenants_bucket(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'conveyor.db'}"
-    clock = Clock()
-    first, second = SqlRateLedger(url, clock), SqlRateLedger(url, clock)
-    quota = TenantQuota(rate=1.0, burst=3)
-    try:
-        answers = [ledger.take("a", quota).allowed for ledger in (first, second) * 3]
-        assert answers == [True, True, True, False, False, False]  # 3 in all, not 3 each
-        clock.now += 1.0
-        assert second.take("a", quota).allowed and not first.take("a", quota).allowed
-    finally:
-        first.close()
-        second.close()
+class LedgerContract:
+    """The shared SQL ledger, written once over the store's dialect: two ledgers on one database
+    stand for two gateway replicas. Runs here on a SQLite file and in
+    tests/integration/test_quota_postgres.py on the throwaway PostgreSQL; subclasses provide
+    `ledger_url`."""
+
+    def test_two_replicas_share_each_tenants_bucket(self, ledger_url: str) -> None:
+        clock = Clock()
+        first, second = SqlRateLedger(ledger_url, clock), SqlRateLedger(ledger_url, clock)
+        quota = TenantQuota(rate=1.0, burst=3)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"  # a server's database is shared by the session
+        try:
+            answers = [ledger.take(tenant, quota).allowed for ledger in (first, second) * 3]
+            assert answers == [True, True, True, False, False, False]  # 3 in all, not 3 each
+            assert first.take(tenant, quota).retry_after_s > 0
+            clock.now += 1.0
+            assert second.take(tenant, quota).allowed and not first.take(tenant, quota).allowed
+            assert first.take("other", TenantQuota(rate=0, burst=1)).allowed  # 0: no limit
+        finally:
+            first.close()
+            second.close()
+
+
+class TestSqliteLedger(LedgerContract):
+    @pytest.fixture
+    def ledger_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path / 'conveyor.db'}"
 
 
 def test_the_sql_ledger_refuses_an_unknown_url() -> None:

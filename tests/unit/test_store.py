@@ -26,6 +26,7 @@ from conveyor.store import (
     TaskUpdate,
     is_terminal,
     merge_task,
+    open_dialect,
     open_store,
     status_wins,
 )
@@ -518,6 +519,29 @@ class SharedStoreContract(StoreContract):
         for opened in stores:
             opened.close()
 
+    def test_stores_opened_at_once_create_the_schema_once(self, store_url: str) -> None:
+        # Services starting together: schema creation is serialised (`Dialect.lock_schema`).
+        opened: list[ResultStore] = []
+        failures: list[BaseException] = []
+
+        def open_one() -> None:
+            try:
+                opened.append(open_store(store_url))
+            except BaseException as exc:  # reported below, not lost in the thread
+                failures.append(exc)
+
+        threads = [threading.Thread(target=open_one) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        assert not any(thread.is_alive() for thread in threads)
+        assert not failures and len(opened) == 3
+        assert opened[0].apply(update("t1", "e1", "pending", 0))
+        assert all(s.get("t1") is not None for s in opened)
+        for store in opened:
+            store.close()
+
     def test_data_survives_reopen(self, store: ResultStore, store_url: str) -> None:
         store.apply(update("t1", "e1", "completed", 1, result={"text": "héllo ✓"}))
         reopened = open_store(store_url)
@@ -541,61 +565,84 @@ class TestSqliteFileStore(SharedStoreContract):
 # --- SQLite and URL specifics ----------------------------------------------------------------
 
 
-_V1_SCHEMA = """
-CREATE TABLE tasks (task_id TEXT PRIMARY KEY, status TEXT NOT NULL, created_at TEXT NOT NULL,
-    updated_at TEXT NOT NULL, tenant TEXT, kind TEXT, stage TEXT, result TEXT, verdict TEXT,
-    moderation TEXT, trace_id TEXT, error TEXT, callback_url TEXT, completed_at TEXT);
-CREATE INDEX tasks_status_idx ON tasks (status);
-CREATE TABLE task_events (event_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, type TEXT NOT NULL,
-    status TEXT NOT NULL, time TEXT NOT NULL, stage TEXT, detail TEXT);
-CREATE INDEX task_events_task_time_idx ON task_events (task_id, time);
-CREATE TABLE notifications (task_id TEXT PRIMARY KEY, event_id TEXT NOT NULL,
-    status TEXT NOT NULL, url TEXT NOT NULL, claimed_at TEXT NOT NULL, http_status INTEGER,
-    delivered_at TEXT);
-INSERT INTO tasks VALUES ('t1', 'completed', '2024-05-01T12:00:00.000000+00:00',
-    '2024-05-01T12:00:05.000000+00:00', 'acme', 'embed', 'writeback', '{"x":1}', NULL, NULL,
-    NULL, NULL, 'https://cb', '2024-05-01T12:00:05.000000+00:00');
-INSERT INTO tasks VALUES ('t2', 'processing', '2024-05-01T12:00:00.000000+00:00',
-    '2024-05-01T12:00:00.000000+00:00', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-    NULL);
-INSERT INTO task_events VALUES ('e1', 't1', 'x', 'processing', '2024-05-01T12:00:00.000000+00:00',
-    NULL, NULL);
-INSERT INTO task_events VALUES ('e2', 't1', 'x', 'completed', '2024-05-01T12:00:05.000000+00:00',
-    NULL, NULL);
-INSERT INTO task_events VALUES ('e3', 't2', 'x', 'processing', '2024-05-01T12:00:00.000000+00:00',
-    NULL, NULL);
-INSERT INTO notifications VALUES ('t1', 'e2', 'delivered', 'https://cb',
-    '2024-05-01T12:00:06.000000+00:00', 204, '2024-05-01T12:00:07.000000+00:00');
-"""
+# A database of the global-id layout (before task ids were per tenant): its DDL differs per
+# backend (`V1_SQLITE`, and `V1_POSTGRES` in tests/integration/test_store_postgres.py); its rows are
+# the same statements on both. e1 and e2 share an event time: the migrated timeline keeps them in
+# arrival order.
+V1_SQLITE = (
+    "CREATE TABLE tasks (task_id TEXT PRIMARY KEY, status TEXT NOT NULL, "
+    "created_at TEXT NOT NULL, updated_at TEXT NOT NULL, tenant TEXT, kind TEXT, stage TEXT, "
+    "result TEXT, verdict TEXT, moderation TEXT, trace_id TEXT, error TEXT, callback_url TEXT, "
+    "completed_at TEXT)",
+    "CREATE INDEX tasks_status_idx ON tasks (status)",
+    "CREATE TABLE task_events (event_id TEXT PRIMARY KEY, task_id TEXT NOT NULL, "
+    "type TEXT NOT NULL, status TEXT NOT NULL, time TEXT NOT NULL, stage TEXT, detail TEXT)",
+    "CREATE INDEX task_events_task_time_idx ON task_events (task_id, time)",
+    "CREATE TABLE notifications (task_id TEXT PRIMARY KEY, event_id TEXT NOT NULL, "
+    "status TEXT NOT NULL, url TEXT NOT NULL, claimed_at TEXT NOT NULL, http_status INTEGER, "
+    "delivered_at TEXT)",
+)
+V1_ROWS = (
+    "INSERT INTO tasks VALUES ('t1', 'completed', '2024-05-01T12:00:00.000000+00:00', "
+    "'2024-05-01T12:00:05.000000+00:00', 'acme', 'embed', 'writeback', '{\"x\":1}', NULL, NULL, "
+    "NULL, NULL, 'https://cb', '2024-05-01T12:00:05.000000+00:00')",
+    "INSERT INTO tasks (task_id, status, created_at, updated_at) VALUES ('t2', 'processing', "
+    "'2024-05-01T12:00:00.000000+00:00', '2024-05-01T12:00:00.000000+00:00')",
+    "INSERT INTO task_events (event_id, task_id, type, status, time) VALUES "
+    "('e1', 't1', 'x', 'processing', '2024-05-01T12:00:05.000000+00:00')",
+    "INSERT INTO task_events (event_id, task_id, type, status, time) VALUES "
+    "('e2', 't1', 'x', 'completed', '2024-05-01T12:00:05.000000+00:00')",
+    "INSERT INTO task_events (event_id, task_id, type, status, time) VALUES "
+    "('e3', 't2', 'x', 'processing', '2024-05-01T12:00:00.000000+00:00')",
+    "INSERT INTO notifications VALUES ('t1', 'e2', 'delivered', 'https://cb', "
+    "'2024-05-01T12:00:06.000000+00:00', 204, '2024-05-01T12:00:07.000000+00:00')",
+)
 
 
-def test_sqlite_file_of_the_global_id_layout_is_migrated(tmp_path: Path) -> None:
-    # A file written before ids were per tenant: rows keep their data under their tenant.
-    with sqlite3.connect(tmp_path / "old.db") as conn:
-        conn.executescript(_V1_SCHEMA)
-    store = open_store(f"sqlite:///{tmp_path}/old.db")
-    try:
-        t1 = store.get("t1", tenant="acme")
-        assert t1 is not None and (t1.status, t1.result, t1.callback_url) == (
-            "completed",
-            {"x": 1},
-            "https://cb",
-        )
-        assert [e.event_id for e in store.timeline("t1", tenant="acme")] == ["e1", "e2"]
-        t2 = store.get("t2")
-        assert t2 is not None and t2.tenant is None and store.get("t2", tenant="") == t2
-        notice = store.notification("t1", tenant="acme")
-        assert notice is not None and (notice.status, notice.tenant) == ("delivered", "acme")
-        assert store.reserve("t1", "globex", time=at(9), digest="d").new  # now a separate task
-        assert store.apply(update("t1", "e2", "completed", 5)) is False  # old ids still dedupe
-    finally:
-        store.close()
-    with sqlite3.connect(tmp_path / "old.db") as conn:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    # The old tables are gone (later tables, e.g. batches, are created beside these).
-    assert {"tasks", "task_events", "notifications"} <= tables
-    assert not {t for t in tables if t.endswith("_v1")}
-    open_store(f"sqlite:///{tmp_path}/old.db").close()  # a second open finds the new layout
+class MigrationContract:
+    """The in-place migration from the global-id layout (`conveyor.store.schema`, written once):
+    subclasses provide `v1_url`, a database holding `V1_ROWS` in the old layout."""
+
+    def test_database_of_the_global_id_layout_is_migrated(self, v1_url: str) -> None:
+        # Rows keep their data under their tenant, and a second open finds the new layout.
+        store = open_store(v1_url)
+        try:
+            t1 = store.get("t1", tenant="acme")
+            assert t1 is not None and (t1.status, t1.result, t1.callback_url) == (
+                "completed",
+                {"x": 1},
+                "https://cb",
+            )
+            assert [e.event_id for e in store.timeline("t1", tenant="acme")] == ["e1", "e2"]
+            t2 = store.get("t2")
+            assert t2 is not None and t2.tenant is None and store.get("t2", tenant="") == t2
+            notice = store.notification("t1", tenant="acme")
+            assert notice is not None and (notice.status, notice.tenant) == ("delivered", "acme")
+            assert store.reserve("t1", "globex", time=at(9), digest="d").new  # a separate task
+            assert store.apply(update("t1", "e2", "completed", 5)) is False  # old ids dedupe
+        finally:
+            store.close()
+        open_store(v1_url).close()
+        dialect = open_dialect(v1_url)
+        try:
+            with dialect.read() as cur:
+                assert all(dialect.columns(cur, t) for t in _V1_TABLES)
+                assert "digest" in dialect.columns(cur, "tasks")
+                assert all(not dialect.columns(cur, f"{t}_v1") for t in _V1_TABLES)
+        finally:
+            dialect.close()
+
+
+_V1_TABLES = ("tasks", "task_events", "notifications")
+
+
+class TestSqliteMigration(MigrationContract):
+    @pytest.fixture
+    def v1_url(self, tmp_path: Path) -> str:
+        with sqlite3.connect(tmp_path / "old.db") as conn:
+            for statement in (*V1_SQLITE, *V1_ROWS):
+                conn.execute(statement)
+        return f"sqlite:///{tmp_path}/old.db"
 
 
 def test_sqlite_file_uses_wal(tmp_path: Path) -> None:

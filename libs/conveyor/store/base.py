@@ -26,7 +26,8 @@ first event that names them (no event can move a task to another tenant). The
 result of a `blocked` task is always withheld (NULL). All timestamps are event times (the
 CloudEvent `time`), timezone-aware UTC, so replays rebuild the same rows; `updated_at` is the time
 of the event that set the current status, `created_at` the earliest event time seen,
-`completed_at` the time of the terminal event. Backends: `sqlite.py`, `postgres.py`.
+`completed_at` the time of the terminal event. One store, `sql.py`, over the dialects
+`sqlite.py` and `postgres.py`.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Protocol, runtime_checkable
 
-from conveyor.store.base import TaskRecord
+from conveyor.store.base import TASK_COLUMNS, TERMINAL_STATUSES, TaskRecord
 
 
 class BatchStatus(StrEnum):
@@ -93,6 +93,70 @@ BATCH_COLUMNS = (
     "ended_at",
     "error",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class BatchSql:
+    """The batch statements, with one backend's placeholder `p` (`batch_sql`)."""
+
+    insert: str
+    item_insert: str
+    select: str
+    unfinished: str
+    counts: str
+    results: str
+    batch_of: str
+    overdue: str
+
+
+def batch_sql(p: str) -> BatchSql:
+    """The statements of the batch part, written once for both backends."""
+    key = f"i.tenant = {p} AND i.batch_id = {p}"
+    items_with_tasks = (
+        "FROM batch_items i JOIN tasks t ON t.tenant = i.tenant AND t.task_id = i.task_id"
+    )
+    terminal = ", ".join([p] * len(TERMINAL_STATUSES))
+    return BatchSql(
+        insert=(
+            f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) "
+            f"VALUES ({', '.join([p] * len(BATCH_COLUMNS))})"
+        ),
+        item_insert=(
+            "INSERT INTO batch_items (tenant, batch_id, line, custom_id, task_id) "
+            f"VALUES ({p}, {p}, {p}, {p}, {p})"
+        ),
+        select=(
+            f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE tenant = {p} AND batch_id = {p}"
+        ),
+        # The reservation made each task row with its item, so the inner join loses none.
+        unfinished=(
+            f"SELECT i.task_id {items_with_tasks} WHERE {key} "
+            f"AND t.status NOT IN ({terminal}) ORDER BY i.line LIMIT {p}"
+        ),
+        counts=f"SELECT t.status, COUNT(*) {items_with_tasks} WHERE {key} GROUP BY t.status",
+        # Results use a LEFT JOIN all the same, in case a task row was removed.
+        results=(
+            "SELECT i.line, i.custom_id, i.task_id, "
+            + ", ".join(f"t.{c}" for c in TASK_COLUMNS)
+            + " FROM batch_items i LEFT JOIN tasks t "
+            "ON t.tenant = i.tenant AND t.task_id = i.task_id "
+            f"WHERE {key} AND i.line > {p} ORDER BY i.line LIMIT {p}"
+        ),
+        batch_of=f"SELECT batch_id FROM batch_items WHERE tenant = {p} AND task_id = {p}",
+        overdue=(
+            f"SELECT {', '.join(BATCH_COLUMNS)} FROM batches WHERE status = {p} "
+            f"OR (status = {p} AND expires_at <= {p}) ORDER BY expires_at LIMIT {p}"
+        ),
+    )
+
+
+def set_status_sql(p: str, expected: int) -> str:
+    """Move a batch to a status if it is in one of `expected` statuses."""
+    return (
+        f"UPDATE batches SET status = {p}, ended_at = COALESCE({p}, ended_at), "
+        f"error = COALESCE({p}, error) WHERE tenant = {p} AND batch_id = {p} "
+        f"AND status IN ({', '.join([p] * expected)})"
+    )
 
 
 def batch_from_row(row: Sequence[Any], to_time: Callable[[Any], datetime | None]) -> BatchRecord:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
 from conveyor.store.base import (
     REUSE_HIT,
@@ -27,21 +27,11 @@ from conveyor.store.base import (
     dump_json,
     load_json,
 )
+from conveyor.store.dialect import Cursor
 
 # A sweep stops after this many chunks per step even if rows remain (the next sweep goes on):
 # one call never runs unbounded.
 MAX_CHUNKS = 10_000
-
-
-class Cursor(Protocol):
-    """What the shared code needs of a DB-API cursor (sqlite3 and psycopg both have it)."""
-
-    @property
-    def rowcount(self) -> int: ...
-
-    def execute(self, query: Any, params: Any = ..., /) -> Any: ...
-
-    def fetchone(self) -> Any: ...
 
 
 Stamp = Callable[[datetime], Any]  # a time as the backend binds it
