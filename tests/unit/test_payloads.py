@@ -66,7 +66,7 @@ def _cases() -> list[tuple[str, int, type]]:
 def test_every_catalog_event_has_a_payload_class() -> None:
     assert {spec.type for spec in load_catalog().events} == set(PAYLOAD_TYPES)
     for event_type, cls in PAYLOAD_TYPES.items():
-        assert cls.EVENT_TYPE == event_type
+        assert event_type == cls.EVENT_TYPE
         assert dataclasses.is_dataclass(cls) and hasattr(cls, "__slots__")
         assert cls.__dataclass_params__.frozen  # type: ignore[attr-defined]
 
