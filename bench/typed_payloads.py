@@ -13,7 +13,8 @@ front, through the real codec), so only the typed seam is timed:
   read, typed records made, outcomes checked) against the same handler called with the raw
   events: the seam's whole cost per record.
 
-Each figure is the median of `--rounds` rounds of `--n` records, in microseconds per record.
+Each figure is the median and the minimum of `--rounds` rounds of `--n` records, in
+microseconds per record, the works interleaved within each round.
 Writes bench/results/typed_payloads.json.
 
     python bench/typed_payloads.py [--n 20000] [--rounds 7]
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -80,13 +82,19 @@ def decoded(name: str, data: dict[str, Any]) -> dict[str, Any]:
     return schemas.decode_urn(schema_urn(name, 1), payload)[1]
 
 
-def per_record_us(work: Callable[[], object], n: int, rounds: int) -> float:
-    samples = []
+def interleaved(works: dict[str, Callable[[], object]], n: int, rounds: int) -> dict[str, Any]:
+    """Each work's microseconds per record: median and minimum over `rounds` rounds, the works
+    run in turn within each round, so a burst of load on a shared machine hits them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in works}
     for _ in range(rounds):
-        started = time.perf_counter()
-        work()
-        samples.append((time.perf_counter() - started) / n * 1e6)
-    return statistics.median(samples)
+        for name, work in works.items():
+            started = time.perf_counter()
+            work()
+            samples[name].append((time.perf_counter() - started) / n * 1e6)
+    return {
+        name: {"median": round(statistics.median(s), 3), "min": round(min(s), 3)}
+        for name, s in samples.items()
+    }
 
 
 def noop_typed(records: Sequence[Record[Any]], _ctx: Any) -> list[BatchOutcome]:
@@ -135,39 +143,29 @@ def main() -> None:
         handle_batch=noop_typed,
     )
     ctx = Context("inference", StageSettings(stage="inference"), logging.getLogger("b"), None)
-    figures = {
-        "read_preprocessed_us": per_record_us(
-            lambda: [TaskPreprocessed.from_data(d) for d in pre], n, rounds
-        ),
-        "read_inferred_us": per_record_us(
-            lambda: [TaskInferred.from_data(d) for d in inf], n, rounds
-        ),
-        "write_inferred_typed_us": per_record_us(typed_write, n, rounds),
-        "write_inferred_by_hand_us": per_record_us(by_hand, n, rounds),
-        "seam_batch_typed_us": per_record_us(
-            lambda: [service.run_batch(b, ctx) for b in batches], n, rounds
-        ),
-        "seam_batch_raw_us": per_record_us(lambda: [noop_raw(b, ctx) for b in batches], n, rounds),
-    }
-    # Calibration on this machine: the runtime's own per-record object (one frozen slotted
-    # `Event`, built by the codec for every record) and a plain copy of the decoded dict.
-    figures["baseline_event_us"] = per_record_us(
-        lambda: [
+    works: dict[str, Callable[[], object]] = {
+        "read_preprocessed": lambda: [TaskPreprocessed.from_data(d) for d in pre],
+        "read_inferred": lambda: [TaskInferred.from_data(d) for d in inf],
+        "write_inferred_typed": typed_write,
+        "write_inferred_by_hand": by_hand,
+        "seam_batch_typed": lambda: [service.run_batch(b, ctx) for b in batches],
+        "seam_batch_raw": lambda: [noop_raw(b, ctx) for b in batches],
+        # Calibration on this machine: the runtime's own per-record object (one frozen slotted
+        # `Event`, built by the codec for every record) and a plain copy of the decoded dict.
+        "baseline_event": lambda: [
             Event(f"e{i}", PREPROCESSED_TYPE, "/b", "t", d, time="x") for i, d in enumerate(pre)
         ],
-        n,
-        rounds,
-    )
-    figures["baseline_dict_copy_us"] = per_record_us(
-        lambda: [{**d, "task": {**d["task"]}} for d in pre], n, rounds
-    )
-    figures["seam_cost_us"] = figures["seam_batch_typed_us"] - figures["seam_batch_raw_us"]
+        "baseline_dict_copy": lambda: [{**d, "task": {**d["task"]}} for d in pre],
+    }
+    figures = interleaved(works, n, rounds)
     report = {
         "records": n,
         "rounds": rounds,
         "batch": BATCH,
+        "unit": "microseconds per record",
         "python": sys.version.split()[0],
-        **{k: round(v, 3) for k, v in figures.items()},
+        "load_average_1m": round(os.getloadavg()[0], 2),
+        **figures,
     }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
