@@ -33,10 +33,11 @@ from conveyor.events.avro import default_schemas
 from conveyor.events.catalog import load_catalog
 from conveyor.events.codec import encode_binary
 from conveyor.events.model import Event
-from conveyor.runtime import Emit, StageContext, StageService
+from conveyor.runtime import Emit
 from conveyor.runtime.stage import StageRunner
+from conveyor.runtime.typed import Context, Record, TypedService, raw_data
+from conveyor.services.preprocess.handler import PreprocessResources, word_count
 from conveyor.services.preprocess.handler import handle as preprocess
-from conveyor.services.preprocess.handler import word_count
 from conveyor.services.preprocess.settings import PreprocessSettings
 from conveyor.settings import KafkaSettings
 from tests.support import apply, headers_of, produce_raw, read_topics
@@ -71,22 +72,25 @@ class Stage:
     runner: StageRunner | None = None
     thread: threading.Thread | None = None
 
-    def handle(self, event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
-        text = str((event.data or {}).get("input", ""))
+    def handle(
+        self, record: Record[Any], ctx: Context[PreprocessSettings, PreprocessResources]
+    ) -> Emit:
+        text = str((record.event.data or {}).get("input", ""))
         if not self.fixed.is_set():
             if "needs-dependency" in text:
                 raise DependencyMissingError("the template dictionary is not loaded")
             if "flaky" in text:
                 raise UpstreamTimeoutError("the tokenizer service timed out")
-        return preprocess(event, ctx)
+        return preprocess(record, ctx)
 
     def start(self) -> None:
-        service = StageService(
+        service = TypedService(
             "preprocess",
             PreprocessSettings,
+            payload=raw_data,
             handle=self.handle,
-            setup=lambda _s: {"count_tokens": word_count},
-        )
+            setup=lambda _s: PreprocessResources(count_tokens=word_count),
+        ).service()
         settings = PreprocessSettings(
             stage="preprocess",
             kafka_bootstrap=self.bootstrap,

@@ -12,9 +12,11 @@ import pytest
 from conveyor.errors import PermanentError
 from conveyor.ml.generator import GenParams
 from conveyor.ml.registry import ModelRegistry
-from conveyor.runtime import Emit, StageContext
-from conveyor.services.inference.handler import handle_batch
+from conveyor.runtime import Emit
+from conveyor.runtime.typed import Context
+from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
+from tests.stages import infer
 from tests.unit.test_inference_isolation import SEED_OVERFLOW, preprocessed
 
 pytestmark = [pytest.mark.models, pytest.mark.timeout(600)]
@@ -36,13 +38,13 @@ def test_poisoned_task_fails_alone_among_32_on_the_real_models(registry: ModelRe
         events.append(preprocessed(n, f"tenant{n % 8}", kind, params=params))
     poison = {"do_sample": "true", "seed": SEED_OVERFLOW, "max_new_tokens": "3"}
     events.insert(7, preprocessed(99, "mallory", "generate", params=poison))
-    context = StageContext(
+    context = Context(
         "inference",
         InferenceSettings(stage="inference"),
         logging.getLogger("t"),
-        {"models": registry},
+        InferenceResources(models=registry),
     )
-    outcomes = handle_batch(events, context)
+    outcomes = infer(events, context)
     poisoned = outcomes.pop(7)
     assert isinstance(poisoned, PermanentError) and "params.seed" in str(poisoned)
     assert all(isinstance(o, Emit) for o in outcomes), [

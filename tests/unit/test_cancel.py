@@ -25,16 +25,16 @@ from conveyor.events.catalog import STATUS_TOPIC
 from conveyor.events.codec import decode
 from conveyor.events.model import Event
 from conveyor.kafka.producer import KafkaProducer
-from conveyor.runtime import StageContext
 from conveyor.services.gateway.handler import Gateway, build_app
 from conveyor.services.gateway.settings import GatewaySettings
-from conveyor.services.inference.handler import handle_batch as infer
+from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
-from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.handler import WritebackResources
 from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.settings import KafkaSettings
 from conveyor.store import ResultStore, TaskUpdate, open_store
 from tests.kafkafakes import FakeMessage, FakeProducerClient
+from tests.stages import context, infer, write_back
 from tests.unit.test_handlers import FakeRegistry, preprocessed
 from tests.unit.test_ml_tiny import tiny_dirs  # noqa: F401  (a session fixture)
 from tests.unit.test_stage_step import make_runner, msgs
@@ -186,7 +186,7 @@ def test_writeback_turns_the_cancel_event_into_one_stored_event(
     seen(store, "t1")
     canceller.cancel("t1", "acme")
     (event,) = status_events(producer)
-    ctx = StageContext("writeback", WritebackSettings(stage="writeback"), LOG, {"store": store})
+    ctx = context(WritebackSettings(stage="writeback"), WritebackResources(store=store))
     (stored,) = write_back([event], ctx)
     assert stored is not None and not isinstance(stored, BaseException)
     assert stored.data["status"] == "cancelled"  # type: ignore[union-attr]
@@ -382,12 +382,8 @@ def test_inference_runs_no_model_for_a_cancelled_task_and_emits_nothing_for_it()
     registry = FakeRegistry()
     events = [preprocessed("a"), preprocessed("b"), preprocessed("c", kind="generate")]
     watch = filled_watch(("acme", "b"), ("acme", "c"))
-    ctx = StageContext(
-        "inference",
-        InferenceSettings(stage="inference"),
-        LOG,
-        {"models": registry, "cancels": watch},
-    )
+    resources = InferenceResources(models=registry)  # type: ignore[arg-type]
+    ctx = context(InferenceSettings(stage="inference"), resources, cancels=watch)
     out = infer(events, ctx)
     assert registry.calls == [("embed", 1)]  # b and c never reached a model
     assert out[0] is not None and out[1] is None and out[2] is None
@@ -425,12 +421,8 @@ def test_a_generation_cancelled_while_it_runs_stops_at_the_next_step_and_emits_n
     model = StoppableModel(on_step)
     registry = FakeRegistry()
     registry.for_kind = lambda kind, name: model  # type: ignore[method-assign]
-    ctx = StageContext(
-        "inference",
-        InferenceSettings(stage="inference"),
-        LOG,
-        {"models": registry, "cancels": watch},
-    )
+    resources = InferenceResources(models=registry)  # type: ignore[arg-type]
+    ctx = context(InferenceSettings(stage="inference"), resources, cancels=watch)
     (out,) = infer([preprocessed("g", kind="generate")], ctx)
     assert model.steps == [3]  # stopped at the step where the cancel was visible
     assert out is None

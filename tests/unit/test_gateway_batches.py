@@ -324,8 +324,9 @@ def test_cli_follows_a_batch_to_its_end_and_writes_results_in_order(
 def test_inference_drops_the_records_of_a_cancelled_batch_and_runs_the_rest(
     client: TestClient, store: Any
 ) -> None:
-    from conveyor.services.inference.handler import handle_batch
+    from conveyor.services.inference.handler import InferenceResources
     from conveyor.services.inference.settings import InferenceSettings
+    from tests.stages import infer
     from tests.unit.test_handlers import FakeRegistry, ctx, preprocessed
 
     running = submit(client, embed_lines(1)).json()["id"]
@@ -333,8 +334,8 @@ def test_inference_drops_the_records_of_a_cancelled_batch_and_runs_the_rest(
     client.post(f"/v1/batches/{cancelled}/cancel", headers=ACME)
     registry = FakeRegistry()
     events = [preprocessed(f"{running}.1"), preprocessed(f"{cancelled}.1"), preprocessed("solo")]
-    resources = {"models": registry, "stopped_batches": StoppedBatches(store)}
-    out = handle_batch(events, ctx(InferenceSettings(stage="inference"), **resources))
+    resources = InferenceResources(models=registry, stopped_batches=StoppedBatches(store))  # type: ignore[arg-type]
+    out = infer(events, ctx(InferenceSettings(stage="inference"), resources))
     assert out[1] is None  # dropped: no output, the store already says cancelled
     assert out[0] is not None and out[2] is not None
     assert registry.calls == [("embed", 2)]

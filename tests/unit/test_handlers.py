@@ -14,19 +14,29 @@ import pytest
 
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.model import Event
-from conveyor.runtime import Emit, StageContext
-from conveyor.services.inference.handler import handle_batch as infer
+from conveyor.runtime import Emit
+from conveyor.runtime.handler import BatchOutcome, Outcome
+from conveyor.runtime.typed import Context, Record
+from conveyor.services.inference.__main__ import INFERENCE
+from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
-from conveyor.services.moderation.handler import decide
-from conveyor.services.moderation.handler import handle_batch as moderate
+from conveyor.services.moderation.__main__ import MODERATION
+from conveyor.services.moderation.handler import ModerationResources, decide
 from conveyor.services.moderation.settings import ModerationSettings, Threshold
-from conveyor.services.notify.handler import handle_batch as notify_batch
+from conveyor.services.notify.__main__ import NOTIFY
+from conveyor.services.notify.handler import NotifyResources
 from conveyor.services.notify.settings import NotifySettings
-from conveyor.services.preprocess.handler import handle as preprocess
-from conveyor.services.preprocess.handler import normalise, with_task_id, word_count
+from conveyor.services.preprocess.__main__ import PREPROCESS
+from conveyor.services.preprocess.handler import (
+    PreprocessResources,
+    normalise,
+    with_task_id,
+    word_count,
+)
 from conveyor.services.preprocess.settings import PreprocessSettings
-from conveyor.services.writeback.handler import handle_batch as write_back
-from conveyor.services.writeback.handler import update_for
+from conveyor.services.writeback.__main__ import WRITEBACK
+from conveyor.services.writeback.handler import WritebackResources
+from conveyor.services.writeback.handler import update_for as update_for_record
 from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.store import open_store
 from conveyor.webhooks import new_secret, verify
@@ -36,8 +46,35 @@ from tests.eventdata import inferred_data
 LOG = logging.getLogger("test")
 
 
-def ctx(settings: Any, **resources: Any) -> StageContext[Any]:
-    return StageContext("test", settings, LOG, dict(resources))
+def ctx(settings: Any, resources: Any) -> Context[Any, Any]:
+    return Context("test", settings, LOG, resources)
+
+
+# Each stage through its typed seam: the payload read from the event, then the handler.
+def preprocess(e: Event, c: Context[Any, Any]) -> Outcome:
+    return PREPROCESS.run_one(e, c)
+
+
+def infer(events: Sequence[Event], c: Context[Any, Any]) -> list[Any]:
+    return INFERENCE.run_batch(events, c)
+
+
+def moderate(events: Sequence[Event], c: Context[Any, Any]) -> list[Any]:
+    return MODERATION.run_batch(events, c)
+
+
+def write_back(events: Sequence[Event], c: Context[Any, Any]) -> list[BatchOutcome]:
+    return WRITEBACK.run_batch(events, c)
+
+
+def notify_batch(events: Sequence[Event], c: Context[Any, Any]) -> list[BatchOutcome]:
+    return NOTIFY.run_batch(events, c)
+
+
+def update_for(e: Event) -> Any:
+    record = WRITEBACK.read(e)
+    assert isinstance(record, Record)
+    return update_for_record(record)
 
 
 def event(type_: str, data: Any, subject: str = "t-1", **ext: str) -> Event:
@@ -82,7 +119,7 @@ def test_preprocess_normalises_templates_counts_and_routes_by_priority() -> None
         submitted(
             input="  Ｈｅｌｌｏ\u00a0\u00a0world \r\n\n\n\nbye ", template="answer", priority="high"
         ),
-        ctx(PRE, count_tokens=word_count),
+        ctx(PRE, PreprocessResources(count_tokens=word_count)),
     )
     assert isinstance(out, Emit)
     assert out.topic == "conveyor.task.preprocessed.high"
@@ -104,7 +141,7 @@ def test_preprocess_normalises_templates_counts_and_routes_by_priority() -> None
 )
 def test_preprocess_rejects_bad_tasks_permanently(data: dict[str, Any], reason: str) -> None:
     with pytest.raises(PermanentError, match=reason):
-        preprocess(submitted(**data), ctx(PRE, count_tokens=word_count))
+        preprocess(submitted(**data), ctx(PRE, PreprocessResources(count_tokens=word_count)))
 
 
 def test_preprocess_gives_a_task_without_id_a_deterministic_one_and_says_so() -> None:
@@ -112,11 +149,13 @@ def test_preprocess_gives_a_task_without_id_a_deterministic_one_and_says_so() ->
     keyless = Event(
         id="e-1", type="conveyor.task.submitted.v1", source="/up", subject=None, data=body
     )
-    out = preprocess(keyless, ctx(PRE, count_tokens=word_count))
+    out = preprocess(keyless, ctx(PRE, PreprocessResources(count_tokens=word_count)))
     assert isinstance(out, Emit)
     task_id = out.data["task"]["task_id"]
     assert task_id.startswith("auto-") and out.extensions["assignedid"] == "event /up e-1"
-    again = preprocess(keyless, ctx(PRE, count_tokens=word_count))  # a redelivery
+    again = preprocess(
+        keyless, ctx(PRE, PreprocessResources(count_tokens=word_count))
+    )  # a redelivery
     assert isinstance(again, Emit) and again.data["task"]["task_id"] == task_id
     other = with_task_id(Event(id="e-2", type="x", source="/up", subject=None, data=body))[0]
     assert other["task_id"] != task_id
@@ -185,7 +224,9 @@ def test_inference_runs_one_call_per_kind_and_returns_one_outcome_per_record() -
         preprocessed("e", model="huge"),
         preprocessed("f", kind="generate", params={"temperature": "-1"}),
     ]
-    out = infer(events, ctx(InferenceSettings(stage="inference"), models=registry))
+    out = infer(
+        events, ctx(InferenceSettings(stage="inference"), InferenceResources(models=registry))
+    )
     assert sorted(registry.calls) == [("embed", 2), ("generate", 1)]
     assert out[0].data["embedding"] == [4.0] and out[2].data["embedding"] == [4.0]
     assert out[1].data["text"] == "P-B"
@@ -224,7 +265,7 @@ def test_moderation_checks_input_and_output_and_withholds_blocked_output() -> No
             inferred("b", "damn it"),
             inferred("c", "ok", input_text="damn you"),
         ],
-        ctx(settings, signals=[FakeSignal()]),
+        ctx(settings, ModerationResources(signals=[FakeSignal()])),
     )
     assert [o.data["verdict"] for o in out] == ["allow", "block", "block"]
     assert out[0].data["text"] == "all good"
@@ -336,7 +377,7 @@ def test_writeback_stores_results_once_and_emits_stored_for_terminal_tasks() -> 
         status("a", "failed", "notify"),
     ]
     settings = WritebackSettings(stage="writeback")
-    out = write_back(events, ctx(settings, store=store))
+    out = write_back(events, ctx(settings, WritebackResources(store=store)))
     assert [o.data["status"] if isinstance(o, Emit) else None for o in out] == [
         None,
         "completed",
@@ -345,7 +386,7 @@ def test_writeback_stores_results_once_and_emits_stored_for_terminal_tasks() -> 
         None,
         None,
     ]
-    write_back(events, ctx(settings, store=store))  # redelivery changes nothing
+    write_back(events, ctx(settings, WritebackResources(store=store)))  # redelivery changes nothing
     a, b, c = store.get("a"), store.get("b"), store.get("c")
     assert a is not None and a.status == "completed" and a.trace_id == "ab" * 16
     assert b is not None and b.result is None and b.verdict == "block"
@@ -357,11 +398,11 @@ def test_writeback_stores_results_once_and_emits_stored_for_terminal_tasks() -> 
 def test_writeback_notes_a_rejected_record_on_an_existing_task_and_changes_nothing() -> None:
     store = open_store("sqlite:///:memory:")
     settings = WritebackSettings(stage="writeback")
-    write_back([moderated("a", "allow")], ctx(settings, store=store))
+    write_back([moderated("a", "allow")], ctx(settings, WritebackResources(store=store)))
     reason = "DecodeError: structured CloudEvent is not JSON"
     rejected = later(status("a", "failed", "preprocess", reason=reason, rejected_record=True), 9)
     fresh = status("z", "failed", "preprocess", reason=reason, rejected_record=True)
-    out = write_back([rejected, fresh], ctx(settings, store=store))
+    out = write_back([rejected, fresh], ctx(settings, WritebackResources(store=store)))
     assert out[0] is None  # nothing to notify: the task did not change
     assert isinstance(out[1], Emit) and out[1].data["status"] == "failed"
     a, z = store.get("a"), store.get("z")
@@ -378,8 +419,11 @@ def test_writeback_notes_a_rejected_record_on_an_existing_task_and_changes_nothi
 def test_writeback_a_late_failure_never_replaces_an_outcome_and_notifies_nobody() -> None:
     store = open_store("sqlite:///:memory:")
     settings = WritebackSettings(stage="writeback")
-    write_back([moderated("a", "allow")], ctx(settings, store=store))
-    out = write_back([later(status("a", "failed", "inference"), 30)], ctx(settings, store=store))
+    write_back([moderated("a", "allow")], ctx(settings, WritebackResources(store=store)))
+    out = write_back(
+        [later(status("a", "failed", "inference"), 30)],
+        ctx(settings, WritebackResources(store=store)),
+    )
     assert out == [None]
     a = store.get("a")
     assert a is not None and a.status == "completed" and a.error is None
@@ -388,16 +432,16 @@ def test_writeback_a_late_failure_never_replaces_an_outcome_and_notifies_nobody(
 def test_writeback_lets_an_operator_rerun_replace_a_failure_and_the_timeline_says_so() -> None:
     store = open_store("sqlite:///:memory:")
     settings = WritebackSettings(stage="writeback")
-    write_back([status("a", "failed", "inference")], ctx(settings, store=store))
+    write_back([status("a", "failed", "inference")], ctx(settings, WritebackResources(store=store)))
     retry = later(moderated("a", "allow"), 20)  # no operator action: the failure stands
-    assert write_back([retry], ctx(settings, store=store)) == [None]
+    assert write_back([retry], ctx(settings, WritebackResources(store=store))) == [None]
     rerun = "redrive p.conveyor.inference.dlq:0:4"
     out = write_back(
         [
             later(preprocessed("a"), 30, rerun=rerun),
             later(moderated("a", "allow"), 40, rerun=rerun),
         ],
-        ctx(settings, store=store),
+        ctx(settings, WritebackResources(store=store)),
     )
     assert out[0] is None and isinstance(out[1], Emit) and out[1].data["status"] == "completed"
     a = store.get("a")
@@ -443,13 +487,13 @@ class FakeSender:
 
 def notify_ctx(
     answer: int | Exception, seen: list[WebhookRequest], **over: Any
-) -> StageContext[Any]:
+) -> Context[Any, Any]:
     settings = NotifySettings(stage="notify", **{"webhook_secrets": {"acme": SECRET}, **over})
     sender = FakeSender(answer, seen)
-    return ctx(settings, store=open_store("sqlite:///:memory:"), webhooks=sender)
+    return ctx(settings, NotifyResources(store=open_store("sqlite:///:memory:"), webhooks=sender))
 
 
-def notify(event: Event, c: StageContext[Any]) -> Any:
+def notify(event: Event, c: Context[Any, Any]) -> Any:
     """One record through the batch handler; its failure raised as the runtime would see it."""
     (outcome,) = notify_batch([event], c)
     if isinstance(outcome, BaseException):
@@ -491,14 +535,14 @@ def test_notify_sends_each_tenants_webhook_for_an_equal_task_id() -> None:
     assert isinstance(notify(acme, c), Emit) and isinstance(notify(beta, c), Emit)
     assert notify(acme, c) is None and notify(beta, c) is None and len(seen) == 2
     assert verify(seen[1].body, seen[1].headers, beta_secret)["tenant"] == "beta"
-    store = c.resources["store"]
+    store = c.resources.store
     assert {n.tenant for n in store.list_notifications()} == {"acme", "beta"}
 
 
 def test_notify_retries_a_claim_left_by_a_dead_sender_and_takes_it_over_after_the_lease() -> None:
     seen: list[WebhookRequest] = []
     c = notify_ctx(200, seen, claim_lease_s=0.2)
-    store = c.resources["store"]
+    store = c.resources.store
     assert store.claim_notification("a", "ev-a", "http://hooks.test/h", tenant="acme")  # then died
     with pytest.raises(RetryableError, match="has not finished"):
         notify(stored("a"), c)
@@ -522,7 +566,7 @@ def test_notify_refuses_a_tenant_without_its_own_secret_before_claiming() -> Non
     other.data["task"]["tenant"] = "globex"  # no secret configured for globex
     with pytest.raises(PermanentError, match="no webhook secret configured for tenant 'globex'"):
         notify(other, c)
-    assert seen == [] and c.resources["store"].notification("a") is None
+    assert seen == [] and c.resources.store.notification("a") is None
 
 
 def test_notify_dead_letters_a_redirect_and_a_refused_destination_releasing_the_claim() -> None:
@@ -532,11 +576,11 @@ def test_notify_dead_letters_a_redirect_and_a_refused_destination_releasing_the_
     c = notify_ctx(302, seen)
     with pytest.raises(PermanentError, match="302: redirects are not followed"):
         notify(stored("a"), c)
-    assert c.resources["store"].notification("a") is None
+    assert c.resources.store.notification("a") is None
     refused = notify_ctx(DestinationRefusedError("127.0.0.1 is loopback"), seen)
     with pytest.raises(DestinationRefusedError, match="loopback"):
         notify(stored("b"), refused)
-    assert refused.resources["store"].notification("b") is None
+    assert refused.resources.store.notification("b") is None
 
 
 def test_notify_signs_with_every_secret_of_a_tenant_during_rotation() -> None:
@@ -592,7 +636,7 @@ def test_notify_a_store_fault_recording_one_answer_fails_that_record_alone() -> 
     seen: list[WebhookRequest] = []
     c = notify_ctx(200, seen)
     store = FlakyStore("b")
-    c.resources["store"] = store
+    c = dataclasses.replace(c, resources=dataclasses.replace(c.resources, store=store))
     outcomes = notify_batch([stored("a"), stored("b"), stored("c")], c)
     assert isinstance(outcomes[1], RetryableError) and "locked" in str(outcomes[1])
     assert all(isinstance(outcomes[i], Emit) for i in (0, 2))

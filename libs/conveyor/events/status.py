@@ -8,9 +8,11 @@ cannot drift apart, and the status is a `TaskStatus`, never a free string.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from conveyor.events.catalog import STATUS_TYPE
 from conveyor.store.base import TaskStatus
 
 
@@ -18,8 +20,10 @@ from conveyor.store.base import TaskStatus
 class StatusData:
     """One status event's data, field for field (and in order) the newest `task-status` schema."""
 
+    EVENT_TYPE: ClassVar[str] = STATUS_TYPE
+
     task_id: str
-    tenant: str
+    tenant: str = ""
     status: TaskStatus
     stage: str
     reason: str | None = None
@@ -31,8 +35,40 @@ class StatusData:
     # Reported for a record rejected before it decoded: task_id is only its record key.
     rejected_record: bool = False
 
-    def record(self) -> dict[str, Any]:
+    @classmethod
+    def from_data(cls, d: Mapping[str, Any]) -> StatusData:
+        """From the decoded record (v1 data too: the reader schema fills `rejected_record`).
+        ValueError for a status that is not a `TaskStatus`."""
+        return cls(
+            task_id=d["task_id"],
+            tenant=d.get("tenant") or "",
+            status=TaskStatus(d["status"]),
+            stage=d["stage"],
+            reason=d.get("reason"),
+            error_class=d.get("error_class"),
+            attempt=d.get("attempt") or 0,
+            callback_url=d.get("callback_url"),
+            kind=d.get("kind"),
+            time=d["time"],
+            rejected_record=bool(d.get("rejected_record")),
+        )
+
+    def to_data(self) -> dict[str, Any]:
         """The Avro record (the status as its string value)."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["status"] = self.status.value
-        return out
+        return {
+            "task_id": self.task_id,
+            "tenant": self.tenant,
+            "status": self.status.value,
+            "stage": self.stage,
+            "reason": self.reason,
+            "error_class": self.error_class,
+            "attempt": self.attempt,
+            "callback_url": self.callback_url,
+            "kind": self.kind,
+            "time": self.time,
+            "rejected_record": self.rejected_record,
+        }
+
+    def record(self) -> dict[str, Any]:
+        """The Avro record: `to_data` under the name the runtime's failure routing uses."""
+        return self.to_data()

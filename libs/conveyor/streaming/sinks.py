@@ -10,22 +10,22 @@ a run that failed ends its stream `interrupted` instead of leaving readers waiti
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 from conveyor.events.params import parse_params
+from conveyor.events.payloads import TaskPreprocessed
 from conveyor.streaming.publisher import ChunkPublisher, TaskStream
 
 
 def open_sinks(
-    streams: ChunkPublisher | None, batch: Sequence[Mapping[str, Any]]
+    streams: ChunkPublisher | None, batch: Sequence[TaskPreprocessed]
 ) -> dict[int, TaskStream]:
     """Position in `batch` -> a new stream, for each record that streams."""
     if streams is None:
         return {}
     return {
-        i: streams.open(data["task"]["task_id"], data["task"]["tenant"], data["input"])
+        i: streams.open(data.task.task_id, data.task.tenant, data.input)
         for i, data in enumerate(batch)
-        if wants_stream(data["task"]["params"])
+        if wants_stream(data.task.params)
     }
 
 

@@ -53,7 +53,7 @@ from conveyor.events.ingress import InvalidTaskError, TaskRequest, parse_task
 from conveyor.publisher import TaskPublisher
 from conveyor.quota import SubmissionQuota, retry_after_header
 from conveyor.services.gateway.settings import GatewaySettings
-from conveyor.store import Reservation, ResultStore, is_terminal
+from conveyor.store import Reservation, ResultStore, TaskStatus, is_terminal
 from conveyor.streaming.feed import StreamFeed
 from conveyor.streaming.hub import StreamHub
 from conveyor.streaming.sockets import pause, push_partial, start_feed
@@ -173,7 +173,7 @@ class Gateway:
             return None
         if timeline:
             out["timeline"] = timeline_view(events)
-        pending = out["status"] == "pending"
+        pending = out["status"] == TaskStatus.PENDING
         out["queue_position_estimate"] = (
             await run_in_threadpool(self.queue_estimate) if pending else None
         )
@@ -221,7 +221,9 @@ class Gateway:
 def queued(view: dict[str, Any]) -> bool:
     """Not yet started by inference: pending, or preprocessed and waiting in a lane."""
     status, stage = view["status"], view.get("stage")
-    return status == "pending" or (status == "processing" and stage == "preprocess")
+    return status == TaskStatus.PENDING or (
+        status == TaskStatus.PROCESSING and stage == "preprocess"
+    )
 
 
 def _gateway(conn: Request | WebSocket) -> Gateway:
@@ -307,7 +309,7 @@ async def submit_task(request: Request) -> Response:
     return JSONResponse(
         {
             "task_id": task_id,
-            "status": "pending",
+            "status": TaskStatus.PENDING.value,
             "status_url": url,
             "trace_id": trace_id,
             **admitted,

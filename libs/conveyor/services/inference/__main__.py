@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
+from conveyor.events.payloads import TaskPreprocessed
 from conveyor.runtime.entry import main
-from conveyor.runtime.handler import StageService
-from conveyor.services.inference.handler import handle_batch
+from conveyor.runtime.typed import TypedService, payload_of
+from conveyor.services.inference.handler import InferenceResources, handle_batch
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.telemetry.gpu import start_gpu_sampler
+
+if TYPE_CHECKING:
+    from conveyor.ml.capacity import CapacityController
+    from conveyor.ml.registry import ModelRegistry
+    from conveyor.reuse import ReuseCache
+    from conveyor.streaming.publisher import ChunkPublisher
 
 log = logging.getLogger(__name__)
 
 
-def setup(settings: InferenceSettings) -> dict[str, Any]:
+def setup(settings: InferenceSettings) -> InferenceResources:
     from conveyor.ml.registry import ModelRegistry
 
     registry = ModelRegistry.from_settings(settings.models, settings.models_file)
@@ -25,17 +32,17 @@ def setup(settings: InferenceSettings) -> dict[str, Any]:
     from conveyor.batches.skip import stopped_batches
 
     # conveyor_gpu_* on /metrics while CUDA is present; None (no thread) on a CPU machine.
-    return {
-        "models": registry,
-        "stopped_batches": stopped_batches(settings.store_url),
-        "gpu_sampler": start_gpu_sampler("inference"),
-        "capacity": _capacity(settings),
-        "reuse": _reuse(settings),
-        "streams": _streams(settings, registry),
-    }
+    return InferenceResources(
+        models=registry,
+        stopped_batches=stopped_batches(settings.store_url),
+        gpu_sampler=start_gpu_sampler("inference"),
+        capacity=_capacity(settings),
+        reuse=_reuse(settings),
+        streams=_streams(settings, registry),
+    )
 
 
-def _reuse(settings: InferenceSettings) -> Any:
+def _reuse(settings: InferenceSettings) -> ReuseCache | None:
     """The result reuse cache on the result store, or None when reuse is off."""
     if not settings.reuse:
         return None
@@ -46,7 +53,7 @@ def _reuse(settings: InferenceSettings) -> Any:
     return ReuseCache(open_store(settings.store_url), settings, rungs=len(settings.retry_delays))
 
 
-def _streams(settings: InferenceSettings, registry: Any) -> Any:
+def _streams(settings: InferenceSettings, registry: ModelRegistry) -> ChunkPublisher | None:
     """The chunk publisher of streaming tasks (docs/streaming.md), or None when streaming is off."""
     if not settings.stream_enabled:
         return None
@@ -57,7 +64,7 @@ def _streams(settings: InferenceSettings, registry: Any) -> Any:
     return ChunkPublisher.open_kafka(settings, signals, settings.thresholds, settings.chunk_rules())
 
 
-def _capacity(settings: InferenceSettings) -> Any:
+def _capacity(settings: InferenceSettings) -> CapacityController | None:
     """The GPU-aware capacity controller, or None (fixed batch_max / max_in_flight)."""
     import torch
 
@@ -74,20 +81,26 @@ def _capacity(settings: InferenceSettings) -> Any:
     )
 
 
-def teardown(resources: dict[str, Any]) -> None:
-    if resources.get("gpu_sampler") is not None:
-        resources["gpu_sampler"].stop()
-    if resources.get("reuse") is not None:
-        resources["reuse"].store.close()
-    if resources.get("stopped_batches") is not None:
-        resources["stopped_batches"].close()
-    if resources.get("streams") is not None:
-        resources["streams"].close()
+def teardown(resources: InferenceResources) -> None:
+    if resources.gpu_sampler is not None:
+        resources.gpu_sampler.stop()
+    if resources.reuse is not None:
+        resources.reuse.store.close()
+    if resources.stopped_batches is not None:
+        resources.stopped_batches.close()
+    if resources.streams is not None:
+        resources.streams.close()
 
 
-SERVICE = StageService(
-    "inference", InferenceSettings, handle_batch=handle_batch, setup=setup, teardown=teardown
+INFERENCE = TypedService(
+    "inference",
+    InferenceSettings,
+    payload=payload_of(TaskPreprocessed),
+    setup=setup,
+    handle_batch=handle_batch,
+    teardown=teardown,
 )
+SERVICE = INFERENCE.service()
 
 if __name__ == "__main__":
     main(SERVICE)

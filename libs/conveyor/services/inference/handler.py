@@ -26,18 +26,20 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from conveyor.cancel.watch import SKIPPED, CancelWatch, task_of
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.catalog import INFERRED_TYPE as INFERRED
-from conveyor.events.model import Event
 from conveyor.events.params import parse_params
+from conveyor.events.payloads import Task, TaskInferred, TaskPreprocessed
 from conveyor.events.status import StatusData
 from conveyor.reuse import REUSED, ReuseCache, ReusePlan
-from conveyor.runtime import Emit, StageContext
+from conveyor.runtime import Emit
 from conveyor.runtime.handler import BatchOutcome, status_emit
+from conveyor.runtime.typed import Context, Record, emit
 from conveyor.services.inference.settings import InferenceSettings
 from conveyor.store.base import TaskStatus
 from conveyor.streaming.sinks import close_sinks, open_sinks
@@ -46,66 +48,88 @@ from conveyor.telemetry.tracing import span
 from conveyor.variants import SHADOW, SHADOWS, VARIANT
 from conveyor.variants import metrics as variant_metrics
 
+if TYPE_CHECKING:
+    from conveyor.batches.skip import StoppedBatches
+    from conveyor.ml.capacity import CapacityController
+    from conveyor.ml.registry import ModelRegistry
+    from conveyor.ml.specs import Kind
+    from conveyor.streaming.publisher import ChunkPublisher
+    from conveyor.telemetry.gpu import GpuSampler
 
-def handle_batch(
-    events: Sequence[Event], ctx: StageContext[InferenceSettings]
-) -> list[BatchOutcome]:
-    registry = ctx.resources["models"]
-    stopped = ctx.resources.get("stopped_batches")  # conveyor.batches.skip; None: no check
-    cancels: CancelWatch | None = ctx.resources.get("cancels")
+
+@dataclass(frozen=True, slots=True)
+class InferenceResources:
+    """What inference's handler uses; every field but the models is optional (None: off)."""
+
+    models: ModelRegistry
+    stopped_batches: StoppedBatches | None = None  # conveyor.batches.skip
+    capacity: CapacityController | None = None  # GPU-aware batch sizing (the runtime reads it)
+    reuse: ReuseCache | None = None  # result reuse (conveyor.reuse)
+    streams: ChunkPublisher | None = None  # streaming tasks' chunks (docs/streaming.md)
+    gpu_sampler: GpuSampler | None = None  # conveyor_gpu_* metrics while CUDA is present
+
+
+Input = Record[TaskPreprocessed]
+InferenceContext = Context[InferenceSettings, InferenceResources]
+
+
+def handle_batch(records: Sequence[Input], ctx: InferenceContext) -> list[BatchOutcome]:
+    registry = ctx.resources.models
+    stopped = ctx.resources.stopped_batches  # conveyor.batches.skip; None: no check
+    cancels = ctx.cancels
     now = datetime.now(UTC)
-    outcomes: list[BatchOutcome] = [None] * len(events)
+    outcomes: list[BatchOutcome] = [None] * len(records)
     models: dict[int, str] = {}
     shadows: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for i, event in enumerate(events):
-        task = event.data["task"]
-        if stopped is not None and stopped.stopped(task["tenant"], task["task_id"]):
+    for i, record in enumerate(records):
+        task = record.data.task
+        if stopped is not None and stopped.stopped(task.tenant, task.task_id):
             continue  # its batch was cancelled or expired: the store already ended the task
-        if _expired(task.get("deadline"), now):
+        if _expired(task.deadline, now):
             outcomes[i] = _expired_status(task, now)
             continue
         try:
-            spec = registry.spec(task["kind"], task.get("model"))
+            spec = registry.spec(cast("Kind", task.kind), task.model)
         except KeyError as exc:
             outcomes[i] = PermanentError(str(exc))
             continue
         models[i] = spec.name
-        for name in filter(None, (event.ext(SHADOWS) or "").split(",")):
+        for name in filter(None, (record.event.ext(SHADOWS) or "").split(",")):
             shadows[(spec.kind, name)].append(i)
-    reuse: ReuseCache | None = ctx.resources.get("reuse")
+    reuse = ctx.resources.reuse
     plan = ReusePlan()
     if reuse is not None:
         # The model name is the task's variant (preprocess routed it): part of the reuse key.
-        plan = reuse.begin([(i, events[i], name) for i, name in models.items()])
+        plan = reuse.begin([(i, records[i].event, name) for i, name in models.items()])
     groups: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, name in models.items():
         if not plan.settled(i):
-            groups[(events[i].data["task"]["kind"], name)].append(i)
+            groups[(records[i].data.task.kind, name)].append(i)
     results: dict[int, Any] = {}
     for (kind, name), group in groups.items():
-        indices = _runnable(events, group, cancels, ctx, f"kind={kind} model={name}")
-        ran, per_record_ms = _run_group(ctx, kind, name, events, indices, cancels=cancels)
+        indices = _runnable(records, group, cancels, ctx, f"kind={kind} model={name}")
+        ran, per_record_ms = _run_group(ctx, kind, name, records, indices, cancels=cancels)
         for i, result in zip(indices, ran, strict=True):
-            if cancels is not None and _cancelled(cancels, events[i]):
+            if cancels is not None and _cancelled(cancels, records[i]):
                 # Cancelled while it ran (a generation stopped early): nothing to emit, and its
                 # cut-short text is never kept for reuse.
                 continue
             results[i] = result
-            outcomes[i] = _inferred(events[i], name, per_record_ms, result, **{VARIANT: name})
+            outcomes[i] = _inferred(records[i], name, per_record_ms, result, **{VARIANT: name})
     if reuse is not None:
-        _settle(events, plan, results, models, outcomes)
+        _settle(records, plan, results, models, outcomes)
         reuse.finish(plan, results, models)
     succeeded = {i: o for i, o in enumerate(outcomes) if isinstance(o, Emit) and o.type == INFERRED}
-    for i, copies in _run_shadows(ctx, events, shadows, succeeded, now).items():
+    for i, copies in _run_shadows(ctx, records, shadows, succeeded, now).items():
         outcomes[i] = [succeeded[i], *copies]
     return outcomes
 
 
 def _run_group(
-    ctx: StageContext[InferenceSettings],
+    ctx: InferenceContext,
     kind: str,
     name: str,
-    events: Sequence[Event],
+    records: Sequence[Input],
     indices: list[int],
     *,
     cancels: CancelWatch | None = None,
@@ -114,10 +138,10 @@ def _run_group(
     """One model group's results, in `indices` order, and the model time per record (ms)."""
     if not indices:
         return [], 0.0
-    batch = [events[i].data for i in indices]
-    flags = [_flag(cancels, events[i]) for i in indices] if cancels is not None else None
+    batch = [records[i].data for i in indices]
+    flags = [_flag(cancels, records[i]) for i in indices] if cancels is not None else None
     # A shadow copy streams nothing: its text never reaches the task's caller.
-    streams = None if shadow else ctx.resources.get("streams")
+    streams = None if shadow else ctx.resources.streams
     attributes = {
         "conveyor.model": name,
         "conveyor.variant": name,
@@ -126,10 +150,10 @@ def _run_group(
     }
     started = time.perf_counter()
     with span(kind, attributes):
-        ran = _run_isolated(kind, ctx.resources["models"], name, batch, flags, streams)
+        ran = _run_isolated(kind, ctx.resources.models, name, batch, flags, streams)
     MODEL_RECORDS.labels("inference", kind, name).inc(len(indices))
     elapsed = time.perf_counter() - started
-    capacity = ctx.resources.get("capacity")
+    capacity = ctx.resources.capacity
     if capacity is not None:  # GPU-aware capacity learns from every batch
         capacity.observe(len(indices), elapsed)
     errors = sum(isinstance(r, BaseException) for r in ran)
@@ -140,8 +164,8 @@ def _run_group(
 
 
 def _run_shadows(
-    ctx: StageContext[InferenceSettings],
-    events: Sequence[Event],
+    ctx: InferenceContext,
+    records: Sequence[Input],
     shadows: Mapping[tuple[str, str], list[int]],
     succeeded: Mapping[int, Emit],
     now: datetime,
@@ -155,32 +179,32 @@ def _run_shadows(
     copies: dict[int, list[Emit]] = defaultdict(list)
     for (kind, name), indices in shadows.items():
         ran = [i for i in indices if i in succeeded]
-        results, per_record_ms = _run_group(ctx, kind, name, events, ran, shadow=True)
+        results, per_record_ms = _run_group(ctx, kind, name, records, ran, shadow=True)
         for i, result in zip(ran, results, strict=True):
             if isinstance(result, BaseException):
-                copies[i].append(_shadow_failed(events[i], name, result, now))
+                copies[i].append(_shadow_failed(records[i], name, result, now))
                 continue
             ext = {VARIANT: name, SHADOW: "true"}
-            copy = _inferred(events[i], name, per_record_ms, result, **ext)
+            copy = _inferred(records[i], name, per_record_ms, result, **ext)
             assert isinstance(copy, Emit)
             copies[i].append(copy)
     return copies
 
 
-def _shadow_failed(event: Event, name: str, exc: BaseException, now: datetime) -> Emit:
+def _shadow_failed(record: Input, name: str, exc: BaseException, now: datetime) -> Emit:
     """A shadow copy that failed: a `failed` status of the copy alone (writeback records it in
     the shadow's runs; the task itself goes on with its primary's result)."""
-    task = event.data["task"]
+    task = record.data.task
     report = StatusData(
-        task_id=task["task_id"],
-        tenant=task["tenant"],
+        task_id=task.task_id,
+        tenant=task.tenant,
         status=TaskStatus.FAILED,
         stage="inference",
         reason=f"{type(exc).__name__}: {exc}"[:1000],
         error_class=type(exc).__name__,
-        attempt=event.attempt,
+        attempt=record.event.attempt,
         callback_url=None,
-        kind=task.get("kind"),
+        kind=task.kind,
         time=now.isoformat(),
     )
     return status_emit(
@@ -189,17 +213,28 @@ def _shadow_failed(event: Event, name: str, exc: BaseException, now: datetime) -
 
 
 def _inferred(
-    event: Event, model: str, ms: float, result: Mapping[str, Any] | BaseException, **ext: str
+    record: Input, model: str, ms: float, result: Mapping[str, Any] | BaseException, **ext: str
 ) -> BatchOutcome:
+    """The inferred event of `result`, the model's output fields (text, embedding or label and
+    its scores; a reused result carries the same fields)."""
     if isinstance(result, BaseException):
         return result
-    data = event.data
-    payload = {"task": data["task"], "input": data["input"], "model": model, "inference_ms": ms}
-    return Emit(INFERRED, {**payload, **result}, extensions=ext)
+    data = record.data
+    inferred = TaskInferred(
+        task=data.task,
+        input=data.input,
+        model=model,
+        text=result.get("text"),
+        embedding=result.get("embedding"),
+        label=result.get("label"),
+        label_scores=result.get("label_scores") or {},
+        inference_ms=ms,
+    )
+    return emit(inferred, extensions=ext)
 
 
 def _settle(
-    events: Sequence[Event],
+    records: Sequence[Input],
     plan: ReusePlan,
     results: Mapping[int, Any],
     models: Mapping[int, str],
@@ -208,18 +243,18 @@ def _settle(
     """The outcomes of records the model did not run for: reused, waiting, or coalesced."""
     for i, reused in plan.reused.items():
         ext = {REUSED: reused.source_task_id, VARIANT: reused.model}
-        outcomes[i] = _inferred(events[i], reused.model, 0.0, reused.result, **ext)
+        outcomes[i] = _inferred(records[i], reused.model, 0.0, reused.result, **ext)
     for i, waiting in plan.waiting.items():
         outcomes[i] = waiting
     for i, leader in plan.followers.items():
         if i in plan.reused or i in plan.waiting:
             continue
-        source = events[leader].data["task"]["task_id"]
+        source = records[leader].data.task.task_id
         if leader not in results:  # the identical task it waited on was cancelled: run it later
             outcomes[i] = RetryableError(f"identical task {source} was cancelled before it ran")
             continue
         ext = {REUSED: source, VARIANT: models[leader]}
-        outcomes[i] = _inferred(events[i], models[leader], 0.0, results[leader], **ext)
+        outcomes[i] = _inferred(records[i], models[leader], 0.0, results[leader], **ext)
 
 
 Results = list[dict[str, Any] | BaseException]
@@ -227,10 +262,10 @@ Flags = list[Callable[[], bool]] | None
 
 
 def _runnable(
-    events: Sequence[Event],
+    records: Sequence[Input],
     group: list[int],
     cancels: CancelWatch | None,
-    ctx: StageContext[InferenceSettings],
+    ctx: InferenceContext,
     what: str,
 ) -> list[int]:
     """The group's records whose task is not cancelled, checked against every cancel the
@@ -240,38 +275,38 @@ def _runnable(
     checked_at = time.time()
     if not cancels.sync():
         ctx.log.warning("cancel topic not read to its end in time: running on what is known")
-    runnable = [i for i in group if not _cancelled(cancels, events[i])]
+    runnable = [i for i in group if not _cancelled(cancels, records[i])]
     if len(runnable) < len(group):
         SKIPPED.labels(ctx.stage).inc(len(group) - len(runnable))
     if runnable:
-        ids = ",".join(str(events[i].subject) for i in runnable)
+        ids = ",".join(str(records[i].event.subject) for i in runnable)
         line = "model run %s tasks=%d checked_at=%.6f task_ids=%s"
         ctx.log.info(line, what, len(runnable), checked_at, ids)
     return runnable
 
 
-def _cancelled(cancels: CancelWatch, event: Event) -> bool:
-    task = task_of(event)
+def _cancelled(cancels: CancelWatch, record: Input) -> bool:
+    task = task_of(record.event)
     return task is not None and cancels.contains(*task)
 
 
-def _flag(cancels: CancelWatch, event: Event) -> Callable[[], bool]:
-    return lambda: _cancelled(cancels, event)
+def _flag(cancels: CancelWatch, record: Input) -> Callable[[], bool]:
+    return lambda: _cancelled(cancels, record)
 
 
 def _run_isolated(
     kind: str,
-    registry: Any,
+    registry: ModelRegistry,
     name: str,
-    batch: list[Mapping[str, Any]],
+    batch: list[TaskPreprocessed],
     flags: Flags = None,
-    streams: Any = None,
+    streams: ChunkPublisher | None = None,
 ) -> Results:
     """The model group's results; if the group call raises, each record is run alone, so the
     error lands on the record that causes it (and every record still gets an outcome)."""
     runner = _runner(kind, streams)
     try:
-        model = registry.for_kind(kind, name)
+        model = registry.for_kind(cast("Kind", kind), name)
     except Exception as exc:  # the model does not load: no record of the group can run
         return [exc] * len(batch)
     try:
@@ -292,13 +327,13 @@ def _run_isolated(
     return out
 
 
-Runner = Callable[[Any, list[Mapping[str, Any]], Flags], Results]
+Runner = Callable[[Any, list[TaskPreprocessed], Flags], Results]
 
 
-def _runner(kind: str, streams: Any) -> Runner:
+def _runner(kind: str, streams: ChunkPublisher | None) -> Runner:
     if kind == "generate" and streams is not None:  # streaming tasks' text: docs/streaming.md
 
-        def streamed(model: Any, batch: list[Mapping[str, Any]], flags: Flags = None) -> Results:
+        def streamed(model: Any, batch: list[TaskPreprocessed], flags: Flags = None) -> Results:
             return _generate(model, batch, flags, streams)
 
         return streamed
@@ -306,7 +341,10 @@ def _runner(kind: str, streams: Any) -> Runner:
 
 
 def _generate(
-    model: Any, batch: list[Mapping[str, Any]], flags: Flags = None, streams: Any = None
+    model: Any,
+    batch: list[TaskPreprocessed],
+    flags: Flags = None,
+    streams: ChunkPublisher | None = None,
 ) -> Results:
     from conveyor.ml.generator import decoding_groups
 
@@ -314,7 +352,7 @@ def _generate(
     runnable: list[tuple[int, Any]] = []
     for i, data in enumerate(batch):
         try:
-            runnable.append((i, _gen_params(data["task"]["params"])))
+            runnable.append((i, _gen_params(data.task.params)))
             out.append({})
         except PermanentError as exc:  # one bad record does not fail its batch
             out.append(exc)
@@ -331,7 +369,7 @@ def _generate(
             extra["sinks"] = sinks
         try:
             texts: list[Any] = model.generate(
-                [batch[i]["prompt"] for i in records], [params[g] for g in group], **extra
+                [batch[i].prompt for i in records], [params[g] for g in group], **extra
             )
         except Exception as exc:
             texts = [exc] * len(records)
@@ -358,17 +396,17 @@ def _gen_params(raw: Mapping[str, str]) -> Any:
         raise PermanentError(f"invalid generation parameter: {exc}") from None
 
 
-def _embed(model: Any, batch: list[Mapping[str, Any]], _flags: Flags = None) -> Results:
-    vectors = model.embed([d["input"] for d in batch])
+def _embed(model: Any, batch: list[TaskPreprocessed], _flags: Flags = None) -> Results:
+    vectors = model.embed([d.input for d in batch])
     return [{"embedding": vector} for vector in vectors]
 
 
-def _classify(model: Any, batch: list[Mapping[str, Any]], _flags: Flags = None) -> Results:
+def _classify(model: Any, batch: list[TaskPreprocessed], _flags: Flags = None) -> Results:
     out: Results = []
     runnable = []
     for data in batch:
-        labels = data.get("labels") or _labels_param(data["task"]["params"])
-        runnable.append((data["input"], labels))
+        labels = list(data.labels) or _labels_param(data.task.params)
+        runnable.append((data.input, labels))
     if any(not labels for _, labels in runnable):
         return [
             PermanentError("classify needs candidate labels (labels or params.labels)")
@@ -403,15 +441,15 @@ def _expired(deadline: str | None, now: datetime) -> bool:
         return False
 
 
-def _expired_status(task: Mapping[str, Any], now: datetime) -> Emit:
+def _expired_status(task: Task, now: datetime) -> Emit:
     report = StatusData(
-        task_id=task["task_id"],
-        tenant=task["tenant"],
+        task_id=task.task_id,
+        tenant=task.tenant,
         status=TaskStatus.EXPIRED,
         stage="inference",
         time=now.isoformat(),
-        reason=f"deadline {task['deadline']} passed before inference",
-        callback_url=task.get("callback_url"),
-        kind=task.get("kind"),
+        reason=f"deadline {task.deadline} passed before inference",
+        callback_url=task.callback_url,
+        kind=task.kind,
     )
     return status_emit(report, discriminator="expired")

@@ -13,64 +13,76 @@ applies too).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
 
-from conveyor.events.catalog import MODERATED_TYPE as MODERATED
-from conveyor.events.model import Event
+from conveyor.events.payloads import TaskInferred, TaskModerated
+from conveyor.ml.moderation import Signal, SignalResult
 from conveyor.ml.policy import LEVELS, Verdict, decide
-from conveyor.runtime import Emit, StageContext
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.runtime.typed import Context, Record, emit
 from conveyor.services.moderation.settings import ModerationSettings
 from conveyor.telemetry.tracing import span
 
 # The policy (thresholds -> verdict) is shared with inference's stream gate: conveyor.ml.policy.
-__all__ = ["LEVELS", "MODERATED", "Verdict", "decide", "handle_batch"]
+__all__ = ["LEVELS", "ModerationResources", "Verdict", "decide", "handle_batch"]
+
+
+@dataclass(frozen=True, slots=True)
+class ModerationResources:
+    """What moderation's handler uses: the configured signals, in policy order."""
+
+    signals: Sequence[Signal]
 
 
 def handle_batch(
-    events: Sequence[Event], ctx: StageContext[ModerationSettings]
+    records: Sequence[Record[TaskInferred]],
+    ctx: Context[ModerationSettings, ModerationResources],
 ) -> list[BatchOutcome]:
-    texts = [_texts(event) for event in events]
+    texts = [_texts(record.data) for record in records]
     flat = [t for group in texts for t in group]
-    results: dict[str, Any] = {}
-    for signal in ctx.resources["signals"]:
+    results: dict[str, list[SignalResult]] = {}
+    for signal in ctx.resources.signals:
         with span(f"classify {signal.name}", {"conveyor.texts": len(flat)}):
             results[signal.name] = signal.evaluate(flat)
     out: list[BatchOutcome] = []
     pos = 0
-    for event, group in zip(events, texts, strict=True):
+    for record, group in zip(records, texts, strict=True):
         worst = {
             name: max(rs[pos : pos + len(group)], key=lambda r: r.score)
             for name, rs in results.items()
         }
         pos += len(group)
         scores = {name: (r.score, r.reason) for name, r in worst.items()}
-        out.append(_moderated(event, decide(scores, ctx.settings.thresholds)))
+        verdict = decide(scores, ctx.settings.thresholds)
+        out.append(emit(moderated(record.data, verdict)))
     return out
 
 
-def _texts(event: Event) -> list[str]:
-    data = event.data
-    texts = [data["input"]]
-    if data.get("text"):
-        texts.append(data["text"])
+def _texts(data: TaskInferred) -> list[str]:
+    texts = [data.input]
+    if data.text:
+        texts.append(data.text)
     return texts
 
 
-def _moderated(event: Event, verdict: Verdict) -> Emit:
-    data: dict[str, Any] = event.data
-    blocked = verdict.verdict == "block"
-    return Emit(
-        MODERATED,
-        {
-            "task": data["task"],
-            "model": data["model"],
-            "text": None if blocked else data.get("text"),
-            "embedding": None if blocked else data.get("embedding"),
-            "label": None if blocked else data.get("label"),
-            "label_scores": {} if blocked else data.get("label_scores", {}),
-            "verdict": verdict.verdict,
-            "scores": verdict.scores,
-            "reasons": verdict.reasons,
-        },
+def moderated(data: TaskInferred, verdict: Verdict) -> TaskModerated:
+    """The moderated task; a blocked one carries none of the model's output."""
+    if verdict.verdict == "block":
+        return TaskModerated(
+            task=data.task,
+            model=data.model,
+            verdict=verdict.verdict,
+            scores=verdict.scores,
+            reasons=verdict.reasons,
+        )
+    return TaskModerated(
+        task=data.task,
+        model=data.model,
+        text=data.text,
+        embedding=data.embedding,
+        label=data.label,
+        label_scores=data.label_scores,
+        verdict=verdict.verdict,
+        scores=verdict.scores,
+        reasons=verdict.reasons,
     )

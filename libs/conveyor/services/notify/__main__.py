@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Any
-
+from conveyor.events.payloads import TaskStored
 from conveyor.runtime.entry import main
-from conveyor.runtime.handler import StageService
-from conveyor.services.notify.handler import handle_batch, resources
+from conveyor.runtime.typed import TypedService, payload_of
+from conveyor.services.notify.handler import NotifyResources, handle_batch, resources
 from conveyor.services.notify.settings import NotifySettings
 
 
-def teardown(res: dict[str, Any]) -> None:
-    res["webhooks"].close()
-    res["store"].close()
+def teardown(res: NotifyResources) -> None:
+    res.webhooks.close()
+    res.store.close()
 
 
-SERVICE = StageService(
-    "notify", NotifySettings, handle_batch=handle_batch, setup=resources, teardown=teardown
+NOTIFY = TypedService(
+    "notify",
+    NotifySettings,
+    payload=payload_of(TaskStored),
+    setup=resources,
+    handle_batch=handle_batch,
+    teardown=teardown,
 )
+SERVICE = NOTIFY.service()
 
 if __name__ == "__main__":
     main(SERVICE)

@@ -10,24 +10,50 @@ dead-letter the task's notification with the reason in its timeline.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Protocol
 
 from opentelemetry.trace import Span
 
 from conveyor.errors import PermanentError, RetryableError
-from conveyor.events.catalog import NOTIFIED_TYPE as NOTIFIED
 from conveyor.events.model import TRACEPARENT, TRACESTATE, Event
-from conveyor.runtime import Emit, StageContext
+from conveyor.events.payloads import TaskNotified, TaskStored
+from conveyor.runtime import Emit
 from conveyor.runtime.handler import BatchOutcome
+from conveyor.runtime.typed import Context, Record, emit
 from conveyor.services.notify.settings import NotifySettings
-from conveyor.store.base import NOTIFICATION_CLAIMED
+from conveyor.store.base import NOTIFICATION_CLAIMED, ResultStore
 from conveyor.telemetry import tracing
 from conveyor.webhooks.policy import redact
 from conveyor.webhooks.sender import WebhookRequest
 from conveyor.webhooks.signing import sign
+
+Stored = Record[TaskStored]
+
+
+class Webhooks(Protocol):
+    """What notify sends with (`conveyor.webhooks.sender.WebhookSender`)."""
+
+    def deliver(
+        self,
+        requests: Sequence[WebhookRequest],
+        on_result: Callable[[int, int | Exception], None],
+    ) -> list[int | Exception]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class NotifyResources:
+    """notify's store (the notification claims) and webhook sender."""
+
+    store: ResultStore
+    webhooks: Webhooks
+
+
+NotifyContext = Context[NotifySettings, NotifyResources]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,39 +61,38 @@ class _Pending:
     """A claimed webhook waiting for its answer."""
 
     index: int
-    event: Event
+    record: Stored
     request: WebhookRequest
 
 
-def body_of(event: Event) -> bytes:
-    data = event.data
-    task = data["task"]
+def body_of(record: Stored) -> bytes:
+    data, task = record.data, record.data.task
     summary = {
-        "task_id": task["task_id"],
-        "tenant": task["tenant"],
-        "kind": task["kind"],
-        "status": data["status"],
-        "verdict": data["verdict"],
-        "result": json.loads(data["result"]) if data["result"] else None,
-        "error": data["error"],
-        "event_id": event.id,
+        "task_id": task.task_id,
+        "tenant": task.tenant,
+        "kind": task.kind,
+        "status": data.status.value,
+        "verdict": data.verdict,
+        "result": json.loads(data.result) if data.result else None,
+        "error": data.error,
+        "event_id": record.event.id,
     }
     return json.dumps(summary, separators=(",", ":"), sort_keys=True).encode()
 
 
-def handle_batch(events: Sequence[Event], ctx: StageContext[NotifySettings]) -> list[BatchOutcome]:
-    outcomes: list[BatchOutcome] = [None] * len(events)
-    records = tracing.batch_records()
-    spans = records if len(records) == len(events) else ()
+def handle_batch(records: Sequence[Stored], ctx: NotifyContext) -> list[BatchOutcome]:
+    outcomes: list[BatchOutcome] = [None] * len(records)
+    traced = tracing.batch_records()
+    spans = traced if len(traced) == len(records) else ()
     pending: list[_Pending] = []
-    for index, event in enumerate(events):
+    for index, record in enumerate(records):
         try:
-            prepared = _prepare(event, ctx, spans[index] if spans else None)
+            prepared = _prepare(record, ctx, spans[index] if spans else None)
         except Exception as exc:
             outcomes[index] = exc
             continue
         if isinstance(prepared, WebhookRequest):
-            pending.append(_Pending(index, event, prepared))
+            pending.append(_Pending(index, record, prepared))
         else:
             outcomes[index] = prepared
 
@@ -79,44 +104,41 @@ def handle_batch(events: Sequence[Event], ctx: StageContext[NotifySettings]) -> 
         # claimed would then wait out its lease and be sent again.
         item = pending[position]
         try:
-            outcomes[item.index] = _settle(item.event, result, ctx)
+            outcomes[item.index] = _settle(item.record, result, ctx)
         except Exception as exc:
             outcomes[item.index] = exc
 
-    ctx.resources["webhooks"].deliver([p.request for p in pending], settle)
+    ctx.resources.webhooks.deliver([p.request for p in pending], settle)
     return outcomes
 
 
-def _prepare(
-    event: Event, ctx: StageContext[NotifySettings], span: Span | None
-) -> WebhookRequest | Emit | None:
-    """The signed request for `event` after claiming it; or its outcome if none is sent."""
-    s = ctx.settings
-    task = event.data["task"]
-    url = task.get("callback_url")
+def _prepare(record: Stored, ctx: NotifyContext, span: Span | None) -> WebhookRequest | Emit | None:
+    """The signed request for `record` after claiming it; or its outcome if none is sent."""
+    s, event, task = ctx.settings, record.event, record.data.task
+    url = task.callback_url
     if not url:
-        return _notified(event, "none", None)
-    keys = s.webhook_keys(task["tenant"])
+        return _notified(record.data, "none", None)
+    keys = s.webhook_keys(task.tenant)
     if not keys:
-        raise PermanentError(f"no webhook secret configured for tenant {task['tenant']!r}")
-    store = ctx.resources["store"]
-    tenant = task["tenant"]  # a task is (tenant, task id): so is its one notification
+        raise PermanentError(f"no webhook secret configured for tenant {task.tenant!r}")
+    store = ctx.resources.store
+    tenant = task.tenant  # a task is (tenant, task id): so is its one notification
     claimed = store.claim_notification(
-        task["task_id"], event.id, url, tenant=tenant, lease_s=s.claim_lease_s
+        task.task_id, event.id, url, tenant=tenant, lease_s=s.claim_lease_s
     )
     if not claimed:
-        held = store.notification(task["task_id"], tenant=tenant)
+        held = store.notification(task.task_id, tenant=tenant)
         if held is not None and held.status == NOTIFICATION_CLAIMED:
             # A sender died between its claim and the answer (it may or may not have sent):
             # retry through the ladder until the lease lapses and the claim is taken over.
             # Skipping here would lose the notification if the request never went out.
             raise RetryableError(
-                f"notification of {task['task_id']} claimed at {held.claimed_at.isoformat()} "
+                f"notification of {task.task_id} claimed at {held.claimed_at.isoformat()} "
                 f"by a sender that has not finished; taken over after {s.claim_lease_s:g} s"
             )
-        ctx.log.info("notification skipped task_id=%s reason=already-notified", task["task_id"])
+        ctx.log.info("notification skipped task_id=%s reason=already-notified", task.task_id)
         return None
-    body = body_of(event)
+    body = body_of(record)
     # webhook-id is the stored event's id: the same on every attempt, for receivers to dedupe.
     headers = {"Content-Type": "application/json", **sign(keys, event.id, body)}
     return WebhookRequest(
@@ -126,7 +148,7 @@ def _prepare(
         parent=_parent(span, event),
         traceparent=event.ext(TRACEPARENT),
         tracestate=event.ext(TRACESTATE),
-        attributes={"conveyor.task_id": task["task_id"], "conveyor.tenant": task["tenant"]},
+        attributes={"conveyor.task_id": task.task_id, "conveyor.tenant": task.tenant},
     )
 
 
@@ -139,18 +161,17 @@ def _parent(span: Span | None, event: Event) -> Span | None:
     return tracing.remote_span(start, event.ext(TRACESTATE)) if start else None
 
 
-def _settle(
-    event: Event, result: int | Exception, ctx: StageContext[NotifySettings]
-) -> BatchOutcome:
-    task_id, tenant = event.data["task"]["task_id"], event.data["task"]["tenant"]
-    store = ctx.resources["store"]
+def _settle(record: Stored, result: int | Exception, ctx: NotifyContext) -> BatchOutcome:
+    task = record.data.task
+    task_id, tenant = task.task_id, task.tenant
+    store = ctx.resources.store
     if isinstance(result, int) and 200 <= result < 300:
         store.complete_notification(task_id, result, tenant=tenant)
-        return _notified(event, "webhook", result)
+        return _notified(record.data, "webhook", result)
     store.release_notification(task_id, tenant=tenant)
     if isinstance(result, Exception):
         return result  # a policy refusal is permanent; network failures are retryable
-    where = redact(event.data["task"]["callback_url"])
+    where = redact(task.callback_url or "")
     if result >= 500 or result == 429:
         return RetryableError(f"webhook to {where} answered {result}")
     if 300 <= result < 400:
@@ -158,22 +179,19 @@ def _settle(
     return PermanentError(f"webhook to {where} answered {result}")
 
 
-def _notified(event: Event, channel: str, http_status: int | None) -> Emit:
-    task = event.data["task"]
-    return Emit(
-        NOTIFIED,
-        {
-            "task_id": task["task_id"],
-            "tenant": task["tenant"],
-            "status": event.data["status"],
-            "channel": channel,
-            "http_status": http_status,
-            "delivered_at": datetime.now(UTC).isoformat(),
-        },
+def _notified(data: TaskStored, channel: str, http_status: int | None) -> Emit:
+    notified = TaskNotified(
+        task_id=data.task.task_id,
+        tenant=data.task.tenant,
+        status=data.status,
+        channel=channel,
+        http_status=http_status,
+        delivered_at=datetime.now(UTC).isoformat(),
     )
+    return emit(notified)
 
 
-def resources(settings: NotifySettings) -> dict[str, Any]:
+def resources(settings: NotifySettings) -> NotifyResources:
     from conveyor.store import open_store
     from conveyor.webhooks.policy import DestinationPolicy
     from conveyor.webhooks.sender import WebhookSender
@@ -185,4 +203,4 @@ def resources(settings: NotifySettings) -> dict[str, Any]:
         concurrency=settings.webhook_concurrency,
         ca_file=settings.webhook_ca_file,
     )
-    return {"store": open_store(settings.store_url), "webhooks": sender}
+    return NotifyResources(store=open_store(settings.store_url), webhooks=sender)

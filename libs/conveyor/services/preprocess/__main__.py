@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from conveyor.runtime.entry import main
-from conveyor.runtime.handler import StageService
-from conveyor.services.preprocess.handler import handle, word_count
+from conveyor.runtime.typed import TypedService, raw_data
+from conveyor.services.preprocess.handler import PreprocessResources, handle, word_count
 from conveyor.services.preprocess.settings import PreprocessSettings
 
 
-def setup(settings: PreprocessSettings) -> dict[str, Any]:
+def setup(settings: PreprocessSettings) -> PreprocessResources:
     from conveyor.variants.source import VariantSource
 
     rules = settings.task_rules()
@@ -18,7 +16,7 @@ def setup(settings: PreprocessSettings) -> dict[str, Any]:
     # and a retry or replay of any later stage keeps it (docs/variants.md).
     variants = VariantSource(settings.models, settings.models_file)
     if not settings.tokenizers:
-        return {"count_tokens": word_count, "rules": rules, "variants": variants}
+        return PreprocessResources(count_tokens=word_count, rules=rules, variants=variants)
     from conveyor.ml.registry import ModelRegistry
 
     registry = ModelRegistry.from_settings(settings.models, settings.models_file)
@@ -26,10 +24,13 @@ def setup(settings: PreprocessSettings) -> dict[str, Any]:
     def count_tokens(kind: str, text: str) -> int:
         return registry.count_tokens(registry.spec(kind).name, text)  # type: ignore[arg-type]
 
-    return {"count_tokens": count_tokens, "rules": rules, "variants": variants}
+    return PreprocessResources(count_tokens=count_tokens, rules=rules, variants=variants)
 
 
-SERVICE = StageService("preprocess", PreprocessSettings, handle=handle, setup=setup)
+PREPROCESS = TypedService(
+    "preprocess", PreprocessSettings, payload=raw_data, setup=setup, handle=handle
+)
+SERVICE = PREPROCESS.service()
 
 if __name__ == "__main__":
     main(SERVICE)

@@ -12,15 +12,18 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from conveyor.errors import PermanentError
 from conveyor.events.catalog import PREPROCESSED_TYPE as PREPROCESSED
 from conveyor.events.catalog import load_catalog
-from conveyor.events.ingress import param_text, parse_task
+from conveyor.events.ingress import TaskRules, param_text, parse_task
 from conveyor.events.model import ASSIGNED_ID, Event, assigned_task_id
-from conveyor.runtime import Emit, StageContext
+from conveyor.events.payloads import Task, TaskPreprocessed
+from conveyor.runtime import Emit
+from conveyor.runtime.typed import Context, Record, emit
 from conveyor.services.preprocess.settings import PreprocessSettings
 from conveyor.telemetry.tracing import span
 from conveyor.variants import SHADOWS, VARIANT
@@ -32,6 +35,20 @@ _SPACE = re.compile(r"[ \t\f\v\u00a0]+")
 _BLANK_LINES = re.compile(r"\n{3,}")
 
 
+@dataclass(frozen=True, slots=True)
+class PreprocessResources:
+    """preprocess's token counter, the ingress rules (templates, models) and variant routing
+    (None: no check, no routing)."""
+
+    count_tokens: TokenCounter
+    rules: TaskRules | None = None
+    variants: VariantSource | None = None
+
+
+# The submitted data is the ingress edge: any JSON, validated by the ingress model (pydantic).
+Submitted = Record[Any]
+
+
 def normalise(text: str) -> str:
     """Unicode NFKC, unified newlines, runs of spaces collapsed, at most one blank line."""
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").replace("\r", "\n")
@@ -39,12 +56,12 @@ def normalise(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
-def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
-    s = ctx.settings
+def handle(record: Submitted, ctx: Context[PreprocessSettings, PreprocessResources]) -> Emit:
+    s, event = ctx.settings, record.event
     # A task the ingress contract refuses (params out of range, unknown template or model) is
     # permanent: it is dead-lettered and its caller sees `failed` with the reason.
     data, assigned_from = with_task_id(event)
-    task = parse_task(data, ctx.resources.get("rules"))
+    task = parse_task(data, ctx.resources.rules)
     if event.subject and event.subject != task.task_id:
         raise PermanentError(f"subject {event.subject!r} differs from task_id {task.task_id!r}")
     text = normalise(task.input)
@@ -57,29 +74,28 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
     if template is None:
         raise PermanentError(f"unknown template {template_id!r}")
     prompt = template.replace("{input}", text)
-    count: TokenCounter = ctx.resources["count_tokens"]
     with span("tokenise", {"conveyor.task.kind": task.kind}):
-        tokens = count(task.kind, prompt)
+        tokens = ctx.resources.count_tokens(task.kind, prompt)
     if tokens > s.max_input_tokens:
         raise PermanentError(f"prompt has {tokens} tokens, over the limit of {s.max_input_tokens}")
-    route = _route(ctx.resources.get("variants"), task.kind, task.tenant, task.task_id, task.model)
-    data = {
-        "task": {
-            "task_id": task.task_id,
-            "tenant": task.tenant,
-            "kind": task.kind,
-            "priority": task.priority,
-            "callback_url": task.callback_url,
-            "deadline": task.deadline.isoformat() if task.deadline else None,
-            "submitted_at": event.time or datetime.now(UTC).isoformat(),
-            "model": route.variant if route else task.model,
-            "params": {k: param_text(v) for k, v in task.params.items()},
-        },
-        "input": text,
-        "prompt": prompt,
-        "token_count": tokens,
-        "labels": task.labels,
-    }
+    route = _route(ctx.resources.variants, task.kind, task.tenant, task.task_id, task.model)
+    preprocessed = TaskPreprocessed(
+        task=Task(
+            task_id=task.task_id,
+            tenant=task.tenant,
+            kind=task.kind,
+            priority=task.priority,
+            callback_url=task.callback_url,
+            deadline=task.deadline.isoformat() if task.deadline else None,
+            submitted_at=event.time or datetime.now(UTC).isoformat(),
+            model=route.variant if route else task.model,
+            params={k: param_text(v) for k, v in task.params.items()},
+        ),
+        input=text,
+        prompt=prompt,
+        token_count=tokens,
+        labels=task.labels,
+    )
     ext = {"tenant": task.tenant, "priority": task.priority}
     if assigned_from is not None:
         ext[ASSIGNED_ID] = assigned_from
@@ -90,7 +106,7 @@ def handle(event: Event, ctx: StageContext[PreprocessSettings]) -> Emit:
         if route.shadows:
             ext[SHADOWS] = ",".join(route.shadows)
     topic = load_catalog().lane_topic(PREPROCESSED, task.priority)
-    return Emit(PREPROCESSED, data, topic=topic, extensions=ext)
+    return emit(preprocessed, topic=topic, extensions=ext)
 
 
 def _route(
