@@ -16,12 +16,14 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
 from typing import Any
 
 from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaError, SchemaSet, parse_schema_urn
 from conveyor.events.catalog import INGRESS_TYPE as SUBMITTED
+from conveyor.events.lazy import LazyEvent
 from conveyor.events.model import AVRO, JSON, SPECVERSION, STRUCTURED, Event
 
 Headers = list[tuple[str, bytes]]
@@ -130,6 +132,18 @@ def decode_mapped(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet)
     return _event(attrs, _decode_data(attrs, value or b"", schemas))
 
 
+def decode_lazy(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet) -> Event:
+    """`decode_mapped`, but binary-mode Avro data is decoded when it is first read
+    (`LazyEvent`). Everything else is checked now: attributes, and that the schema urn names a
+    schema this set knows; only bad data bytes surface later, where the data is read."""
+    if hmap.get("content-type") != AVRO or "ce_specversion" not in hmap:
+        return decode_mapped(hmap, value, schemas)
+    attrs = {key[3:]: val for key, val in hmap.items() if key.startswith("ce_")}
+    attrs["datacontenttype"] = AVRO
+    schemas.check_urn(attrs.get("dataschema", ""))  # SchemaError: unknown schema or bad urn
+    return _event(attrs, None, make=partial(LazyEvent.pending, value or b"", schemas))
+
+
 PLAIN_JSON_SOURCE = "/conveyor/ingress/plain-json"
 
 
@@ -196,13 +210,14 @@ def _decode_data(attrs: dict[str, str], payload: bytes, schemas: SchemaSet) -> A
     raise DecodeError(f"unsupported datacontenttype {content_type!r}")
 
 
-def _event(attrs: dict[str, str], data: Any) -> Event:
+def _event(attrs: dict[str, str], data: Any, *, make: Callable[..., Event] = Event) -> Event:
+    """The event of `attrs` with `data`, built by `make` (a `LazyEvent` ignores `data`)."""
     if attrs.get("specversion") != SPECVERSION:
         raise DecodeError(f"unsupported specversion {attrs.get('specversion')!r}")
     for name in _REQUIRED:
         if not attrs.get(name):
             raise DecodeError(f"CloudEvent attribute {name!r} is missing")
-    return Event(
+    return make(
         id=attrs["id"],
         type=attrs["type"],
         source=attrs["source"],

@@ -88,7 +88,8 @@ class Item:
     def task_id(self) -> str | None:
         """The data's task id, else the subject, else (an undecoded record) the record key."""
         if self.event is not None:
-            named = task_id_of(self.event.data) or self.event.subject
+            # The head: the task id without decoding the data a handler may not have read.
+            named = task_id_of(self.event.head) or self.event.subject
             if named:
                 return named
         return self.key.decode("utf-8", "replace") if self.key else None
@@ -225,7 +226,7 @@ class Router:
         task_id = item.task_id
         if not task_id:
             return []  # no task id in the data, no subject, no key: nothing to attach it to
-        data = _task_fields(item.event.data if item.event is not None else None)
+        data = _task_fields(_data_of(item.event))
         # An undecodable record still names its tenant (and trace) in its ce_* headers.
         source = item.event or Event(
             id="",
@@ -268,6 +269,16 @@ def _task_fields(data: Any) -> Mapping[str, Any]:
         value = fields.get(key)
         out[key] = value if isinstance(value, str) else None
     return out
+
+
+def _data_of(event: Event | None) -> Any:
+    """The event's data, None when it does not decode (the record then fails with that)."""
+    if event is None:
+        return None
+    try:
+        return event.data
+    except PermanentError:
+        return event.head
 
 
 def task_id_of(data: Any) -> str | None:
