@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from opentelemetry.trace import Span
 
@@ -40,9 +40,9 @@ SKIPPED_CANCELLED = "skipped-cancelled"
 _CHECKED_LIMIT = 1024  # bounds the passed-check cache against a stream of invented schemas
 
 
-@dataclass(frozen=True, slots=True)
-class RecordOutcome:
-    """What became of one record: emitted, sent to retry rung `rung`, or dead-lettered."""
+class RecordOutcome(NamedTuple):
+    """What became of one record: emitted, sent to retry rung `rung`, or dead-lettered. A
+    named tuple (immutable, made ~2x faster than a frozen dataclass: one per record)."""
 
     item: Item
     records: list[OutRecord]
