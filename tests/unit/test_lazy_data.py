@@ -13,7 +13,13 @@ import pytest
 
 from conveyor.events.avro import SchemaError, SchemaSet, default_schemas, schema_urn
 from conveyor.events.avrohead import HeadReader
-from conveyor.events.codec import decode_lazy, decode_mapped, encode_binary, header_map
+from conveyor.events.codec import (
+    DecodeError,
+    decode_lazy,
+    decode_mapped,
+    encode_binary,
+    header_map,
+)
 from conveyor.events.lazy import LazyEvent
 from conveyor.events.model import Event
 from conveyor.runtime.handler import Emit
@@ -181,3 +187,22 @@ def test_bad_data_in_a_batch_of_32_fails_alone_and_the_31_are_emitted() -> None:
 
 def moderated_from_subject(event: Event, _ctx: Any) -> Emit:
     return moderated(event)
+
+
+def test_lazy_and_eager_decodes_give_the_same_event_and_the_same_header_errors() -> None:
+    key, value, headers = inferred_record("t-5", tenant="acme", rerun="redrive x")
+    hmap = header_map(headers)
+    eager, lazy = (
+        decode_mapped(hmap, value, default_schemas()),
+        decode_lazy(hmap, value, default_schemas()),
+    )
+    fields = ("id", "type", "source", "subject", "time", "datacontenttype", "dataschema")
+    assert [getattr(lazy, f) for f in fields] == [getattr(eager, f) for f in fields]
+    assert dict(lazy.extensions) == dict(eager.extensions) and "rerun" in lazy.extensions
+    assert lazy.data == eager.data
+    for missing in ("ce_id", "ce_source", "ce_type"):
+        broken = {k: v for k, v in hmap.items() if k != missing}
+        with pytest.raises(DecodeError, match=missing[3:]):
+            decode_mapped(broken, value, default_schemas())
+        with pytest.raises(DecodeError, match=missing[3:]):
+            decode_lazy(broken, value, default_schemas())

@@ -16,8 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Callable, Mapping, Sequence
-from functools import partial
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from conveyor.errors import PermanentError
@@ -34,6 +33,10 @@ _SPECVERSION = ("ce_specversion", SPECVERSION.encode())
 _CORE = frozenset(
     ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema")
 )
+
+
+_REQUIRED_HEADERS = tuple("ce_" + name for name in _REQUIRED)
+_CORE_HEADERS = frozenset("ce_" + name for name in _CORE)
 
 
 class DecodeError(PermanentError):
@@ -136,12 +139,29 @@ def decode_lazy(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet) -
     """`decode_mapped`, but binary-mode Avro data is decoded when it is first read
     (`LazyEvent`). Everything else is checked now: attributes, and that the schema urn names a
     schema this set knows; only bad data bytes surface later, where the data is read."""
-    if hmap.get("content-type") != AVRO or "ce_specversion" not in hmap:
-        return decode_mapped(hmap, value, schemas)
-    attrs = {key[3:]: val for key, val in hmap.items() if key.startswith("ce_")}
-    attrs["datacontenttype"] = AVRO
-    schemas.check_urn(attrs.get("dataschema", ""))  # SchemaError: unknown schema or bad urn
-    return _event(attrs, None, make=partial(LazyEvent.pending, value or b"", schemas))
+    if hmap.get("content-type") != AVRO or hmap.get("ce_specversion") != SPECVERSION:
+        return decode_mapped(hmap, value, schemas)  # and its error, if it is one
+    get = hmap.get
+    dataschema = get("ce_dataschema")
+    schemas.check_urn(dataschema or "")  # SchemaError: unknown schema or bad urn
+    # One pass over the headers (not `decode_mapped`'s two): the core attributes by name.
+    for name in _REQUIRED_HEADERS:
+        if not get(name):
+            raise DecodeError(f"CloudEvent attribute {name[3:]!r} is missing")
+    return LazyEvent.pending(
+        value or b"",
+        schemas,
+        id=hmap["ce_id"],
+        type=hmap["ce_type"],
+        source=hmap["ce_source"],
+        subject=get("ce_subject"),
+        time=get("ce_time"),
+        datacontenttype=AVRO,
+        dataschema=dataschema,
+        extensions={
+            k[3:]: v for k, v in hmap.items() if k.startswith("ce_") and k not in _CORE_HEADERS
+        },
+    )
 
 
 PLAIN_JSON_SOURCE = "/conveyor/ingress/plain-json"
@@ -210,14 +230,13 @@ def _decode_data(attrs: dict[str, str], payload: bytes, schemas: SchemaSet) -> A
     raise DecodeError(f"unsupported datacontenttype {content_type!r}")
 
 
-def _event(attrs: dict[str, str], data: Any, *, make: Callable[..., Event] = Event) -> Event:
-    """The event of `attrs` with `data`, built by `make` (a `LazyEvent` ignores `data`)."""
+def _event(attrs: dict[str, str], data: Any) -> Event:
     if attrs.get("specversion") != SPECVERSION:
         raise DecodeError(f"unsupported specversion {attrs.get('specversion')!r}")
     for name in _REQUIRED:
         if not attrs.get(name):
             raise DecodeError(f"CloudEvent attribute {name!r} is missing")
-    return make(
+    return Event(
         id=attrs["id"],
         type=attrs["type"],
         source=attrs["source"],

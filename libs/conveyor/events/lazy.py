@@ -63,7 +63,6 @@ class LazyEvent(Event):
         datacontenttype: str,
         dataschema: str | None,
         extensions: Mapping[str, str],
-        data: Any = None,  # ignored: the data is `payload`, decoded when first read
     ) -> LazyEvent:
         """The event with these attributes whose data is the Avro `payload`, written with the
         schema its `dataschema` names, not decoded yet."""
