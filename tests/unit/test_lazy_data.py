@@ -5,10 +5,12 @@ with a clear error, whether the handler read it, caught the error, or never look
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Sequence
 from typing import Any
 from unittest import mock
 
+import fastavro
 import pytest
 
 from conveyor.events.avro import SchemaError, SchemaSet, default_schemas, schema_urn
@@ -206,3 +208,45 @@ def test_lazy_and_eager_decodes_give_the_same_event_and_the_same_header_errors()
             decode_mapped(broken, value, default_schemas())
         with pytest.raises(DecodeError, match=missing[3:]):
             decode_lazy(broken, value, default_schemas())
+
+
+def test_a_head_is_refused_where_it_could_differ_from_the_full_decode() -> None:
+    def record(*fields: dict[str, Any]) -> dict[str, Any]:
+        return {"type": "record", "name": "X", "fields": list(fields)}
+
+    string = {"name": "task_id", "type": "string"}
+    stamp = {"name": "tenant", "type": {"type": "long", "logicalType": "timestamp-millis"}}
+    listed = {"name": "tags", "type": {"type": "array", "items": "string"}}
+    assert HeadReader.of(fastavro.parse_schema(record(string))) is not None
+    assert HeadReader.of(fastavro.parse_schema(record(string, stamp))) is None  # a datetime
+    assert HeadReader.of(fastavro.parse_schema(record(listed, string))) is None  # behind a list
+    # A skipped logical field is only bytes to step over.
+    skipped = {"name": "at", "type": {"type": "long", "logicalType": "timestamp-millis"}}
+    head = HeadReader.of(fastavro.parse_schema(record(skipped, string)))
+    assert head is not None
+    schema = fastavro.parse_schema(record(skipped, string))
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema, {"at": 1_700_000_000_000, "task_id": "t-6"})
+    assert head.read(buf.getvalue()) == {"task_id": "t-6"}
+
+
+def test_data_read_as_a_newer_schema_version_is_decoded_in_full_not_headed() -> None:
+    schemas = default_schemas()
+    urn = schema_urn("task-status", 1)  # read as version 2
+    payload = schemas.encode(
+        "task-status",
+        1,
+        {
+            "task_id": "t-7",
+            "tenant": "acme",
+            "status": "failed",
+            "stage": "moderation",
+            "reason": None,
+            "error_class": None,
+            "attempt": 1,
+            "callback_url": None,
+            "time": "2026-11-23T00:00:00Z",
+        },
+    )
+    assert schemas.head_urn(urn, payload) is None
+    assert schemas.head_urn(schema_urn("task-status", 2), payload) is not None

@@ -105,8 +105,11 @@ class SchemaSet:
         try:
             reader = self._heads[urn]
         except KeyError:
-            writer = self.check_urn(urn)[2]
-            reader = self._heads[urn] = HeadReader.of(writer) if isinstance(writer, dict) else None
+            _, _, writer, newer = self.check_urn(urn)
+            # Data read as a newer version (evolution) is decoded in full: a head reads the
+            # writer's fields, which a newer reader could have changed.
+            plain = newer is None and isinstance(writer, dict)
+            reader = self._heads[urn] = HeadReader.of(writer) if plain else None
         if reader is None:
             return None
         try:

@@ -164,6 +164,12 @@ def _simple(schema: Any, named: Mapping[str, Any]) -> FieldReader | None:
     return None
 
 
+def _logical(schema: Any) -> bool:
+    if isinstance(schema, list):
+        return any(_logical(branch) for branch in schema)
+    return isinstance(schema, dict) and "logicalType" in schema
+
+
 def _record_fields(schema: Any, named: Mapping[str, Any]) -> list[dict[str, Any]] | None:
     if isinstance(schema, str):
         schema = named.get(schema)
@@ -198,9 +204,9 @@ def _steps(
             steps.append((NESTED, inner))
             continue
         reader = _simple(field["type"], named)
-        if reader is None:
-            return None
         keep = name in WANTED
+        if reader is None or (keep and _logical(field["type"])):
+            return None  # a logical type (a timestamp, a decimal) decodes to more than its bytes
         steps.append((name if keep else None, reader if keep or reader is not _string else _skip))
     return steps
 
