@@ -108,8 +108,10 @@ class SchemaSet:
             _, _, writer, newer = self.check_urn(urn)
             # Data read as a newer version (evolution) is decoded in full: a head reads the
             # writer's fields, which a newer reader could have changed.
-            plain = newer is None and isinstance(writer, dict)
-            reader = self._heads[urn] = HeadReader.of(writer) if plain else None
+            reader = None
+            if newer is None and isinstance(writer, dict):
+                reader = HeadReader.of(writer)
+            self._heads[urn] = reader
         if reader is None:
             return None
         try:
