@@ -69,7 +69,8 @@ ConsumerFactory = Callable[[dict[str, Any]], Any]
 def task_of(event: Event) -> tuple[str, str] | None:
     """(tenant, task id) of a task event: the data's id first (the task's identity, as routing
     has it), else the subject; the tenant extension, else the data's."""
-    data = event.data if isinstance(event.data, Mapping) else {}
+    head = event.head  # task id and tenant, without decoding the rest of the data
+    data = head if isinstance(head, Mapping) else {}
     task = data.get("task")
     fields = task if isinstance(task, Mapping) else data
     task_id = fields.get("task_id") or event.subject

@@ -21,6 +21,7 @@ import fastavro
 from fastavro.types import Schema
 
 from conveyor.errors import PermanentError
+from conveyor.events.avrohead import HeadError, HeadReader
 from conveyor.paths import schemas_dir
 
 _FILE = re.compile(r"^(?P<name>[a-z0-9-]+)\.v(?P<version>\d+)\.avsc$")
@@ -55,6 +56,8 @@ class SchemaSet:
     latest: dict[str, int] = field(default_factory=dict)
     # urn -> (name, version, writer schema, reader schema or None): resolved once per urn.
     _plans: dict[str, tuple[str, int, Schema, Schema | None]] = field(default_factory=dict)
+    # urn -> the reader of its data's leading fields (None: the schema has no cheap head)
+    _heads: dict[str, HeadReader | None] = field(default_factory=dict)
 
     def get(self, name: str, version: int) -> Schema:
         try:
@@ -76,12 +79,17 @@ class SchemaSet:
             raise SchemaError(f"data does not match schema {name}:{version}: {exc}") from exc
         return buf.getvalue()
 
-    def decode_urn(self, urn: str, payload: bytes) -> tuple[str, dict[str, Any]]:
-        """Decode data written with the schema `urn` names, read as that schema's newest version."""
+    def check_urn(self, urn: str) -> tuple[str, int, Schema, Schema | None]:
+        """Name, version, writer and reader (None: no evolution) of the schema `urn` names;
+        `SchemaError` when it names none this set knows."""
         plan = self._plans.get(urn)
         if plan is None:
             plan = self._plans[urn] = self._plan(urn)
-        name, version, writer, reader = plan
+        return plan
+
+    def decode_urn(self, urn: str, payload: bytes) -> tuple[str, dict[str, Any]]:
+        """Decode data written with the schema `urn` names, read as that schema's newest version."""
+        name, version, writer, reader = self.check_urn(urn)
         try:
             record = fastavro.schemaless_reader(io.BytesIO(payload), writer, reader)
         except Exception as exc:  # fastavro raises many types on corrupt bytes
@@ -89,6 +97,27 @@ class SchemaSet:
         if not isinstance(record, dict):
             raise SchemaError(f"{name}:{version} data is not a record")
         return name, record
+
+    def head_urn(self, urn: str, payload: bytes) -> dict[str, Any] | None:
+        """The leading fields (`avrohead.WANTED`) of data written with the schema `urn` names,
+        without decoding the rest; None when that schema has no cheap head or the bytes do not
+        hold one (the full decode then says what is wrong)."""
+        try:
+            reader = self._heads[urn]
+        except KeyError:
+            _, _, writer, newer = self.check_urn(urn)
+            # Data read as a newer version (evolution) is decoded in full: a head reads the
+            # writer's fields, which a newer reader could have changed.
+            reader = None
+            if newer is None and isinstance(writer, dict):
+                reader = HeadReader.of(writer)
+            self._heads[urn] = reader
+        if reader is None:
+            return None
+        try:
+            return reader.read(payload)
+        except HeadError:
+            return None
 
     def _plan(self, urn: str) -> tuple[str, int, Schema, Schema | None]:
         """Writer and reader schema for `urn`; reader None when no evolution is needed."""

@@ -22,6 +22,7 @@ from typing import Any
 from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaError, SchemaSet, parse_schema_urn
 from conveyor.events.catalog import INGRESS_TYPE as SUBMITTED
+from conveyor.events.lazy import LazyEvent
 from conveyor.events.model import AVRO, JSON, SPECVERSION, STRUCTURED, Event
 
 Headers = list[tuple[str, bytes]]
@@ -32,6 +33,10 @@ _SPECVERSION = ("ce_specversion", SPECVERSION.encode())
 _CORE = frozenset(
     ("specversion", "id", "source", "type", "subject", "time", "datacontenttype", "dataschema")
 )
+
+
+_REQUIRED_HEADERS = tuple("ce_" + name for name in _REQUIRED)
+_CORE_HEADERS = frozenset("ce_" + name for name in _CORE)
 
 
 class DecodeError(PermanentError):
@@ -128,6 +133,35 @@ def decode_mapped(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet)
     attrs = {key[3:]: val for key, val in hmap.items() if key.startswith("ce_")}
     attrs["datacontenttype"] = content_type or JSON
     return _event(attrs, _decode_data(attrs, value or b"", schemas))
+
+
+def decode_lazy(hmap: dict[str, str], value: bytes | None, schemas: SchemaSet) -> Event:
+    """`decode_mapped`, but binary-mode Avro data is decoded when it is first read
+    (`LazyEvent`). Everything else is checked now: attributes, and that the schema urn names a
+    schema this set knows; only bad data bytes surface later, where the data is read."""
+    if hmap.get("content-type") != AVRO or hmap.get("ce_specversion") != SPECVERSION:
+        return decode_mapped(hmap, value, schemas)  # and its error, if it is one
+    get = hmap.get
+    dataschema = get("ce_dataschema")
+    schemas.check_urn(dataschema or "")  # SchemaError: unknown schema or bad urn
+    # One pass over the headers (not `decode_mapped`'s two): the core attributes by name.
+    for name in _REQUIRED_HEADERS:
+        if not get(name):
+            raise DecodeError(f"CloudEvent attribute {name[3:]!r} is missing")
+    return LazyEvent.pending(
+        value or b"",
+        schemas,
+        id=hmap["ce_id"],
+        type=hmap["ce_type"],
+        source=hmap["ce_source"],
+        subject=get("ce_subject"),
+        time=get("ce_time"),
+        datacontenttype=AVRO,
+        dataschema=dataschema,
+        extensions={
+            k[3:]: v for k, v in hmap.items() if k.startswith("ce_") and k not in _CORE_HEADERS
+        },
+    )
 
 
 PLAIN_JSON_SOURCE = "/conveyor/ingress/plain-json"

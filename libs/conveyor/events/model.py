@@ -90,6 +90,17 @@ class Event:
     def task_id(self) -> str | None:
         return self.subject
 
+    @property
+    def head(self) -> Any:
+        """What the runtime reads of the data (task id, tenant, submitted_at) without asking for
+        all of it: here the data itself; a `LazyEvent` reads only the data's leading fields."""
+        return self.data
+
+    @property
+    def data_error(self) -> Exception | None:
+        """Why the data could not be decoded (a `LazyEvent` decodes it when first read)."""
+        return None
+
     def ext(self, name: str, default: str | None = None) -> str | None:
         return self.extensions.get(name, default)
 

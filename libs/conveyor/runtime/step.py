@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from opentelemetry.trace import Span
 
 from conveyor.errors import PermanentError
 from conveyor.events.avro import SchemaError, SchemaSet
 from conveyor.events.catalog import Catalog
-from conveyor.events.codec import DecodeError, decode_ingress, decode_mapped, header_map
+from conveyor.events.codec import DecodeError, decode_ingress, decode_lazy, header_map
 from conveyor.events.model import AVRO, Event
 from conveyor.runtime.deadletter import Failure
 from conveyor.runtime.handler import BatchOutcome, Emit, StageContext, StageService
@@ -40,9 +40,9 @@ SKIPPED_CANCELLED = "skipped-cancelled"
 _CHECKED_LIMIT = 1024  # bounds the passed-check cache against a stream of invented schemas
 
 
-@dataclass(frozen=True, slots=True)
-class RecordOutcome:
-    """What became of one record: emitted, sent to retry rung `rung`, or dead-lettered."""
+class RecordOutcome(NamedTuple):
+    """What became of one record: emitted, sent to retry rung `rung`, or dead-lettered. A
+    named tuple (immutable, made ~2x faster than a frozen dataclass: one per record)."""
 
     item: Item
     records: list[OutRecord]
@@ -168,8 +168,8 @@ class BatchStep:
             if topic in self.topics.ingress:  # also plain JSON tasks (docs/ingress.md)
                 at = f"{topic}:{partition}:{offset}"
                 event = decode_ingress(hmap, value, self.schemas, at=at)
-            else:
-                event = decode_mapped(hmap, value, self.schemas)
+            else:  # Avro data is decoded when first read (events/lazy.py)
+                event = decode_lazy(hmap, value, self.schemas)
             self._check(topic, event)
         except PermanentError as exc:
             error = exc
@@ -215,6 +215,12 @@ class BatchStep:
         return [self._route(item, result, now) for item, result in zip(items, results, strict=True)]
 
     def _route(self, item: Item, result: BatchOutcome, now: str) -> RecordOutcome:
+        error = _data_error(item.event)
+        if error is not None:
+            # Data that does not decode fails its record whatever the handler made of the
+            # exception, as the undecodable record it is (named by its key, as at admission).
+            item.event = None
+            return self._fail(item, error, now)
         if isinstance(result, BaseException):
             return self._fail(item, result, now)
         emits = [result] if isinstance(result, Emit) else list(result or ())
@@ -278,3 +284,13 @@ class BatchStep:
             return self._handle_batch([item])[0]
         except Exception as exc:
             return exc
+
+
+def _data_error(event: Event | None) -> Exception | None:
+    """Why `event`'s data does not decode, if it does not. Its head (task id, tenant,
+    submitted_at: what routing and telemetry read next) is read first, so a record whose data
+    is bad from its first byte is found here even when its handler never read the data."""
+    if event is None:
+        return None
+    _ = event.head  # read and kept: bad bytes at the data's start set `data_error`
+    return event.data_error

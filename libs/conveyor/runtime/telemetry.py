@@ -178,7 +178,7 @@ class StageTelemetry:
 
     def _observe_e2e(self, item: Item, now_s: float) -> None:
         event = item.event
-        data = event.data if event is not None else None
+        data = event.head if event is not None else None  # submitted_at is in the head
         task = data.get("task") if isinstance(data, dict) else None
         submitted = task.get("submitted_at") if isinstance(task, dict) else None
         if submitted is None and event is not None and event.type == SUBMITTED:
