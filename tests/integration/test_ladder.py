@@ -34,6 +34,7 @@ STATUS_TOPIC = "conveyor.task.status"
 # timers once per idle poll (poll_timeout_ms = 100 ms) and the resumed partition's fetch adds a
 # broker round trip.
 DUE_SLACK_S = 0.15
+LATE_SLACK_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,7 +220,8 @@ def test_retries_are_due_on_time_while_fresh_input_keeps_flowing(harness: Harnes
         retried = harness.called("slow", rung)
         assert retried is not None
         waited = retried.at - written[rung]
-        assert abs(waited - delay) <= 0.2 * delay + DUE_SLACK_S, (rung, waited)
+        # Never early; late only by what a loaded machine adds (a resumed fetch, a busy core).
+        assert -DUE_SLACK_S <= waited - delay <= 0.5 * delay + LATE_SLACK_S, (rung, waited)
         wave = [c for c in harness.calls if c.task_id.startswith(f"fresh-{'ab'[rung - 1]}")]
         assert len(wave) == 5
         # Handled before the retried record was even due: the paused rung blocked nothing.
