@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 
 from conveyor.errors import RetryableError
-from conveyor.store import lifecycle
+from conveyor.store import dispatch, lifecycle
 from conveyor.store.base import (
     ADDED_TASK_COLUMNS,
     EVENT_COLUMNS,
@@ -212,6 +212,7 @@ _CLAIM = (
     "WHERE notifications.status = %s AND notifications.claimed_at < %s"
 )
 _LIFECYCLE = lifecycle.lifecycle_sql("%s")
+_DISPATCH = dispatch.dispatch_sql("%s", lock="SELECT pg_advisory_xact_lock(%s)")
 
 # Faults a later attempt can get past: connection/server trouble and lost concurrency races.
 _TRANSIENT: tuple[type[Exception], ...] = (
@@ -285,6 +286,8 @@ class PostgresResultStore:
                 cur.execute(f"ALTER TABLE tasks ADD COLUMN IF NOT EXISTS {name} timestamptz")
             cur.execute(lifecycle.REUSE_TABLE.format(text="text", time="timestamptz"))
             for statement in lifecycle.ADDED_INDEXES:
+                cur.execute(statement)
+            for statement in dispatch.schema("text", "timestamptz"):
                 cur.execute(statement)
         log.info("result store opened backend=postgresql")
 
@@ -555,6 +558,7 @@ class PostgresResultStore:
             )
             if cur.rowcount != len(items):  # rolled back with the batch
                 raise BatchConflictError(f"a task id of batch {batch.batch_id} is taken")
+            dispatch.insert(cur, _DISPATCH, tenant, batch.batch_id, items)
 
     def get_batch(self, tenant: str, batch_id: str) -> BatchRecord | None:
         with self._transaction() as cur:
@@ -640,6 +644,44 @@ class PostgresResultStore:
             else:
                 rows = cur.execute(RUN_SELECT + " WHERE kind = %s", (kind,)).fetchall()
         return [run_from_row(row, _utc) for row in rows]
+
+    # Paced batch dispatch and the batch list (`conveyor.store.dispatch`).
+
+    def claim_dispatch(
+        self, *, window: int | None, lease_s: float, now: datetime
+    ) -> list[dispatch.DispatchItem]:
+        with self._transaction() as cur:
+            return dispatch.claim(
+                cur, _DISPATCH, window=window, lease_s=lease_s, now=now, stamp=_as_utc
+            )
+
+    def finish_dispatch(
+        self,
+        *,
+        dispatched: Sequence[dispatch.DispatchItem],
+        done: Sequence[dispatch.DispatchItem] = (),
+        released: Sequence[dispatch.DispatchItem] = (),
+    ) -> None:
+        with self._transaction() as cur:
+            dispatch.finish(cur, _DISPATCH, dispatched=dispatched, done=done, released=released)
+
+    def stop_dispatch(self, tenant: str, batch_id: str, *, now: datetime) -> list[str]:
+        with self._transaction() as cur:
+            return dispatch.stop(
+                cur, _DISPATCH, tenant_key(tenant), batch_id, now=now, stamp=_as_utc
+            )
+
+    def list_batches(
+        self, tenant: str, *, limit: int, after: str | None = None
+    ) -> list[BatchRecord]:
+        cursor = None if after is None else self.get_batch(tenant, after)
+        if after is not None and cursor is None:
+            return []
+        with self._transaction() as cur:
+            rows = dispatch.list_batches(
+                cur, _DISPATCH, tenant_key(tenant), limit=limit, after=cursor, stamp=_as_utc
+            )
+        return [batch_from_row(row, _utc) for row in rows]
 
 
 def _notification(r: Sequence[Any]) -> NotificationRecord:

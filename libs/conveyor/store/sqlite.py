@@ -23,7 +23,7 @@ from typing import Any
 
 from conveyor.errors import RetryableError
 from conveyor.paths import private_file
-from conveyor.store import lifecycle
+from conveyor.store import dispatch, lifecycle
 from conveyor.store.base import (
     ADDED_TASK_COLUMNS,
     EVENT_COLUMNS,
@@ -205,6 +205,7 @@ _CLAIM = (
     "WHERE notifications.status = ? AND notifications.claimed_at < ?"
 )
 _LIFECYCLE = lifecycle.lifecycle_sql("?")
+_DISPATCH = dispatch.dispatch_sql("?", lock=None)  # BEGIN IMMEDIATE serialises claims
 
 _BATCH_INSERT = (
     f"INSERT INTO batches ({', '.join(BATCH_COLUMNS)}) "
@@ -542,6 +543,7 @@ class SqliteResultStore:
             )
             if cur.rowcount != len(items):  # rolled back with the batch
                 raise BatchConflictError(f"a task id of batch {batch.batch_id} is taken")
+            dispatch.insert(cur, _DISPATCH, tenant, batch.batch_id, items)
 
     def get_batch(self, tenant: str, batch_id: str) -> BatchRecord | None:
         with self._read() as cur:
@@ -630,6 +632,42 @@ class SqliteResultStore:
                 rows = cur.execute(RUN_SELECT + " WHERE kind = ?", (kind,)).fetchall()
         return [run_from_row(row, _dt) for row in rows]
 
+    # Paced batch dispatch and the batch list (`conveyor.store.dispatch`).
+
+    def claim_dispatch(
+        self, *, window: int | None, lease_s: float, now: datetime
+    ) -> list[dispatch.DispatchItem]:
+        with self._transaction() as cur:
+            return dispatch.claim(
+                cur, _DISPATCH, window=window, lease_s=lease_s, now=now, stamp=_ts
+            )
+
+    def finish_dispatch(
+        self,
+        *,
+        dispatched: Sequence[dispatch.DispatchItem],
+        done: Sequence[dispatch.DispatchItem] = (),
+        released: Sequence[dispatch.DispatchItem] = (),
+    ) -> None:
+        with self._transaction() as cur:
+            dispatch.finish(cur, _DISPATCH, dispatched=dispatched, done=done, released=released)
+
+    def stop_dispatch(self, tenant: str, batch_id: str, *, now: datetime) -> list[str]:
+        with self._transaction() as cur:
+            return dispatch.stop(cur, _DISPATCH, tenant_key(tenant), batch_id, now=now, stamp=_ts)
+
+    def list_batches(
+        self, tenant: str, *, limit: int, after: str | None = None
+    ) -> list[BatchRecord]:
+        cursor = None if after is None else self.get_batch(tenant, after)
+        if after is not None and cursor is None:
+            return []
+        with self._read() as cur:
+            rows = dispatch.list_batches(
+                cur, _DISPATCH, tenant_key(tenant), limit=limit, after=cursor, stamp=_ts
+            )
+        return [batch_from_row(row, _dt) for row in rows]
+
 
 def _transient(exc: sqlite3.Error) -> bool:
     message = str(exc).lower()
@@ -680,6 +718,8 @@ def _add_columns(cur: sqlite3.Cursor) -> None:
             cur.execute(f"ALTER TABLE tasks ADD COLUMN {name} TEXT")
     cur.execute(lifecycle.REUSE_TABLE.format(text="TEXT", time="TEXT"))
     for statement in lifecycle.ADDED_INDEXES:
+        cur.execute(statement)
+    for statement in dispatch.schema("TEXT", "TEXT"):
         cur.execute(statement)
 
 

@@ -51,7 +51,6 @@ def handle_batch(
     events: Sequence[Event], ctx: StageContext[InferenceSettings]
 ) -> list[BatchOutcome]:
     registry = ctx.resources["models"]
-    stopped = ctx.resources.get("stopped_batches")  # conveyor.batches.skip; None: no check
     cancels: CancelWatch | None = ctx.resources.get("cancels")
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(events)
@@ -59,8 +58,6 @@ def handle_batch(
     shadows: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, event in enumerate(events):
         task = event.data["task"]
-        if stopped is not None and stopped.stopped(task["tenant"], task["task_id"]):
-            continue  # its batch was cancelled or expired: the store already ended the task
         if _expired(task.get("deadline"), now):
             outcomes[i] = _expired_status(task, now)
             continue
