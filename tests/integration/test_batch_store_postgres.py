@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import pytest
-
 import secrets
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from tests.unit.test_batch_store import BatchStoreContract, DispatchContract  # written once
