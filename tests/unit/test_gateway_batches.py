@@ -6,6 +6,7 @@ the list, tenant isolation, a broker that does not acknowledge (released and ret
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Iterator
@@ -441,6 +442,22 @@ def test_list_shows_the_callers_batches_newest_first_with_a_cursor(
     assert [b["id"] for b in rest["data"]] == [ids[0]] and rest["has_more"] is False
     assert client.get("/v1/batches", headers=ACME, params={"limit": "0"}).status_code == 422
     assert client.get("/v1/batches", headers=BETA).json()["data"][0]["id"] not in ids
+
+
+def test_cli_lists_batches_newest_first(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conveyor.cli import batch as cli
+    from conveyor.cli.main import main
+
+    ids = [submit(client, embed_lines(2)).json()["id"] for _ in range(2)]
+    client.headers.update(ACME)
+    monkeypatch.setattr(cli, "_client", lambda args: contextlib.nullcontext(client))
+    assert main(["batch", "list", "--limit", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{ids[1]}  in_progress")
+    assert out[0].endswith("0/2")
+    assert out[1] == f"more: conveyor batch list --after {ids[1]}"
 
 
 def test_gateway_sweeps_a_batch_past_its_window_that_nobody_reads(
