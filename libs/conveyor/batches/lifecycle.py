@@ -9,7 +9,10 @@ written by the gateway, with a deterministic event id and a timeline entry), so 
 precedence rule holds: a task that ended first keeps its outcome, and a late result of a task
 ended here loses to the terminal status. Refreshing happens when the batch is read (status,
 results, cancel) and in a periodic sweep of the batches past their window (`sweep`); their tasks
-also expire in inference on their own, since their deadline is the batch's expiry.
+also expire in inference on their own, since their deadline is the batch's expiry. Ending a
+batch stops its dispatch (`DispatchStore.stop_dispatch`): its tasks never dispatched are ended in
+the store alone; a cancel sends its dispatched unfinished ones (at most the dispatch window's
+worth) through the ordinary task cancel.
 """
 
 from __future__ import annotations

@@ -103,7 +103,7 @@ def submit(args: argparse.Namespace) -> int:
             headers={"Content-Type": "application/jsonl"},
             timeout=SUBMIT_TIMEOUT_S,
         )
-        batch = _checked(answer) if answer.status_code != 503 else answer.json()
+        batch = _checked(answer)
         print(f"batch {batch['id']}: {batch['request_counts']['total']} tasks, {batch['status']}")
         if args.no_wait or batch["status"] in ENDED:
             return _outcome(http, batch, args.results)

@@ -35,6 +35,9 @@ CLAIMED = "claimed"
 DISPATCHED = "dispatched"
 DONE = "done"
 DISPATCH_LOCK = 0x436F6E62  # "Conb": PostgreSQL advisory lock key serialising claims
+# One claim takes at most this many items (with no window, i.e. unpaced, the whole batch is
+# still published in rounds of this size, as before pacing).
+CLAIM_MAX = 1000
 
 DISPATCH_TABLE = """
 CREATE TABLE IF NOT EXISTS batch_dispatch (
@@ -217,11 +220,6 @@ def claim(
     until = stamp(now + timedelta(seconds=lease_s))
     cur.executemany(sql.claim, [(until, i.tenant, i.batch_id, i.line) for i in chosen])
     return chosen
-
-
-# One claim publishes at most this many tasks (window None, i.e. unpaced: the old behaviour,
-# still published in rounds of this size).
-CLAIM_MAX = 1000
 
 
 def fair_share(
