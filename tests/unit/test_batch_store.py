@@ -235,6 +235,18 @@ class DispatchContract:
         assert len(self.claim(store, None)) == 3  # no bound: the rest at once
         assert self.claim(store, None) == []
 
+    def test_room_is_refilled_in_chunks_of_min_free(self, store: Any) -> None:
+        self.make(store, 20)
+        now = datetime.now(UTC)
+        first = store.claim_dispatch(window=8, lease_s=60, now=now, min_free=4)
+        store.finish_dispatch(dispatched=first)
+        for item in first[:3]:
+            _finish(store, item.task_id, "completed")
+        assert store.claim_dispatch(window=8, lease_s=60, now=now, min_free=4) == []
+        _finish(store, first[3].task_id, "completed")
+        again = store.claim_dispatch(window=8, lease_s=60, now=now, min_free=4)
+        assert [i.line for i in again] == [9, 10, 11, 12]
+
     def test_released_and_lapsed_claims_are_claimed_again(self, store: Any) -> None:
         self.make(store, 3)
         now = datetime.now(UTC)

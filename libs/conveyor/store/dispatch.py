@@ -195,6 +195,7 @@ def claim(
     lease_s: float,
     now: datetime,
     stamp: Stamp,
+    min_free: int = 1,
 ) -> list[DispatchItem]:
     """`DispatchStore.claim_dispatch` inside the caller's transaction (module docstring)."""
     if sql.lock is not None:
@@ -204,7 +205,10 @@ def claim(
         free = CLAIM_MAX
     else:
         cur.execute(sql.in_flight, (stamp(now),))
-        free = min(CLAIM_MAX, window - int(cur.fetchall()[0][0]))
+        in_flight = int(cur.fetchall()[0][0])
+        free = min(CLAIM_MAX, window - in_flight)
+        if in_flight and free < min_free:
+            return []  # wait for a chunk's worth of room: stages then get batches, not a trickle
     if free <= 0:
         return []
     cur.execute(sql.active)
@@ -305,10 +309,11 @@ class DispatchStore(Protocol):
     """What paced dispatch and the batch list need from the store (both backends have it)."""
 
     def claim_dispatch(
-        self, *, window: int | None, lease_s: float, now: datetime
+        self, *, window: int | None, lease_s: float, now: datetime, min_free: int = 1
     ) -> list[DispatchItem]:
         """Claim the next items to publish, keeping dispatched-and-unfinished items of every
-        batch within `window` (None: no bound); the claims lapse after `lease_s`."""
+        batch within `window` (None: no bound), and only once `min_free` of it is free (or
+        nothing is in flight); the claims lapse after `lease_s`."""
         ...
 
     def finish_dispatch(

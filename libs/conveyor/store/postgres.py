@@ -648,11 +648,17 @@ class PostgresResultStore:
     # Paced batch dispatch and the batch list (`conveyor.store.dispatch`).
 
     def claim_dispatch(
-        self, *, window: int | None, lease_s: float, now: datetime
+        self, *, window: int | None, lease_s: float, now: datetime, min_free: int = 1
     ) -> list[dispatch.DispatchItem]:
         with self._transaction() as cur:
             return dispatch.claim(
-                cur, _DISPATCH, window=window, lease_s=lease_s, now=now, stamp=_as_utc
+                cur,
+                _DISPATCH,
+                window=window,
+                lease_s=lease_s,
+                now=now,
+                stamp=_as_utc,
+                min_free=min_free,
             )
 
     def finish_dispatch(

@@ -635,11 +635,17 @@ class SqliteResultStore:
     # Paced batch dispatch and the batch list (`conveyor.store.dispatch`).
 
     def claim_dispatch(
-        self, *, window: int | None, lease_s: float, now: datetime
+        self, *, window: int | None, lease_s: float, now: datetime, min_free: int = 1
     ) -> list[dispatch.DispatchItem]:
         with self._transaction() as cur:
             return dispatch.claim(
-                cur, _DISPATCH, window=window, lease_s=lease_s, now=now, stamp=_ts
+                cur,
+                _DISPATCH,
+                window=window,
+                lease_s=lease_s,
+                now=now,
+                stamp=_ts,
+                min_free=min_free,
             )
 
     def finish_dispatch(

@@ -56,6 +56,9 @@ LIST_LIMIT, LIST_MAX = 20, 100  # GET /v1/batches: OpenAI's default and maximum 
 # A claim outlives any publish (the publisher gives up on an acknowledgement after seconds), so
 # it lapses only when its replica died midway; the items are then claimed again.
 CLAIM_LEASE_S = 60.0
+# Room is refilled once a quarter of the window is free (or nothing is in flight): the stages
+# then get the batch in chunks they handle as batches, not a trickle of one-record batches.
+REFILL_FRACTION = 4
 # After the broker refused a round, the released items wait this long before the next try.
 BROKER_BACKOFF_S = 1.0
 # Dispatchers of this process, so a new batch can wake its gateway's at once.
@@ -300,6 +303,7 @@ class Dispatcher:
         self.wake = asyncio.Event()
         in_flight = gateway.settings.batch_in_flight
         self.window = in_flight or None  # 0: unbounded (everything at once, as before pacing)
+        self.min_free = max(1, in_flight // REFILL_FRACTION)
 
     async def run(self) -> None:
         while True:
@@ -320,6 +324,7 @@ class Dispatcher:
         claim = functools.partial(
             self.store.claim_dispatch,
             window=self.window,
+            min_free=self.min_free,
             lease_s=CLAIM_LEASE_S,
             now=datetime.now(UTC),
         )
