@@ -20,7 +20,7 @@ counts, with the gateway's dispatch window (`batch_in_flight`, docs/batches.md "
 it ran under. Written to bench/results/batches.json (or `--out`).
 
 `--window N` sets that window (default: the gateway's default; 0 = no bound, every task
-published at once as before pacing); `--windows 0,256` runs the whole sequence once per window,
+published at once as before pacing); `--windows 0,512` runs the whole sequence once per window,
 each on a fresh stack and store against the same broker, to compare them in the same conditions.
 
     python bench/batch_latency.py [--tasks 20000] [--interactive 40] [--gap-s 0.5] [--budget 1800]
@@ -210,7 +210,7 @@ def main() -> int:
     parser.add_argument(
         "--window", type=int, default=default_window, help="batch_in_flight; 0: no bound"
     )
-    parser.add_argument("--windows", help="compare: one run per window, e.g. 0,256")
+    parser.add_argument("--windows", help="compare: one run per window, e.g. 0,512")
     parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument(
         "--bootstrap",
