@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -387,6 +388,42 @@ def test_the_window_bounds_what_is_dispatched_and_refills_as_tasks_end(
         complete(store, task["task_id"])
     wait_for(lambda: len(publisher.sent) == 7, "three more, as three ended")
     assert [t["task_id"] for t in publisher.sent] == [f"{batch['id']}.{n}" for n in range(1, 8)]
+
+
+def test_a_restarted_gateway_resumes_dispatch_from_the_store(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'conveyor.db'}"
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme"},
+        store_url=url,
+        batch_in_flight=4,
+        batch_dispatch_poll_s=0.02,
+    )
+
+    def gateway(publisher: FakePublisher) -> Gateway:  # it closes its store when it stops
+        store = open_store(url)
+        return Gateway(settings, publisher=publisher, store=store, queue_estimate=lambda: 0)
+
+    def recorded() -> int:  # published and recorded so (a round cut short by the stop would
+        # leave its claims to lapse first, CLAIM_LEASE_S: docs/batches.md, failure modes)
+        with sqlite3.connect(tmp_path / "conveyor.db") as db:
+            query = "SELECT COUNT(*) FROM batch_dispatch WHERE state = 'dispatched'"
+            return int(db.execute(query).fetchone()[0])
+
+    first = FakePublisher()
+    with TestClient(build_app(gateway(first))) as client:
+        batch = submit(client, embed_lines(10)).json()
+        wait_for(lambda: recorded() == 4, "the window filled and recorded")
+    assert len(first.sent) == 4
+    store = open_store(url)
+    try:
+        for task in first.sent:  # they end while no gateway runs
+            complete(store, task["task_id"])
+    finally:
+        store.close()
+    second = FakePublisher()
+    with TestClient(build_app(gateway(second))):
+        wait_for(lambda: len(second.sent) == 4, "dispatch resumed")
+    assert [t["task_id"] for t in second.sent] == [f"{batch['id']}.{n}" for n in range(5, 9)]
 
 
 def test_a_small_batch_is_not_starved_by_a_big_one(
