@@ -16,9 +16,15 @@ An interactive task's latency is from its reservation at the gateway (`created_a
 terminal event (`completed_at`, moderation's event time): both wall-clock times on this machine,
 read from the store, so polling adds nothing to them. Reported: p50/p95/max per phase, the batch's
 submit time (check + store + publish of the whole file), its duration and throughput, and its
-counts. Written to bench/results/batches.json.
+counts, with the gateway's dispatch window (`batch_in_flight`, docs/batches.md "Paced dispatch")
+it ran under. Written to bench/results/batches.json (or `--out`).
+
+`--window N` sets that window (default: the gateway's default; 0 = no bound, every task
+published at once as before pacing); `--windows 0,512` runs the whole sequence once per window,
+each on a fresh stack and store against the same broker, to compare them in the same conditions.
 
     python bench/batch_latency.py [--tasks 20000] [--interactive 40] [--gap-s 0.5] [--budget 1800]
+                                  [--window N | --windows N,M] [--out FILE]
                                   [--bootstrap HOST:PORT]
 """
 
@@ -45,6 +51,7 @@ from machine import machine  # noqa: E402
 from conveyor.broker.local import LocalBroker  # noqa: E402
 from conveyor.local.stack import LocalStack  # noqa: E402
 from conveyor.net import free_ports  # noqa: E402
+from conveyor.services.gateway.settings import GatewaySettings  # noqa: E402
 from conveyor.store import open_store  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "batches.json"
@@ -53,7 +60,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 TERMINAL = {"completed", "blocked", "failed", "expired", "cancelled"}
 
 
-def start_stack(bootstrap: str, root: Path) -> tuple[LocalStack, str, str]:
+def start_stack(bootstrap: str, root: Path, window: int) -> tuple[LocalStack, str, str]:
+    root.mkdir(parents=True, exist_ok=True)
     store_url = f"sqlite:///{root / 'conveyor.db'}"
     (port,) = free_ports(1)
     env = {
@@ -63,6 +71,7 @@ def start_stack(bootstrap: str, root: Path) -> tuple[LocalStack, str, str]:
         "CONVEYOR_GATEWAY_TOKENS": json.dumps({TOKEN: "bench"}),
         "CONVEYOR_GATEWAY_PORT": str(port),
         "CONVEYOR_PUBLISH_TIMEOUT_S": "60",
+        "CONVEYOR_BATCH_IN_FLIGHT": str(window),
         "OTEL_SDK_DISABLED": "true",
     }
     services = ("writeback", "notify", "moderation", "inference", "preprocess", "gateway")
@@ -167,8 +176,8 @@ def batch_phase(http: httpx.Client, args: argparse.Namespace, store_url: str) ->
         if batch["status"] == "completed"
         else None,
         "interactive": summary(latencies(store_url, "bench", ids, timeout_s=300)),
-        # Interactive latency over time: the first tasks after the submit wait behind the batch's
-        # records on the shared ingress topic (preprocess is not laned): docs/batches.md.
+        # Interactive latency over time: without pacing (window 0) the first tasks after the
+        # submit wait behind the whole batch's records at every stage without lanes.
         "interactive_first_10_s": [
             round(v, 1) for v in latencies(store_url, "bench", ids[:10], timeout_s=300)
         ],
@@ -197,34 +206,56 @@ def main() -> int:
     parser.add_argument("--interactive", type=int, default=40)
     parser.add_argument("--gap-s", type=float, default=0.5)
     parser.add_argument("--budget", type=float, default=1800.0, help="batch phase limit, s")
+    default_window = GatewaySettings.model_fields["batch_in_flight"].default
+    parser.add_argument(
+        "--window", type=int, default=default_window, help="batch_in_flight; 0: no bound"
+    )
+    parser.add_argument("--windows", help="compare: one run per window, e.g. 0,512")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
     parser.add_argument(
         "--bootstrap",
         default=os.environ.get("CONVEYOR_KAFKA_BOOTSTRAP"),
         help="an existing broker (default: start a LocalBroker)",
     )
     args = parser.parse_args()
+    windows = [int(w) for w in args.windows.split(",")] if args.windows else [args.window]
     # SIGTERM unwinds like Ctrl-C, so the services this run started are stopped too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     root = Path(tempfile.mkdtemp(prefix="conveyor-bench-batches-"))
     load_before = os.getloadavg()
+    runs = []
     with contextlib.ExitStack() as resources:
         bootstrap = args.bootstrap
         if not bootstrap:
             bootstrap = resources.enter_context(LocalBroker()).bootstrap
-        stack, url, store_url = start_stack(bootstrap, root)
-        resources.callback(stack.stop)
+        for window in windows:
+            runs.append(run(args, bootstrap, root / f"window-{window}", window))
+    report: dict[str, Any] = {"machine": machine(load_before), "load_after": os.getloadavg()}
+    report |= runs[0] if len(runs) == 1 else {"runs": runs}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def run(args: argparse.Namespace, bootstrap: str, root: Path, window: int) -> dict[str, Any]:
+    """Idle, then batch, on a fresh stack whose gateway paces batches with `window`."""
+    stack, url, store_url = start_stack(bootstrap, root, window)
+    try:
         with httpx.Client(base_url=url, headers=AUTH, timeout=120) as http:
+            load = os.getloadavg()
             idle = idle_phase(http, args, store_url)
-            print(f"idle interactive latency: {idle}", flush=True)
+            print(f"window={window} idle interactive latency: {idle}", flush=True)
             during = batch_phase(http, args, store_url)
-    report = {
-        "machine": machine(load_before),
+            print(f"window={window} batch: {during}", flush=True)
+    finally:
+        stack.stop()
+    return {
+        "batch_in_flight": window,
+        "load_at_start": load,
+        "load_at_end": os.getloadavg(),
         "idle_interactive": idle,
         "batch": during,
     }
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report, indent=2))
-    return 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@ real packaged models, a real SQLite store, and `conveyor batch` as a user runs i
 A 300-task embed batch completes with the right counts and every result in input order (the
 embeddings checked against the model run here); a batch cancelled midway ends with its unfinished
 tasks `cancelled` and keeps them so once inference drains their records; a batch whose completion
-window passes ends `expired` with its unfinished tasks. To make "midway" and "unfinished"
-certain rather than a race, inference is stopped at the point that matters and started again.
+window passes ends `expired` with its unfinished tasks; an interactive task submitted while a
+batch twenty times the dispatch window runs completes while most of the batch is unfinished, and
+the gateway never has more than the window of the batch's tasks in flight. To make "midway" and
+"unfinished" certain rather than a race, inference is stopped at the point that matters and
+started again.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import subprocess
 import sys
 import time
@@ -31,6 +35,7 @@ from tests.e2e.conftest import WEBHOOK_ENV
 pytestmark = [pytest.mark.broker, pytest.mark.models, pytest.mark.timeout(600)]
 
 TOKEN = "tok-batch-acme"
+WINDOW = 48  # the gateway's batch_in_flight here: small, so batches are many windows long
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
@@ -96,6 +101,7 @@ def batches(kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory) -> I
         "CONVEYOR_GATEWAY_PORT": str(port),
         # The broker is shared with other runs on two cores.
         "CONVEYOR_PUBLISH_TIMEOUT_S": "60",
+        "CONVEYOR_BATCH_IN_FLIGHT": str(WINDOW),
         **WEBHOOK_ENV,
         "OTEL_SDK_DISABLED": "true",
     }
@@ -215,3 +221,45 @@ def test_batch_past_its_completion_window_expires_its_unfinished_tasks(batches: 
     lines = batches.results(batch["id"])
     assert all(line["error"]["code"] == "expired" for line in lines)
     assert "completion window 3s passed" in lines[0]["error"]["message"]
+
+
+def in_flight(store_url: str) -> int:
+    """Batch tasks the gateway has claimed or dispatched and not yet seen end (the store)."""
+    path = store_url.removeprefix("sqlite:///")
+    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+        (count,) = db.execute(
+            "SELECT COUNT(*) FROM batch_dispatch WHERE state IN ('claimed', 'dispatched')"
+        ).fetchone()
+    return int(count)
+
+
+def test_interactive_task_during_a_batch_much_larger_than_the_window_is_not_queued_behind_it(
+    batches: Batches,
+) -> None:
+    total = 20 * WINDOW
+    batch_id = batches.submit(embed_lines("delta", total))["id"]
+    batches.until(
+        lambda: batches.get(batch_id)["request_counts"]["completed"] >= 1,
+        "the batch to be running",
+        timeout_s=180,
+    )
+    answer = batches.http.post("/v1/tasks", json={"kind": "embed", "input": "a question now"})
+    assert answer.status_code == 202, answer.text
+    task_id = answer.json()["task_id"]
+    peak = [0]
+
+    def interactive_done() -> Any:
+        peak[0] = max(peak[0], in_flight(batches.store_url))
+        task = batches.http.get(f"/v1/tasks/{task_id}").json()
+        return task["status"] == "completed" and task
+
+    task = batches.until(interactive_done, "the interactive task to complete", timeout_s=240)
+    assert len(task["result"]["embedding"]) == 384
+    counts = batches.get(batch_id)["request_counts"]
+    unfinished = counts["pending"] + counts["processing"] + counts["retrying"]
+    # Behind at most a window of batch records at any stage, not behind the whole batch.
+    assert unfinished > total // 2, counts
+    assert 0 < peak[0] <= WINDOW, peak
+    cancelled = batches.http.post(f"/v1/batches/{batch_id}/cancel").json()
+    assert cancelled["status"] == "cancelled"
+    assert cancelled["request_counts"]["cancelled"] > 0

@@ -4,6 +4,7 @@ against PostgreSQL in tests/integration/test_batch_store_postgres.py. Also the b
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -189,6 +190,167 @@ class BatchStoreContract:
         assert not store.set_batch_status(*args, expect=[BatchStatus.COMPLETED])
         assert store.set_batch_status(*args, expect=[BatchStatus.IN_PROGRESS])
         assert store.get_batch("acme", batch.batch_id).status == BatchStatus.CANCELLING
+
+
+class DispatchContract:
+    """Paced dispatch (`conveyor.store.dispatch`) over a real store; subclasses give
+    `store_url`, a database of the test's own (the window counts every batch in it)."""
+
+    @pytest.fixture
+    def store(self, store_url: str) -> Iterator[Any]:
+        opened = open_store(store_url)
+        yield opened
+        opened.close()
+
+    def make(self, store: Any, count: int, *, tenant: str = "acme", minute: int = 0) -> Any:
+        batch_id = lifecycle.new_batch_id()
+        lines = _lines(batch_id, count)
+        return lifecycle.create(
+            store,
+            lines,
+            batch_id=batch_id,
+            tenant=tenant,
+            window="1h",
+            now=T0 + timedelta(minutes=minute),
+            digest=lambda body: "d",
+        )
+
+    def claim(self, store: Any, window: int | None, *, at: datetime | None = None) -> list[Any]:
+        return store.claim_dispatch(window=window, lease_s=60, now=at or datetime.now(UTC))
+
+    def test_claims_keep_the_window_in_input_order_and_refill_as_tasks_end(
+        self, store: Any
+    ) -> None:
+        batch = self.make(store, 10)
+        first = self.claim(store, 4)
+        assert [i.line for i in first] == [1, 2, 3, 4]
+        assert first[0].body["task_id"] == f"{batch.batch_id}.1"
+        assert first[0].body["priority"] == "low"
+        assert self.claim(store, 4) == []  # claimed counts against the window
+        store.finish_dispatch(dispatched=first)
+        assert self.claim(store, 4) == []  # dispatched and unfinished: still in flight
+        for item in first[:3]:
+            _finish(store, item.task_id, "completed")
+        assert [i.line for i in self.claim(store, 4)] == [5, 6, 7]
+        assert len(self.claim(store, None)) == 3  # no bound: the rest at once
+        assert self.claim(store, None) == []
+
+    def test_room_is_refilled_in_chunks_of_min_free(self, store: Any) -> None:
+        self.make(store, 20)
+        now = datetime.now(UTC)
+        first = store.claim_dispatch(window=8, lease_s=60, now=now, min_free=4)
+        store.finish_dispatch(dispatched=first)
+        for item in first[:3]:
+            _finish(store, item.task_id, "completed")
+        assert store.claim_dispatch(window=8, lease_s=60, now=now, min_free=4) == []
+        _finish(store, first[3].task_id, "completed")
+        again = store.claim_dispatch(window=8, lease_s=60, now=now, min_free=4)
+        assert [i.line for i in again] == [9, 10, 11, 12]
+
+    def test_released_and_lapsed_claims_are_claimed_again(self, store: Any) -> None:
+        self.make(store, 3)
+        now = datetime.now(UTC)
+        first = self.claim(store, 2, at=now)
+        store.finish_dispatch(dispatched=[], released=first[:1])  # the broker refused it
+        assert [i.line for i in self.claim(store, 2, at=now)] == [1]
+        # Line 2's replica died mid-publish: once its claim lapses, it is claimed again.
+        later = now + timedelta(seconds=61)
+        assert [i.line for i in self.claim(store, 2, at=later)] == [1, 2]
+
+    def test_two_replicas_never_claim_the_same_item_nor_overfill_the_window(
+        self, store: Any, store_url: str
+    ) -> None:
+        self.make(store, 300)
+        other = open_store(store_url)
+        claimed: list[list[Any]] = [[], []]
+
+        def replica(n: int, target: Any) -> None:
+            for _ in range(20):
+                claimed[n].extend(self.claim(target, 50))
+
+        try:
+            threads = [
+                threading.Thread(target=replica, args=(0, store)),
+                threading.Thread(target=replica, args=(1, other)),
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(60)
+        finally:
+            other.close()
+        lines = [i.line for i in claimed[0] + claimed[1]]
+        assert len(lines) == 50 and len(set(lines)) == 50  # the window, each item once
+
+    def test_batches_share_the_window_round_robin_across_tenants(self, store: Any) -> None:
+        big = self.make(store, 50, tenant="acme", minute=0)
+        second = self.make(store, 50, tenant="acme", minute=1)
+        small = self.make(store, 3, tenant="beta", minute=2)
+        chosen = self.claim(store, 8)
+        per_batch = {
+            b.batch_id: [i.line for i in chosen if i.batch_id == b.batch_id]
+            for b in (big, second, small)
+        }
+        # One item per tenant per turn (beta's small batch is not starved by acme's two big
+        # ones); acme's turns alternate between its batches; beta runs out, acme takes the rest.
+        assert per_batch == {
+            big.batch_id: [1, 2, 3],
+            second.batch_id: [1, 2],
+            small.batch_id: [1, 2, 3],
+        }
+
+    def test_stop_gives_the_never_dispatched_tasks_and_dispatch_skips_the_batch(
+        self, store: Any
+    ) -> None:
+        stopped = self.make(store, 5)
+        store.finish_dispatch(dispatched=self.claim(store, 2))
+        never = store.stop_dispatch("acme", stopped.batch_id, now=datetime.now(UTC))
+        assert never == [f"{stopped.batch_id}.{n}" for n in (3, 4, 5)]
+        assert self.claim(store, None) == []
+        assert store.stop_dispatch("acme", stopped.batch_id, now=datetime.now(UTC)) == []
+        for n in (1, 2):
+            _finish(store, f"{stopped.batch_id}.{n}", "completed")
+        batch = self.make(store, 5)
+        store.finish_dispatch(dispatched=self.claim(store, 2))
+        store.set_batch_status(
+            "acme", batch.batch_id, BatchStatus.CANCELLING, expect=[BatchStatus.IN_PROGRESS]
+        )
+        calls: list[tuple[str, str]] = []
+
+        def cancel_task(task_id: str, tenant: str) -> None:
+            calls.append((task_id, tenant))
+            _finish(store, task_id, "cancelled")
+
+        ended = lifecycle.refresh(store, store.get_batch("acme", batch.batch_id),
+                                  datetime.now(UTC), cancel_task)  # fmt: skip
+        assert ended.status == BatchStatus.CANCELLED
+        # Dispatched: the ordinary task cancel; never dispatched: the store only.
+        assert calls == [(f"{batch.batch_id}.{n}", "acme") for n in (1, 2)]
+        assert store.batch_counts("acme", batch.batch_id)["cancelled"] == 5
+
+    def test_a_cancelled_batch_frees_its_window_for_the_next(self, store: Any) -> None:
+        first = self.make(store, 6, minute=0)
+        second = self.make(store, 6, minute=1)
+        store.finish_dispatch(dispatched=self.claim(store, 4))
+        lifecycle.cancel(store, first, datetime.now(UTC))  # no canceller: the store ends them
+        lifecycle.cancel(store, second, datetime.now(UTC))
+        third = self.make(store, 6, minute=2)
+        assert {i.batch_id for i in self.claim(store, 4)} == {third.batch_id}
+
+    def test_list_is_the_tenants_batches_newest_first_with_a_cursor(self, store: Any) -> None:
+        made = [self.make(store, 1, minute=m) for m in range(5)]
+        self.make(store, 1, tenant="beta")
+        newest = [b.batch_id for b in reversed(made)]
+        assert [b.batch_id for b in store.list_batches("acme", limit=3)] == newest[:3]
+        page = store.list_batches("acme", limit=3, after=newest[2])
+        assert [b.batch_id for b in page] == newest[3:]
+        assert store.list_batches("beta", limit=10, after=newest[0]) == []
+
+
+class TestSqliteDispatch(DispatchContract):
+    @pytest.fixture
+    def store_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path / 'conveyor.db'}"
 
 
 class TestSqliteBatchStore(BatchStoreContract):

@@ -122,6 +122,19 @@ def test_a_higher_lane_is_served_first_and_a_starved_lane_after_the_guard() -> N
     assert {m.topic() for m in w.take(8, 5.5)} == {NORMAL}
 
 
+def test_a_lane_with_a_sustained_backlog_is_served_once_per_guard_interval_not_always() -> None:
+    # A batch keeps the low lane full: its oldest record is always older than the guard. Low
+    # gets one batch per interval; the rest of the time the higher lane goes first.
+    w = window(starvation_s=2.0)
+    w.add([rec("a", i, LOW) for i in range(100)], 0.0)
+    w.add([rec("b", i, NORMAL) for i in range(100)], 0.0)
+    assert {m.topic() for m in w.take(4, 2.0)} == {LOW}  # starved: one batch
+    assert {m.topic() for m in w.take(4, 2.1)} == {NORMAL}
+    assert {m.topic() for m in w.take(4, 3.9)} == {NORMAL}
+    assert {m.topic() for m in w.take(4, 4.0)} == {LOW}  # 2 s since its last batch
+    assert {m.topic() for m in w.take(4, 4.0)} == {NORMAL}
+
+
 def test_topics_that_are_not_lanes_rank_below_them() -> None:
     w = window()
     w.add([rec("a", 0, "retry.1")], 0.0)

@@ -1,11 +1,14 @@
-"""The gateway's batch routes with a fake publisher and a real (in-memory SQLite) store: the file
-is checked line by line, tasks ride the low lane with the batch's deadline, progress counts,
-results in input order, cancel, expiry, tenant isolation, a broker failure midway; and the
-inference-side check that drops the tasks of a stopped batch."""
+"""The gateway's batch routes and its paced dispatcher with a fake publisher and a real (SQLite)
+store: the file is checked line by line, tasks ride the low lane with the batch's deadline and
+are published within the `batch_in_flight` window, progress counts, results in input order,
+cancel (never-dispatched tasks in the store, dispatched ones through the task canceller), expiry,
+the list, tenant isolation, a broker that does not acknowledge (released and retried)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -14,7 +17,6 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from conveyor.batches.skip import StoppedBatches
 from conveyor.errors import BrokerError, PermanentError
 from conveyor.services.gateway.handler import Gateway, build_app
 from conveyor.services.gateway.settings import GatewaySettings
@@ -67,6 +69,24 @@ def submit(client: TestClient, lines: list[Any], **params: str) -> Any:
     return client.post("/v1/batches", content=jsonl(lines), headers=JSONL, params=params)
 
 
+def wait_for(check: Any, what: str, timeout_s: float = 20.0) -> None:
+    """Until the dispatcher (a background task of the app) has done what `check` looks for."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"not within {timeout_s} s: {what}")
+
+
+def dispatched(client: TestClient, lines: list[Any], publisher: FakePublisher) -> Any:
+    """Submit a batch and wait until all its tasks are published (the window allows it)."""
+    before = len(publisher.sent)
+    batch = submit(client, lines).json()
+    wait_for(lambda: len(publisher.sent) >= before + len(lines), "every task published")
+    return batch
+
+
 def complete(store: Any, task_id: str, status: str = "completed") -> None:
     store.apply(
         TaskUpdate(
@@ -107,6 +127,7 @@ def test_batch_is_accepted_published_low_lane_with_its_deadline(
     assert batch["request_counts"]["pending"] == 30
     assert answer.headers["location"] == f"/v1/batches/{batch['id']}"
     assert batch["results_url"] == f"/v1/batches/{batch['id']}/results"
+    wait_for(lambda: len(publisher.sent) == 30, "30 tasks published")
     assert [t["task_id"] for t in publisher.sent] == [f"{batch['id']}.{n}" for n in range(1, 31)]
     assert [t["priority"] for t in publisher.sent].count("low") == 29
     assert publisher.sent[7]["priority"] == "high"
@@ -175,9 +196,9 @@ def test_file_refusals(
 
 
 def test_progress_counts_results_in_input_order_and_completion(
-    client: TestClient, store: Any
+    client: TestClient, store: Any, publisher: FakePublisher
 ) -> None:
-    batch = submit(client, embed_lines(12)).json()
+    batch = dispatched(client, embed_lines(12), publisher)
     ids = [f"{batch['id']}.{n}" for n in range(1, 13)]
     for task_id in ids[:5]:
         complete(store, task_id)
@@ -201,8 +222,10 @@ def test_progress_counts_results_in_input_order_and_completion(
     assert done["request_counts"]["completed"] == 11
 
 
-def test_cancel_ends_unfinished_tasks_cancelled(client: TestClient, store: Any) -> None:
-    batch = submit(client, embed_lines(10)).json()
+def test_cancel_ends_unfinished_tasks_cancelled(
+    client: TestClient, store: Any, publisher: FakePublisher
+) -> None:
+    batch = dispatched(client, embed_lines(10), publisher)
     for n in range(1, 4):
         complete(store, f"{batch['id']}.{n}")
     answer = client.post(f"/v1/batches/{batch['id']}/cancel", headers=ACME)
@@ -243,22 +266,24 @@ def test_another_tenant_sees_no_batch(client: TestClient) -> None:
     assert client.get("/v1/batches/batch_unknown", headers=ACME).status_code == 404
 
 
-def test_broker_failure_midway_fails_the_unpublished_tasks_and_the_batch(
-    client: TestClient, publisher: FakePublisher
+def test_tasks_the_broker_does_not_acknowledge_are_released_and_published_later(
+    client: TestClient, publisher: FakePublisher, store: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     publisher.failure = BrokerError("no broker acknowledgement within 5.0s")
     answer = submit(client, embed_lines(5))
-    assert answer.status_code == 503
+    assert answer.status_code == 202  # accepted: stored, published when the broker takes it
     batch = answer.json()
-    assert batch["status"] == "failed"
-    assert "BrokerError" in batch["errors"][0]["message"]
-    assert batch["request_counts"]["failed"] == 5
-    line = results(client, batch["id"])[0]
-    assert line["error"]["message"].startswith("not published: ")
+    wait_for(lambda: "released, retried" in caplog.text, "a refused round")
+    view = client.get(f"/v1/batches/{batch['id']}", headers=ACME).json()
+    assert view["status"] == "in_progress" and view["request_counts"]["pending"] == 5
+    assert publisher.sent == []
+    publisher.failure = None  # the broker is back: nothing was lost
+    wait_for(lambda: len(publisher.sent) == 5, "the released tasks published")
+    assert [t["task_id"] for t in publisher.sent] == [f"{batch['id']}.{n}" for n in range(1, 6)]
 
 
 def test_a_task_refused_alone_fails_alone(
-    client: TestClient, publisher: FakePublisher, monkeypatch: pytest.MonkeyPatch
+    client: TestClient, publisher: FakePublisher, store: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = publisher.submit
 
@@ -270,30 +295,17 @@ def test_a_task_refused_alone_fails_alone(
     monkeypatch.setattr(publisher, "submit", refuse_third)
     answer = submit(client, embed_lines(4))
     assert answer.status_code == 202
-    assert answer.json()["request_counts"]["failed"] == 1
-    assert len(publisher.sent) == 3
+    batch_id = answer.json()["id"]
+    wait_for(lambda: store.batch_counts("acme", batch_id)["failed"] == 1, "the third failed")
+    wait_for(lambda: len(publisher.sent) == 3, "the others published")
+    line = results(client, batch_id)[2]
+    assert line["error"]["message"].startswith("not published: task encodes")
 
 
 def test_openapi_documents_the_batch_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/batches", "/v1/batches/{batch_id}", "/v1/batches/{batch_id}/cancel",
             "/v1/batches/{batch_id}/results"} <= set(paths)  # fmt: skip
-
-
-def test_stopped_batches_check_reads_the_store_and_caches(client: TestClient, store: Any) -> None:
-    running = submit(client, embed_lines(2)).json()["id"]
-    cancelled = submit(client, embed_lines(2)).json()["id"]
-    client.post(f"/v1/batches/{cancelled}/cancel", headers=ACME)
-    now = [0.0]
-    check = StoppedBatches(store, ttl_s=2.0, clock=lambda: now[0])
-    assert check.stopped("acme", f"{cancelled}.1")
-    assert not check.stopped("acme", f"{running}.1")
-    assert not check.stopped("beta", f"{cancelled}.1")  # another tenant's id names no batch
-    assert not check.stopped("acme", "plain-task-id")
-    client.post(f"/v1/batches/{running}/cancel", headers=ACME)
-    assert not check.stopped("acme", f"{running}.2")  # cached for ttl_s
-    now[0] = 2.5
-    assert check.stopped("acme", f"{running}.2")
 
 
 def test_cli_follows_a_batch_to_its_end_and_writes_results_in_order(
@@ -321,24 +333,168 @@ def test_cli_follows_a_batch_to_its_end_and_writes_results_in_order(
     assert [line["custom_id"] for line in written] == ["req-0", "req-1", "req-2"]
 
 
-def test_inference_drops_the_records_of_a_cancelled_batch_and_runs_the_rest(
-    client: TestClient, store: Any
-) -> None:
-    from conveyor.services.inference.handler import InferenceResources
-    from conveyor.services.inference.settings import InferenceSettings
-    from tests.stages import infer
-    from tests.unit.test_handlers import FakeRegistry, ctx, preprocessed
+class FakeCanceller:
+    """Records the tasks the batch cancel sends through the ordinary task cancel, and cancels
+    them in the store as `Canceller.cancel` does (without a broker)."""
 
-    running = submit(client, embed_lines(1)).json()["id"]
-    cancelled = submit(client, embed_lines(1)).json()["id"]
-    client.post(f"/v1/batches/{cancelled}/cancel", headers=ACME)
-    registry = FakeRegistry()
-    events = [preprocessed(f"{running}.1"), preprocessed(f"{cancelled}.1"), preprocessed("solo")]
-    resources = InferenceResources(models=registry, stopped_batches=StoppedBatches(store))  # type: ignore[arg-type]
-    out = infer(events, ctx(InferenceSettings(stage="inference"), resources))
-    assert out[1] is None  # dropped: no output, the store already says cancelled
-    assert out[0] is not None and out[2] is not None
-    assert registry.calls == [("embed", 2)]
+    def __init__(self, store: Any) -> None:
+        self.store = store
+        self.cancelled: list[tuple[str, str]] = []
+
+    def cancel(self, task_id: str, tenant: str) -> Any:
+        self.cancelled.append((task_id, tenant))
+        self.store.apply(
+            TaskUpdate(
+                task_id=task_id,
+                event_id=f"{task_id}-cancel",
+                event_type="conveyor.task.status.v1",
+                status="cancelled",
+                time=datetime.now(UTC),
+                tenant=tenant,
+                stage="gateway",
+                detail="cancelled by the tenant (gateway)",
+            )
+        )
+        return None
+
+
+@pytest.fixture
+def paced(store: Any, publisher: FakePublisher) -> Iterator[tuple[TestClient, FakeCanceller]]:
+    """A gateway whose window is 4 batch tasks, with a task canceller."""
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme", "tok-beta": "beta"},
+        store_url="sqlite:///:memory:",
+        batch_in_flight=4,
+        batch_dispatch_poll_s=0.02,
+    )
+    canceller = FakeCanceller(store)
+    gateway = Gateway(
+        settings, publisher=publisher, store=store, queue_estimate=lambda: 0,
+        canceller=canceller,  # type: ignore[arg-type]
+    )  # fmt: skip
+    with TestClient(build_app(gateway)) as test_client:
+        yield test_client, canceller
+
+
+def test_the_window_bounds_what_is_dispatched_and_refills_as_tasks_end(
+    paced: tuple[TestClient, FakeCanceller], publisher: FakePublisher, store: Any
+) -> None:
+    client, _ = paced
+    batch = submit(client, embed_lines(10)).json()
+    wait_for(lambda: len(publisher.sent) == 4, "the window filled")
+    time.sleep(0.3)  # many dispatcher polls: none may publish past the window
+    assert len(publisher.sent) == 4
+    for task in publisher.sent[:3]:
+        complete(store, task["task_id"])
+    wait_for(lambda: len(publisher.sent) == 7, "three more, as three ended")
+    assert [t["task_id"] for t in publisher.sent] == [f"{batch['id']}.{n}" for n in range(1, 8)]
+
+
+def test_a_restarted_gateway_resumes_dispatch_from_the_store(tmp_path: Any) -> None:
+    url = f"sqlite:///{tmp_path / 'conveyor.db'}"
+    settings = GatewaySettings(
+        gateway_tokens={"tok-acme": "acme"},
+        store_url=url,
+        batch_in_flight=4,
+        batch_dispatch_poll_s=0.02,
+    )
+
+    def gateway(publisher: FakePublisher) -> Gateway:  # it closes its store when it stops
+        store = open_store(url)
+        return Gateway(settings, publisher=publisher, store=store, queue_estimate=lambda: 0)
+
+    def recorded() -> int:  # published and recorded so (a round cut short by the stop would
+        # leave its claims to lapse first, CLAIM_LEASE_S: docs/batches.md, failure modes)
+        with sqlite3.connect(tmp_path / "conveyor.db") as db:
+            query = "SELECT COUNT(*) FROM batch_dispatch WHERE state = 'dispatched'"
+            return int(db.execute(query).fetchone()[0])
+
+    first = FakePublisher()
+    with TestClient(build_app(gateway(first))) as client:
+        batch = submit(client, embed_lines(10)).json()
+        wait_for(lambda: recorded() == 4, "the window filled and recorded")
+    assert len(first.sent) == 4
+    store = open_store(url)
+    try:
+        for task in first.sent:  # they end while no gateway runs
+            complete(store, task["task_id"])
+    finally:
+        store.close()
+    second = FakePublisher()
+    with TestClient(build_app(gateway(second))):
+        wait_for(lambda: len(second.sent) == 4, "dispatch resumed")
+    assert [t["task_id"] for t in second.sent] == [f"{batch['id']}.{n}" for n in range(5, 9)]
+
+
+def test_a_small_batch_is_not_starved_by_a_big_one(
+    paced: tuple[TestClient, FakeCanceller], publisher: FakePublisher, store: Any
+) -> None:
+    client, _ = paced
+    big = submit(client, embed_lines(40)).json()
+    wait_for(lambda: len(publisher.sent) == 4, "the window filled")
+    small = client.post("/v1/batches", content=jsonl(embed_lines(2)),
+                        headers={**BETA, "Content-Type": "application/jsonl"}).json()  # fmt: skip
+    for task in publisher.sent[:4]:  # the window's room comes back: shared by the tenants
+        complete(store, task["task_id"])
+    wait_for(lambda: len(publisher.sent) == 8, "the room refilled")
+    sent = [t["task_id"] for t in publisher.sent]
+    assert sorted(sent[4:]) == sorted(
+        [f"{big['id']}.5", f"{big['id']}.6", f"{small['id']}.1", f"{small['id']}.2"]
+    )
+
+
+def test_cancel_stops_dispatch_and_cancels_dispatched_tasks_through_the_task_cancel(
+    paced: tuple[TestClient, FakeCanceller], publisher: FakePublisher, store: Any
+) -> None:
+    client, canceller = paced
+    batch = submit(client, embed_lines(10)).json()
+    wait_for(lambda: len(publisher.sent) == 4, "the window filled")
+    complete(store, f"{batch['id']}.1")
+    view = client.post(f"/v1/batches/{batch['id']}/cancel", headers=ACME).json()
+    assert view["status"] == "cancelled"
+    assert (view["request_counts"]["completed"], view["request_counts"]["cancelled"]) == (1, 9)
+    sent = [t["task_id"] for t in publisher.sent]  # 4, or 5 if task 1's room was refilled
+    assert len(sent) in (4, 5)
+    # Dispatched and unfinished: the ordinary task cancel (the stages drop their records).
+    assert canceller.cancelled == [(task_id, "acme") for task_id in sent[1:]]
+    # Never dispatched: ended in the store, and never published.
+    task = client.get(f"/v1/tasks/{batch['id']}.9", headers=ACME).json()
+    assert task["timeline"][-1]["detail"] == f"batch {batch['id']} cancelled"
+    time.sleep(0.3)
+    assert len(publisher.sent) == len(sent)
+
+
+def test_list_shows_the_callers_batches_newest_first_with_a_cursor(
+    client: TestClient,
+) -> None:
+    ids = [submit(client, embed_lines(1)).json()["id"] for _ in range(3)]
+    client.post("/v1/batches", content=jsonl(embed_lines(1)),
+                headers={**BETA, "Content-Type": "application/jsonl"})  # fmt: skip
+    page = client.get("/v1/batches", headers=ACME, params={"limit": "2"}).json()
+    assert page["object"] == "list" and page["has_more"] is True
+    assert [b["id"] for b in page["data"]] == ids[::-1][:2]
+    assert page["first_id"] == ids[2] and page["last_id"] == ids[1]
+    assert page["data"][0]["request_counts"]["total"] == 1
+    rest = client.get("/v1/batches", headers=ACME, params={"after": page["last_id"]}).json()
+    assert [b["id"] for b in rest["data"]] == [ids[0]] and rest["has_more"] is False
+    assert client.get("/v1/batches", headers=ACME, params={"limit": "0"}).status_code == 422
+    assert client.get("/v1/batches", headers=BETA).json()["data"][0]["id"] not in ids
+
+
+def test_cli_lists_batches_newest_first(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from conveyor.cli import batch as cli
+    from conveyor.cli.main import main
+
+    ids = [submit(client, embed_lines(2)).json()["id"] for _ in range(2)]
+    client.headers.update(ACME)
+    monkeypatch.setattr(cli, "_client", lambda args: contextlib.nullcontext(client))
+    assert main(["batch", "list", "--limit", "1"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{ids[1]}  in_progress")
+    assert out[0].endswith("0/2")
+    assert out[1] == f"more: conveyor batch list --after {ids[1]}"
 
 
 def test_gateway_sweeps_a_batch_past_its_window_that_nobody_reads(

@@ -3,6 +3,7 @@
 The shape is the OpenAI Batch API's (input lines with `custom_id`, a batch object with `status`,
 `request_counts` and `completion_window`, a results file in input order): `jsonl` reads and checks
 the input, `lifecycle` creates, refreshes, cancels and expires batches over the store, `views`
-writes the batch object and the result lines, and `skip` lets a stage drop the tasks of a batch
-that was stopped. The HTTP routes are in `conveyor.services.gateway.batches`; docs/batches.md.
+writes the batch object and the result lines. The HTTP routes and the paced dispatcher are in
+`conveyor.services.gateway.batches`, the dispatch claims in `conveyor.store.dispatch`;
+docs/batches.md.
 """

@@ -9,7 +9,10 @@ written by the gateway, with a deterministic event id and a timeline entry), so 
 precedence rule holds: a task that ended first keeps its outcome, and a late result of a task
 ended here loses to the terminal status. Refreshing happens when the batch is read (status,
 results, cancel) and in a periodic sweep of the batches past their window (`sweep`); their tasks
-also expire in inference on their own, since their deadline is the batch's expiry.
+also expire in inference on their own, since their deadline is the batch's expiry. Ending a
+batch stops its dispatch (`DispatchStore.stop_dispatch`): its tasks never dispatched are ended in
+the store alone; a cancel sends its dispatched unfinished ones (at most the dispatch window's
+worth) through the ordinary task cancel.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from conveyor.store.batches import (
     BatchStore,
     NewBatchItem,
 )
+from conveyor.store.dispatch import DispatchStore
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +51,13 @@ _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 END_CHUNK = 500
 
 
-class Store(ResultStore, BatchStore, Protocol):
-    """Both backends are both."""
+class Store(ResultStore, BatchStore, DispatchStore, Protocol):
+    """Both backends are all three."""
+
+
+# Cancels one dispatched task through the ordinary task-cancel path (`Canceller.cancel`:
+# recorded in the store, then published on the cancel topic every stage watches).
+CancelTask = Callable[[str, str], object]
 
 
 def new_batch_id() -> str:
@@ -106,6 +115,7 @@ def create(
             kind=line.task.kind,
             digest=digest(line.body),
             callback_url=line.task.callback_url,
+            body=line.body,
         )
         for line in lines
     ]
@@ -114,12 +124,16 @@ def create(
     return batch
 
 
-def refresh(store: Store, batch: BatchRecord, now: datetime) -> BatchRecord:
-    """The batch brought up to date (see the module docstring); returns it as stored."""
+def refresh(
+    store: Store, batch: BatchRecord, now: datetime, cancel_task: CancelTask | None = None
+) -> BatchRecord:
+    """The batch brought up to date (see the module docstring); returns it as stored.
+    `cancel_task` cancels the dispatched tasks of a batch being cancelled (None: they are
+    ended in the store only, and the stages run them to a result that loses)."""
     if batch.status in BATCH_ENDED:
         return batch
     if batch.status == BatchStatus.CANCELLING:
-        return _finish(store, batch, TaskStatus.CANCELLED, BatchStatus.CANCELLED, now)
+        return _finish(store, batch, TaskStatus.CANCELLED, BatchStatus.CANCELLED, now, cancel_task)
     if not store.batch_unfinished(batch.tenant, batch.batch_id, limit=1):
         # Every task ended (perhaps before the window passed, read only now): completed.
         store.set_batch_status(
@@ -130,41 +144,31 @@ def refresh(store: Store, batch: BatchRecord, now: datetime) -> BatchRecord:
     return _reread(store, batch)
 
 
-def cancel(store: Store, batch: BatchRecord, now: datetime) -> BatchRecord:
-    """Cancel an unfinished batch: `cancelling` first (so a crash midway is finished by the
-    next read), then its unfinished tasks end `cancelled`; an ended batch stays as it is."""
-    batch = refresh(store, batch, now)
+def cancel(
+    store: Store, batch: BatchRecord, now: datetime, cancel_task: CancelTask | None = None
+) -> BatchRecord:
+    """Cancel an unfinished batch: `cancelling` first (so dispatch stops, and a crash midway is
+    finished by the next read), then its tasks never dispatched end `cancelled` in the store and
+    its dispatched unfinished ones are cancelled through `cancel_task`; an ended batch stays as
+    it is."""
+    batch = refresh(store, batch, now, cancel_task)
     if batch.status == BatchStatus.IN_PROGRESS:
         store.set_batch_status(
             batch.tenant, batch.batch_id, BatchStatus.CANCELLING, expect=[BatchStatus.IN_PROGRESS]
         )
-        batch = refresh(store, _reread(store, batch), now)
+        batch = refresh(store, _reread(store, batch), now, cancel_task)
     return batch
 
 
-def sweep(store: Store, now: datetime, *, limit: int = 100) -> int:
+def sweep(
+    store: Store, now: datetime, *, limit: int = 100, cancel_task: CancelTask | None = None
+) -> int:
     """Bring up to date the batches left `cancelling` or past their window that nobody read
     (the gateway runs this every `batch_sweep_s`); returns how many it ended."""
     ended = 0
     for batch in store.overdue_batches(now, limit=limit):
-        ended += refresh(store, batch, now).status in BATCH_ENDED
+        ended += refresh(store, batch, now, cancel_task).status in BATCH_ENDED
     return ended
-
-
-def fail(
-    store: Store, batch: BatchRecord, unpublished: Sequence[str], error: str, now: datetime
-) -> None:
-    """The batch could not be published whole: its unpublished tasks end `failed`, and so does
-    the batch (tasks already published still run and are counted)."""
-    _end_tasks(store, batch, unpublished, TaskStatus.FAILED, f"not published: {error}", now)
-    store.set_batch_status(
-        batch.tenant,
-        batch.batch_id,
-        BatchStatus.FAILED,
-        expect=[BatchStatus.IN_PROGRESS, BatchStatus.CANCELLING],
-        ended_at=now,
-        error=error,
-    )
 
 
 def fail_task(store: Store, batch: BatchRecord, task_id: str, reason: str) -> None:
@@ -174,20 +178,35 @@ def fail_task(store: Store, batch: BatchRecord, task_id: str, reason: str) -> No
 
 
 def _finish(
-    store: Store, batch: BatchRecord, task_status: TaskStatus, status: BatchStatus, now: datetime
+    store: Store,
+    batch: BatchRecord,
+    task_status: TaskStatus,
+    status: BatchStatus,
+    now: datetime,
+    cancel_task: CancelTask | None = None,
 ) -> BatchRecord:
     reason = (
         f"batch {batch.batch_id} cancelled"
         if status == BatchStatus.CANCELLED
         else f"batch {batch.batch_id} completion window {batch.completion_window} passed"
     )
+    # Never dispatched: nothing runs them, so the store alone ends them (and dispatch skips
+    # them from now on; the batch is no longer `in_progress` either).
+    never = store.stop_dispatch(batch.tenant, batch.batch_id, now=now)
+    _end_tasks(store, batch, never, task_status, reason, now)
     # Each round ends up to END_CHUNK tasks; the bound only guards against a task that will not
     # end (an operator re-run reopening it between rounds), never reached otherwise.
     for _ in range(batch.total // END_CHUNK + 2):
         ids = store.batch_unfinished(batch.tenant, batch.batch_id, limit=END_CHUNK)
         if not ids:
             break
-        _end_tasks(store, batch, ids, task_status, reason, now)
+        if task_status == TaskStatus.CANCELLED and cancel_task is not None:
+            # Dispatched and unfinished (at most the dispatch window's worth): the ordinary
+            # cancel, so every stage drops their records and inference runs none of them.
+            for task_id in ids:
+                cancel_task(task_id, batch.tenant)
+        else:  # expired (inference expires them too: their deadline is the batch's expiry)
+            _end_tasks(store, batch, ids, task_status, reason, now)
     store.set_batch_status(
         batch.tenant, batch.batch_id, status, expect=[batch.status], ended_at=now
     )

@@ -1,4 +1,4 @@
-"""`conveyor batch submit|status|cancel|results`: batch jobs through the gateway's HTTP API.
+"""`conveyor batch submit|list|status|cancel|results`: batch jobs through the gateway's HTTP API.
 
 The gateway is `--url` (default `CONVEYOR_GATEWAY_URL`, else http://127.0.0.1:8080) and the
 bearer token is read from `CONVEYOR_TOKEN`, never from the command line (arguments are visible
@@ -23,7 +23,7 @@ import httpx
 
 ENDED = frozenset({"completed", "cancelled", "expired", "failed"})
 DEFAULT_URL = "http://127.0.0.1:8080"
-# A 20,000-task file takes a few seconds to check and publish; 10 minutes bounds a huge one.
+# A 20,000-task file takes a few seconds to check and store; 10 minutes bounds a huge one.
 SUBMIT_TIMEOUT_S = 600.0
 REQUEST_TIMEOUT_S = 60.0
 BAR_WIDTH = 30
@@ -43,6 +43,11 @@ def configure(name: str, parser: argparse.ArgumentParser) -> None:
     submit_cmd.add_argument("--results", type=Path, help="when it ends, write the results here")
     submit_cmd.add_argument("--poll-s", type=float, default=1.0, help="progress refresh interval")
     submit_cmd.set_defaults(func=submit)
+    list_cmd = sub.add_parser("list", help="list the tenant's batches, newest first")
+    list_cmd.add_argument("--limit", type=int, default=20, help="batches to show (1-100)")
+    list_cmd.add_argument("--after", help="show the batches older than this batch id")
+    list_cmd.add_argument("--json", action="store_true", help="the list object as JSON")
+    list_cmd.set_defaults(func=list_batches)
     for action, func, text in (
         ("status", status, "show a batch's status and counts"),
         ("cancel", cancel, "cancel a batch: its unfinished tasks end cancelled"),
@@ -98,7 +103,7 @@ def submit(args: argparse.Namespace) -> int:
             headers={"Content-Type": "application/jsonl"},
             timeout=SUBMIT_TIMEOUT_S,
         )
-        batch = _checked(answer) if answer.status_code != 503 else answer.json()
+        batch = _checked(answer)
         print(f"batch {batch['id']}: {batch['request_counts']['total']} tasks, {batch['status']}")
         if args.no_wait or batch["status"] in ENDED:
             return _outcome(http, batch, args.results)
@@ -168,6 +173,31 @@ def _write_results(http: httpx.Client, batch_id: str, out: IO[str]) -> int:
                 out.write(line + "\n")
                 written += 1
     return written
+
+
+def list_batches(args: argparse.Namespace) -> int:
+    params: dict[str, str | int] = {"limit": args.limit}
+    if args.after:
+        params["after"] = args.after
+    with _client(args) as http:
+        page = _checked(http.get("/v1/batches", params=params))
+    if args.json:
+        print(json.dumps(page, indent=2))
+        return 0
+    for batch in page["data"]:
+        print(list_line(batch))
+    if not page["data"]:
+        print("no batches")
+    elif page["has_more"]:
+        print(f"more: conveyor batch list --after {page['last_id']}")
+    return 0
+
+
+def list_line(batch: dict[str, Any]) -> str:
+    """One batch in `conveyor batch list`: id, status, created, tasks ended of total."""
+    counts = batch["request_counts"]
+    done = sum(int(counts.get(status, 0)) for status in _DONE)
+    return f"{batch['id']}  {batch['status']:<11}  {batch['created_at']}  {done}/{counts['total']}"
 
 
 def status(args: argparse.Namespace) -> int:

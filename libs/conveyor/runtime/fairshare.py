@@ -5,8 +5,11 @@ stage pauses its partitions) instead of going to the handler in partition order.
 taken from the window by:
 
 1. **Priority lane first.** The highest lane with a record waiting is served; a lower lane whose
-   oldest waiting record has waited `starvation_s` is served first instead (the same guard as
-   `conveyor.runtime.lanes`, which decides what is *read*; this decides what is *run*).
+   oldest waiting record has waited `starvation_s`, and that has not been served for as long, is
+   served one batch first instead (the same guard as `conveyor.runtime.lanes`, which decides what
+   is *read*; this decides what is *run*). Counting from its last service matters: under a
+   sustained backlog a lower lane's oldest record is always older than `starvation_s`, and
+   without it the guard would serve that lane every time and starve the higher ones.
 2. **Deficit round robin over tenants** within that lane: each tenant with work gets
    `weight` records of credit per visit, in turn, so with equal weights two busy tenants get
    half the batches each however long either one's backlog is. A tenant's own records keep their
@@ -209,6 +212,7 @@ class FairWindow:
         self.records = 0
         self.bytes = 0
         self.served: dict[str, int] = {}  # tenant -> records taken to run (served share)
+        self._served_at: dict[str, float] = {}  # lane -> when a batch was last taken from it
 
     def __len__(self) -> int:
         return self.records
@@ -235,6 +239,7 @@ class FairWindow:
         for name in self._lane_order(now):
             taken = self._lanes[name].take(n, self.weights, self.default_weight, self.admit)
             if taken:
+                self._served_at[name] = now
                 break
         for waiting in taken:
             self.records -= 1
@@ -291,7 +296,10 @@ class FairWindow:
         starved = []
         for name in reversed(ranked[1:]):  # the starvation guard: lowest starved lane first
             oldest = self._lanes[name].oldest()
-            if oldest is not None and now - oldest >= self.starvation_s:
+            if oldest is None:
+                continue
+            waiting_since = max(oldest, self._served_at.get(name, oldest))
+            if now - waiting_since >= self.starvation_s:
                 starved.append(name)
         return starved + [name for name in ranked if name not in starved]
 

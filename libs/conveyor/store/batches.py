@@ -79,6 +79,7 @@ class NewBatchItem:
     kind: str
     digest: str
     callback_url: str | None = None
+    body: dict[str, Any] | None = None  # the task as it will be published (paced dispatch)
 
 
 BATCH_COLUMNS = (

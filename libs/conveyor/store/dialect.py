@@ -47,6 +47,10 @@ class Dialect(Protocol):
     # Appended to the SELECT of a read-modify-write: a row lock where the transaction does not
     # already hold the write lock for the whole database.
     for_update: str
+    # A statement taking a transaction-scoped lock on an integer key, where write transactions
+    # do not already exclude each other (None: they do); paced batch dispatch counts the window
+    # and claims under it (conveyor.store.dispatch).
+    claim_lock: str | None
     schema: str  # the DDL of the tables, `;`-separated (created IF NOT EXISTS at open)
 
     def stamp(self, value: datetime | None) -> Any:

@@ -125,6 +125,8 @@ class PostgresDialect:
     time_type = "timestamptz"
     arrival = "seq"
     for_update = " FOR UPDATE"
+    # Serialises the dispatch claims (conveyor.store.dispatch): a transaction-scoped lock.
+    claim_lock: str | None = "SELECT pg_advisory_xact_lock(%s)"
     schema = _SCHEMA
 
     def __init__(self, url: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 
-from conveyor.store import lifecycle
+from conveyor.store import dispatch, lifecycle
 from conveyor.store.base import (
     ADDED_TASK_COLUMNS,
     EVENT_COLUMNS,
@@ -53,6 +53,8 @@ def create_schema(cur: Cursor, dialect: Dialect) -> None:
     _add_columns(cur, dialect)
     cur.execute(lifecycle.REUSE_TABLE.format(text="TEXT", time=dialect.time_type))
     for statement in lifecycle.ADDED_INDEXES:
+        cur.execute(statement)
+    for statement in dispatch.schema("TEXT", dialect.time_type):  # paced batch dispatch
         cur.execute(statement)
 
 

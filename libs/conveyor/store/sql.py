@@ -18,7 +18,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from conveyor.errors import RetryableError
-from conveyor.store import lifecycle
+from conveyor.store import dispatch, lifecycle
 from conveyor.store.base import (
     NOTIFICATION_CLAIMED,
     NOTIFICATION_DELIVERED,
@@ -65,6 +65,7 @@ class SqlStore(SqlBatches):
         self._sql = store_sql(dialect)
         self._batch = batch_sql(dialect.p)
         self._life = lifecycle.lifecycle_sql(dialect.p)
+        self._dispatch = dispatch.dispatch_sql(dialect.p, lock=dialect.claim_lock)
         self._run_upsert = run_upsert(dialect.p)
         with dialect.transaction() as cur:
             create_schema(cur, dialect)

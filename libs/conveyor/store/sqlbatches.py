@@ -9,6 +9,7 @@ from collections.abc import Collection, Sequence
 from datetime import datetime
 from typing import Any
 
+from conveyor.store import dispatch
 from conveyor.store.base import (
     STATUSES,
     TERMINAL_STATUSES,
@@ -38,6 +39,7 @@ class SqlBatches:
     _d: Dialect
     _sql: StoreSql
     _batch: BatchSql
+    _dispatch: dispatch.DispatchSql
 
     def create_batch(self, batch: BatchRecord, items: Sequence[NewBatchItem]) -> None:
         tenant = tenant_key(batch.tenant)
@@ -61,6 +63,7 @@ class SqlBatches:
             )
             if cur.rowcount != len(items):  # rolled back with the batch
                 raise BatchConflictError(f"a task id of batch {batch.batch_id} is taken")
+            dispatch.insert(cur, self._dispatch, tenant, batch.batch_id, items)
 
     def get_batch(self, tenant: str, batch_id: str) -> BatchRecord | None:
         with self._d.read() as cur:
@@ -123,6 +126,57 @@ class SqlBatches:
         params = (BatchStatus.CANCELLING, BatchStatus.IN_PROGRESS, self._d.stamp(now), limit)
         with self._d.read() as cur:
             rows = cur.execute(self._batch.overdue, params).fetchall()
+        return [batch_from_row(row, self._d.time) for row in rows]
+
+    # Paced batch dispatch and the batch list (`conveyor.store.dispatch`).
+
+    def claim_dispatch(
+        self, *, window: int | None, lease_s: float, now: datetime, min_free: int = 1
+    ) -> list[dispatch.DispatchItem]:
+        with self._d.transaction() as cur:
+            return dispatch.claim(
+                cur,
+                self._dispatch,
+                window=window,
+                lease_s=lease_s,
+                now=now,
+                stamp=self._d.stamp,
+                min_free=min_free,
+            )
+
+    def finish_dispatch(
+        self,
+        *,
+        dispatched: Sequence[dispatch.DispatchItem],
+        done: Sequence[dispatch.DispatchItem] = (),
+        released: Sequence[dispatch.DispatchItem] = (),
+    ) -> None:
+        with self._d.transaction() as cur:
+            dispatch.finish(
+                cur, self._dispatch, dispatched=dispatched, done=done, released=released
+            )
+
+    def stop_dispatch(self, tenant: str, batch_id: str, *, now: datetime) -> list[str]:
+        with self._d.transaction() as cur:
+            return dispatch.stop(
+                cur, self._dispatch, tenant_key(tenant), batch_id, now=now, stamp=self._d.stamp
+            )
+
+    def list_batches(
+        self, tenant: str, *, limit: int, after: str | None = None
+    ) -> list[BatchRecord]:
+        cursor = None if after is None else self.get_batch(tenant, after)
+        if after is not None and cursor is None:
+            return []
+        with self._d.read() as cur:
+            rows = dispatch.list_batches(
+                cur,
+                self._dispatch,
+                tenant_key(tenant),
+                limit=limit,
+                after=cursor,
+                stamp=self._d.stamp,
+            )
         return [batch_from_row(row, self._d.time) for row in rows]
 
 

@@ -112,6 +112,7 @@ class SqliteDialect:
     time_type = "TEXT"
     arrival = "rowid"
     for_update = ""  # BEGIN IMMEDIATE already holds the database's write lock
+    claim_lock: str | None = None  # and it serialises the dispatch claims too
     schema = _SCHEMA
 
     def __init__(self, path: str) -> None:

@@ -143,7 +143,11 @@ BATCH_PATHS: dict[str, Any] = {
                 },
             },
             "responses": {
-                "202": _answer("accepted: the broker holds every task", "Batch"),
+                "202": _answer(
+                    "accepted: the batch and its tasks are stored; the gateway publishes them "
+                    "at the pace of the batch_in_flight window",
+                    "Batch",
+                ),
                 **_AUTH,
                 "408": _answer("the file did not arrive within the read timeout"),
                 "413": _answer("file too large"),
@@ -152,12 +156,51 @@ BATCH_PATHS: dict[str, Any] = {
                     "invalid lines (listed by line), window or metadata", "BatchInvalid"
                 ),
                 "429": _answer("tenant over its submission rate"),
-                "503": _answer(
-                    "the broker stopped acknowledging: the unpublished tasks and the batch failed",
-                    "Batch",
-                ),
+                "503": _answer("the store is unavailable: nothing was created, repeat"),
             },
-        }
+        },
+        "get": {
+            "summary": "The caller's batches, newest first (OpenAI's list shape)",
+            "operationId": "listBatches",
+            "parameters": [
+                {
+                    "name": "limit",
+                    "in": "query",
+                    "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
+                },
+                {
+                    "name": "after",
+                    "in": "query",
+                    "schema": {"type": "string"},
+                    "description": "a batch id: list the batches older than it (the previous "
+                    "page's last_id)",
+                },
+            ],
+            "responses": {
+                "200": {
+                    "description": "{object: list, data: [Batch], first_id, last_id, has_more}",
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "object": {"type": "string", "enum": ["list"]},
+                                    "data": {
+                                        "type": "array",
+                                        "items": _ref("Batch"),
+                                    },
+                                    "first_id": {"type": ["string", "null"]},
+                                    "last_id": {"type": ["string", "null"]},
+                                    "has_more": {"type": "boolean"},
+                                },
+                            }
+                        }
+                    },
+                },
+                **_AUTH,
+                "422": _answer("limit out of range"),
+            },
+        },
     },
     "/v1/batches/{batch_id}": {
         "get": {

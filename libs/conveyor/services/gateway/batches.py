@@ -1,28 +1,34 @@
-"""gateway's batch routes: many tasks as one JSONL file, followed, cancelled and collected as one.
+"""gateway's batch routes and its paced dispatcher: many tasks as one JSONL file, followed,
+cancelled, listed and collected as one.
 
 `POST /v1/batches` reads the file (`batch_max_bytes`, `batch_max_tasks`), checks every line
 (`conveyor.batches.jsonl`: 422 listing the bad lines, nothing is created), records the batch,
-its items and a reservation of every task in one store transaction, publishes the tasks (low
-lane unless a line says otherwise) and answers 202 with the batch object once the broker has
-acknowledged them all. The tenant's submission quota counts the file as one request; the
-deadline admission check is not applied (a task the window does not reach ends `expired`). If the
-broker stops acknowledging midway, the unpublished tasks end `failed`, the batch `failed`, and the
-answer is 503 with the batch object (the tasks already published still run). `GET
-/v1/batches/{id}` shows progress, `POST /v1/batches/{id}/cancel` cancels, `GET
-/v1/batches/{id}/results` streams one JSON line per input line, in input order. Every read brings
-the batch up to date first (`conveyor.batches.lifecycle.refresh`). A tenant sees its own batches
-only (another's is 404). docs/batches.md.
+its items, each task's body and a reservation of every task in one store transaction, and
+answers 202 with the batch object at once. The tasks are published by the `Dispatcher` (one per
+replica, all sharing the store): in input order, low lane unless a line says otherwise, keeping
+at most `batch_in_flight` dispatched-but-unfinished batch tasks in the whole deployment, so no
+queue anywhere holds more than that many batch records ahead of interactive tasks
+(`conveyor.store.dispatch`). The tenant's submission quota counts the file as one request; the
+deadline admission check is not applied (a task the window does not reach ends `expired`).
+`GET /v1/batches` lists the caller's batches, `GET /v1/batches/{id}` shows progress, `POST
+/v1/batches/{id}/cancel` cancels (dispatch stops; never-dispatched tasks end `cancelled` in the
+store, dispatched ones through the ordinary task cancel), `GET /v1/batches/{id}/results` streams
+one JSON line per input line, in input order. Every read brings the batch up to date first
+(`conveyor.batches.lifecycle.refresh`). A tenant sees its own batches only (another's is 404).
+docs/batches.md.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+import weakref
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -31,30 +37,40 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from conveyor.batches import lifecycle
-from conveyor.batches.jsonl import BatchInput, BatchLine, InvalidBatchError, parse_batch
+from conveyor.batches.jsonl import BatchInput, InvalidBatchError, parse_batch
 from conveyor.batches.views import batch_view, result_line
 from conveyor.errors import PermanentError
 from conveyor.quota import retry_after_header
 from conveyor.services.gateway.handler import Gateway, _gateway, _tenant, submission_digest
 from conveyor.store.batches import BatchRecord, BatchStore
+from conveyor.store.dispatch import DispatchItem, DispatchStore
 from conveyor.web.body import read_body
 from conveyor.webhooks.policy import edge_refusal
 
 log = logging.getLogger(__name__)
 
 JSONL_TYPES = frozenset({"application/jsonl", "application/x-ndjson", "application/x-jsonlines"})
-# Tasks awaiting their broker acknowledgement at once: enough to keep the producer's batches
-# full, few enough that one slow acknowledgement does not hold thousands of futures.
-PUBLISH_WINDOW = 1000
 RESULTS_PAGE = 1000  # result lines read from the store per query while streaming
 MAX_METADATA_KEYS = 16
+LIST_LIMIT, LIST_MAX = 20, 100  # GET /v1/batches: OpenAI's default and maximum page
+# A claim outlives any publish (the publisher gives up on an acknowledgement after seconds), so
+# it lapses only when its replica died midway; the items are then claimed again.
+CLAIM_LEASE_S = 60.0
+# Room is refilled once a quarter of the window is free (or nothing is in flight): the stages
+# then get the batch in chunks they handle as batches, not a trickle of one-record batches.
+REFILL_FRACTION = 4
+# After the broker refused a round, the released items wait this long before the next try.
+BROKER_BACKOFF_S = 1.0
+# Dispatchers of this process, so a new batch can wake its gateway's at once.
+_DISPATCHERS: weakref.WeakKeyDictionary[Gateway, Dispatcher] = weakref.WeakKeyDictionary()
 
 
 def _store(gateway: Gateway) -> lifecycle.Store:
     store = gateway.store
-    if not isinstance(store, BatchStore):  # both backends are; a fake might not be
+    # Both backends are both; a fake might not be.
+    if not isinstance(store, BatchStore) or not isinstance(store, DispatchStore):
         raise HTTPException(501, "this gateway's store does not keep batches")
-    return store  # mypy narrows it to ResultStore and BatchStore
+    return cast(lifecycle.Store, store)
 
 
 async def submit_batch(request: Request) -> Response:
@@ -108,14 +124,10 @@ async def submit_batch(request: Request) -> Response:
         metadata=metadata,
     )
     batch = await run_in_threadpool(create)
-    failure = await _publish(gateway, store, batch, lines)
-    batch = await _reread(store, batch)
+    wake_dispatcher(gateway)
     view = await _view(request, store, batch)
-    url = str(view["status_url"])
-    if failure is not None:
-        return JSONResponse(view, 503, headers={"Retry-After": "1", "Location": url})
     log.info("batch accepted batch_id=%s tenant=%s tasks=%d", batch_id, tenant, len(lines))
-    return JSONResponse(view, 202, headers={"Location": url})
+    return JSONResponse(view, 202, headers={"Location": str(view["status_url"])})
 
 
 def _refusal(url: str, *, allow: tuple[str, ...]) -> str | None:
@@ -144,46 +156,6 @@ def _metadata(raw: str | None) -> dict[str, str] | None:
     return value
 
 
-async def _publish(
-    gateway: Gateway, store: lifecycle.Store, batch: BatchRecord, lines: Sequence[BatchLine]
-) -> str | None:
-    """Publish every task, `PUBLISH_WINDOW` at a time; the error that stopped it, or None.
-
-    A task the client refuses alone (over the record size limit) ends `failed` by itself; a
-    broker that does not acknowledge ends the batch (`lifecycle.fail`)."""
-    refused: list[tuple[str, str]] = []
-    for start in range(0, len(lines), PUBLISH_WINDOW):
-        window = lines[start : start + PUBLISH_WINDOW]
-        outcomes = await asyncio.gather(
-            *(gateway.publisher.submit(line.body) for line in window), return_exceptions=True
-        )
-        broken: BaseException | None = None
-        for line, outcome in zip(window, outcomes, strict=True):
-            if isinstance(outcome, PermanentError):
-                refused.append((line.task.task_id, str(outcome)))
-            elif isinstance(outcome, BaseException):
-                broken = broken or outcome
-                refused.append((line.task.task_id, str(outcome)))
-        if broken is not None:
-            rest = [line.task.task_id for line in lines[start + PUBLISH_WINDOW :]]
-            unpublished = [task_id for task_id, _ in refused] + rest
-            error = f"{type(broken).__name__}: {broken}"
-            log.warning("batch publish failed batch_id=%s error=%s", batch.batch_id, error)
-            now = datetime.now(UTC)
-            await run_in_threadpool(lifecycle.fail, store, batch, unpublished, error, now)
-            return error
-    for task_id, reason in refused:  # each alone: the batch goes on
-        await run_in_threadpool(lifecycle.fail_task, store, batch, task_id, reason)
-    return None
-
-
-async def _reread(store: lifecycle.Store, batch: BatchRecord) -> BatchRecord:
-    stored: BatchRecord | None = await run_in_threadpool(
-        store.get_batch, batch.tenant, batch.batch_id
-    )
-    return stored or batch
-
-
 async def _view(request: Request, store: lifecycle.Store, batch: BatchRecord) -> dict[str, Any]:
     counts = await run_in_threadpool(store.batch_counts, batch.tenant, batch.batch_id)
     settings = _gateway(request).settings
@@ -202,7 +174,8 @@ async def _batch(request: Request) -> tuple[lifecycle.Store, BatchRecord]:
     batch = await run_in_threadpool(store.get_batch, tenant, batch_id)
     if batch is None:
         raise HTTPException(404, "batch not found")
-    batch = await run_in_threadpool(lifecycle.refresh, store, batch, datetime.now(UTC))
+    now = datetime.now(UTC)
+    batch = await run_in_threadpool(lifecycle.refresh, store, batch, now, _canceller(request))
     return store, batch
 
 
@@ -211,9 +184,47 @@ async def batch_status(request: Request) -> Response:
     return JSONResponse(await _view(request, store, batch))
 
 
+async def list_batches(request: Request) -> Response:
+    """The caller's batches, newest first, as OpenAI's list: `limit` (1-100, 20) and `after`
+    (the last id of the previous page)."""
+    store = _store(_gateway(request))
+    tenant = _tenant(request)
+    raw = request.query_params.get("limit", str(LIST_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= LIST_MAX:
+        return JSONResponse(
+            {"error": f"limit must be a whole number from 1 to {LIST_MAX}", "fields": ["limit"]},
+            422,
+        )
+    after = request.query_params.get("after")
+    page = functools.partial(store.list_batches, tenant, limit=int(raw) + 1, after=after)
+    batches = await run_in_threadpool(page)
+    now = datetime.now(UTC)
+    data = []
+    for batch in batches[: int(raw)]:
+        batch = await run_in_threadpool(lifecycle.refresh, store, batch, now, _canceller(request))
+        data.append(await _view(request, store, batch))
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": len(batches) > int(raw),
+        }
+    )
+
+
+def _canceller(request: Request) -> lifecycle.CancelTask | None:
+    canceller = _gateway(request).canceller
+    return None if canceller is None else canceller.cancel
+
+
 async def cancel_batch(request: Request) -> Response:
     store, batch = await _batch(request)
-    batch = await run_in_threadpool(lifecycle.cancel, store, batch, datetime.now(UTC))
+    cancel = functools.partial(
+        lifecycle.cancel, store, batch, datetime.now(UTC), _canceller(request)
+    )
+    batch = await run_in_threadpool(cancel)
     log.info(
         "batch cancel batch_id=%s tenant=%s status=%s", batch.batch_id, batch.tenant, batch.status
     )
@@ -244,16 +255,26 @@ async def _result_lines(store: lifecycle.Store, batch: BatchRecord) -> AsyncIter
         after = page[-1][0].line
 
 
+async def batch_work_forever(gateway: Gateway) -> None:
+    """The batch work a gateway replica does in the background: the dispatcher and the sweep
+    (none when its store keeps no batches)."""
+    if not isinstance(gateway.store, BatchStore):
+        return
+    dispatcher = Dispatcher(gateway)
+    _DISPATCHERS[gateway] = dispatcher
+    await asyncio.gather(dispatcher.run(), sweep_forever(gateway))
+
+
 async def sweep_forever(gateway: Gateway) -> None:
     """End the batches left past their window or mid-cancel that nobody reads (every replica
     may run it: ending a task is idempotent)."""
-    if not isinstance(gateway.store, BatchStore):
-        return
     store = _store(gateway)
+    canceller = None if gateway.canceller is None else gateway.canceller.cancel
     while True:
         await asyncio.sleep(gateway.settings.batch_sweep_s)
+        sweep = functools.partial(lifecycle.sweep, store, datetime.now(UTC), cancel_task=canceller)
         try:
-            ended = await run_in_threadpool(lifecycle.sweep, store, datetime.now(UTC))
+            ended = await run_in_threadpool(sweep)
         except Exception as exc:  # the store is briefly unavailable: the next round retries
             log.warning("batch sweep failed error=%s", exc)
             continue
@@ -261,9 +282,95 @@ async def sweep_forever(gateway: Gateway) -> None:
             log.info("batch sweep ended=%d", ended)
 
 
+def wake_dispatcher(gateway: Gateway) -> None:
+    """A batch was created: start publishing it now, not at the next poll."""
+    dispatcher = _DISPATCHERS.get(gateway)
+    if dispatcher is not None:
+        dispatcher.wake.set()
+
+
+class Dispatcher:
+    """Publishes batch tasks at the pace the pipeline finishes them (docs/batches.md, "Paced
+    dispatch"). Each round claims what the window has free (`DispatchStore.claim_dispatch`),
+    publishes it concurrently and records the outcome: published, refused alone (the task ends
+    `failed`), or not acknowledged (released, retried after `BROKER_BACKOFF_S`). Every replica
+    runs one; the store's claim keeps them from publishing an item twice or overfilling the
+    window."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.store = _store(gateway)
+        self.wake = asyncio.Event()
+        in_flight = gateway.settings.batch_in_flight
+        self.window = in_flight or None  # 0: unbounded (everything at once, as before pacing)
+        self.min_free = max(1, in_flight // REFILL_FRACTION)
+
+    async def run(self) -> None:
+        while True:
+            try:
+                published, refused = await self.round()
+            except Exception as exc:  # the store is briefly unavailable: try again shortly
+                log.warning("batch dispatch failed error=%s", exc)
+                published, refused = 0, True
+            if published and not refused:
+                continue  # more may be free already (an unbounded window, or tasks ended)
+            pause = BROKER_BACKOFF_S if refused else self.gateway.settings.batch_dispatch_poll_s
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), pause)
+
+    async def round(self) -> tuple[int, bool]:
+        """One claim published; (tasks published, whether the broker refused any)."""
+        claim = functools.partial(
+            self.store.claim_dispatch,
+            window=self.window,
+            min_free=self.min_free,
+            lease_s=CLAIM_LEASE_S,
+            now=datetime.now(UTC),
+        )
+        items: list[DispatchItem] = await run_in_threadpool(claim)
+        if not items:
+            return 0, False
+        publisher = self.gateway.publisher
+        outcomes = await asyncio.gather(
+            *(publisher.submit(item.body) for item in items), return_exceptions=True
+        )
+        sent = [i for i, o in zip(items, outcomes, strict=True) if not isinstance(o, BaseException)]
+        refused = [
+            (i, o) for i, o in zip(items, outcomes, strict=True) if isinstance(o, PermanentError)
+        ]
+        retry = [
+            (i, o)
+            for i, o in zip(items, outcomes, strict=True)
+            if isinstance(o, BaseException) and not isinstance(o, PermanentError)
+        ]
+        finish = functools.partial(
+            self.store.finish_dispatch,
+            dispatched=sent,
+            done=[i for i, _ in refused],
+            released=[i for i, _ in retry],
+        )
+        await run_in_threadpool(finish)
+        for item, error in refused:  # each alone: the batch goes on
+            await run_in_threadpool(self._fail, item, str(error))
+        if retry:
+            log.warning(
+                "batch dispatch not acknowledged tasks=%d error=%s (released, retried)",
+                len(retry),
+                retry[0][1],
+            )
+        return len(sent), bool(retry)
+
+    def _fail(self, item: DispatchItem, reason: str) -> None:
+        batch = self.store.get_batch(item.tenant, item.batch_id)
+        if batch is not None:
+            lifecycle.fail_task(self.store, batch, item.task_id, reason)
+
+
 def batch_routes() -> list[Route]:
     return [
         Route("/v1/batches", submit_batch, methods=["POST"]),
+        Route("/v1/batches", list_batches, methods=["GET"]),
         Route("/v1/batches/{batch_id}", batch_status, methods=["GET"], name="batch_status"),
         Route("/v1/batches/{batch_id}/cancel", cancel_batch, methods=["POST"]),
         Route(

@@ -499,7 +499,7 @@ async def _unavailable(_request: Request, exc: Exception) -> Response:
 def build_app(gateway: Gateway) -> Starlette:
     from conveyor.services.gateway.batches import (  # they import this module
         batch_routes,
-        sweep_forever,
+        batch_work_forever,
     )
 
     @asynccontextmanager
@@ -510,7 +510,7 @@ def build_app(gateway: Gateway) -> Starlette:
         if gateway.feed is not None and gateway.streams is not None:
             await start_feed(gateway.feed, gateway.streams)
         ticker = asyncio.ensure_future(gateway.tick())
-        sweeper = asyncio.ensure_future(sweep_forever(gateway))
+        sweeper = asyncio.ensure_future(batch_work_forever(gateway))
         gateway.started = True
         try:
             yield

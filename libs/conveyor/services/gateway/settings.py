@@ -82,6 +82,19 @@ class GatewaySettings(KafkaSettings, CatalogSettings, StreamFollowSettings):
     batch_sweep_s: float = Field(
         default=30.0, gt=0, description="how often batches past their window are ended"
     )
+    # Paced dispatch (docs/batches.md): enough batch tasks in flight to keep every stage busy
+    # (inference takes 32 at a time; several stages hold a batch each, and a slot frees only
+    # once writeback has recorded the task's end), few enough that an interactive task queues
+    # behind at most this many batch records anywhere. 512: measured, bench/results/batches.md.
+    batch_in_flight: int = Field(
+        default=512,
+        ge=0,
+        description="batch tasks dispatched and unfinished at once, over all batches and "
+        "replicas sharing the store; 0: no bound (every task published at once)",
+    )
+    batch_dispatch_poll_s: float = Field(
+        default=0.2, gt=0, description="how often the batch dispatcher looks for free room"
+    )
     access_log: bool = Field(
         default=False,
         description="uvicorn's access log too (the app already logs each request by route "

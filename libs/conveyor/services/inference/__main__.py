@@ -29,12 +29,9 @@ def setup(settings: InferenceSettings) -> InferenceResources:
         for spec in registry.specs:
             registry.for_kind(spec.kind, spec.name)
             log.info("model loaded kind=%s name=%s source=%s", spec.kind, spec.name, spec.source)
-    from conveyor.batches.skip import stopped_batches
-
     # conveyor_gpu_* on /metrics while CUDA is present; None (no thread) on a CPU machine.
     return InferenceResources(
         models=registry,
-        stopped_batches=stopped_batches(settings.store_url),
         gpu_sampler=start_gpu_sampler("inference"),
         capacity=_capacity(settings),
         reuse=_reuse(settings),
@@ -86,8 +83,6 @@ def teardown(resources: InferenceResources) -> None:
         resources.gpu_sampler.stop()
     if resources.reuse is not None:
         resources.reuse.store.close()
-    if resources.stopped_batches is not None:
-        resources.stopped_batches.close()
     if resources.streams is not None:
         resources.streams.close()
 

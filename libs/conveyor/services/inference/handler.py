@@ -49,7 +49,6 @@ from conveyor.variants import SHADOW, SHADOWS, VARIANT
 from conveyor.variants import metrics as variant_metrics
 
 if TYPE_CHECKING:
-    from conveyor.batches.skip import StoppedBatches
     from conveyor.ml.capacity import CapacityController
     from conveyor.ml.registry import ModelRegistry
     from conveyor.ml.specs import Kind
@@ -62,7 +61,6 @@ class InferenceResources:
     """What inference's handler uses; every field but the models is optional (None: off)."""
 
     models: ModelRegistry
-    stopped_batches: StoppedBatches | None = None  # conveyor.batches.skip
     capacity: CapacityController | None = None  # GPU-aware batch sizing (the runtime reads it)
     reuse: ReuseCache | None = None  # result reuse (conveyor.reuse)
     streams: ChunkPublisher | None = None  # streaming tasks' chunks (docs/streaming.md)
@@ -75,7 +73,6 @@ InferenceContext = Context[InferenceSettings, InferenceResources]
 
 def handle_batch(records: Sequence[Input], ctx: InferenceContext) -> list[BatchOutcome]:
     registry = ctx.resources.models
-    stopped = ctx.resources.stopped_batches  # conveyor.batches.skip; None: no check
     cancels = ctx.cancels
     now = datetime.now(UTC)
     outcomes: list[BatchOutcome] = [None] * len(records)
@@ -83,8 +80,6 @@ def handle_batch(records: Sequence[Input], ctx: InferenceContext) -> list[BatchO
     shadows: dict[tuple[str, str], list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         task = record.data.task
-        if stopped is not None and stopped.stopped(task.tenant, task.task_id):
-            continue  # its batch was cancelled or expired: the store already ended the task
         if _expired(task.deadline, now):
             outcomes[i] = _expired_status(task, now)
             continue
