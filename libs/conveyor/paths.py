@@ -7,6 +7,7 @@ file; `CONVEYOR_HOME` overrides where `var/` (state) and `.cache/` (jars, models
 
 from __future__ import annotations
 
+import contextlib
 import os
 from functools import cache
 from pathlib import Path
@@ -57,9 +58,18 @@ def private_dir(path: Path) -> Path:
 
 def private_file(path: Path) -> Path:
     """`path` as a file only its owner may read: created empty with mode 0600 if missing, in a
-    folder created private; an existing file keeps its content and is tightened to 0600."""
+    folder created private; an existing file keeps its content and is tightened to 0600.
+
+    An existing file is never opened: closing any descriptor of a file drops every POSIX lock
+    this process holds on it, and SQLite's locks are POSIX locks. A second store opened on a
+    database file this process already has open (writeback's retention sweeper, the gateway's
+    quota ledger) would otherwise strip the first connection's locks, and another process's
+    close could then take itself for the last connection and delete the write-ahead log that
+    connection still writes to: committed writes lost."""
     if not path.parent.exists():
         private_dir(path.parent)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE))
+    if not path.exists():
+        with contextlib.suppress(FileExistsError):  # created meanwhile: then it exists
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
     path.chmod(PRIVATE_FILE_MODE)
     return path

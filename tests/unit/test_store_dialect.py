@@ -12,6 +12,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import astuple
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +100,50 @@ def test_sqlite_dialect_lists_a_tables_columns() -> None:
             assert d.columns(cur, "t") == {"a", "b"}
     finally:
         d.close()
+
+
+def test_a_second_store_in_one_process_keeps_the_first_ones_writes_durable(tmp_path: Path) -> None:
+    # writeback opens the store and, beside it, the retention sweeper's; the gateway its store
+    # and the quota ledger. Opening the second must not strip the first connection's POSIX
+    # locks: another process closing the database would then delete the write-ahead log the
+    # first connection still writes to, and its later commits would be lost to every reader.
+    import subprocess
+    import sys
+
+    from conveyor.store import TaskUpdate, open_store
+
+    path = tmp_path / "two.db"
+    url = f"sqlite:///{path}"
+    count = (
+        "import sys; from conveyor.store import open_store; s = open_store(sys.argv[1]); "
+        "print(sum(s.count_by_status().values())); s.close()"
+    )
+
+    def other_process_count() -> int:
+        out = subprocess.run(
+            [sys.executable, "-c", count, url], capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 0, out.stderr
+        return int(out.stdout.strip())
+
+    def failed(task_id: str) -> TaskUpdate:
+        return TaskUpdate(
+            task_id=task_id,
+            event_id=f"event-{task_id}",
+            event_type="conveyor.task.status.v1",
+            status="failed",
+            time=datetime.now(UTC),
+            stage="preprocess",
+            error="DecodeError: test",
+        )
+
+    first = open_store(url)
+    try:
+        first.apply(failed("t-1"))
+        open_store(url).close()  # the second store of this process
+        assert other_process_count() == 1  # that process's close must not end the WAL
+        first.apply(failed("t-2"))
+        assert other_process_count() == 2
+    finally:
+        first.close()
+    assert other_process_count() == 2
