@@ -220,8 +220,9 @@ def test_identical_tasks_in_flight_on_two_inference_replicas_run_once(
         "CONVEYOR_MODELS": MINILM_ONLY,
         # One rung: the cooperative-sticky assignor balances partitions over all of a group's
         # topics, and with three rungs it may give one replica every retry partition and the
-        # other every lane partition. A waiter retried after 5 s finds the result, or runs.
-        "CONVEYOR_RETRY_DELAYS": "[5]",
+        # other every lane partition. A waiter retried after 20 s finds the result, or runs:
+        # long enough for the first copy's model call on a loaded machine.
+        "CONVEYOR_RETRY_DELAYS": "[20]",
         "OTEL_SDK_DISABLED": "true",
     }
     stack = LocalStack(

@@ -89,10 +89,11 @@ def test_high_lane_is_served_before_a_backlog_of_normal_and_low(
     finally:
         runner.stop()
     assert seen.count("high") == 30
-    # All 30 high records went through before most of the older backlog: what else ran in
-    # between is what was already fetched when they arrived (a few batches).
-    assert served < 150, served
-    assert seen[start:].index("high") < 100
+    # All 30 high records went through before most of the older backlog (580 records after
+    # the first 20; unprioritised, all of it would run first): what else ran in between is what
+    # was already fetched or running when they arrived, a few batches, more on a loaded machine.
+    assert served < 300, served
+    assert seen[start:].index("high") < 200
 
 
 def test_low_lane_is_not_starved_by_a_steady_high_lane(
