@@ -15,18 +15,13 @@ import pytest
 from conveyor.errors import PermanentError, RetryableError
 from conveyor.events.model import Event
 from conveyor.runtime import Emit
-from conveyor.runtime.handler import BatchOutcome, Outcome
 from conveyor.runtime.typed import Context, Record
-from conveyor.services.inference.__main__ import INFERENCE
 from conveyor.services.inference.handler import InferenceResources
 from conveyor.services.inference.settings import InferenceSettings
-from conveyor.services.moderation.__main__ import MODERATION
 from conveyor.services.moderation.handler import ModerationResources, decide
 from conveyor.services.moderation.settings import ModerationSettings, Threshold
-from conveyor.services.notify.__main__ import NOTIFY
 from conveyor.services.notify.handler import NotifyResources
 from conveyor.services.notify.settings import NotifySettings
-from conveyor.services.preprocess.__main__ import PREPROCESS
 from conveyor.services.preprocess.handler import (
     PreprocessResources,
     normalise,
@@ -42,6 +37,8 @@ from conveyor.store import open_store
 from conveyor.webhooks import new_secret, verify
 from conveyor.webhooks.sender import WebhookRequest
 from tests.eventdata import inferred_data
+from tests.stages import infer, moderate, preprocess, write_back
+from tests.stages import notify as notify_batch
 
 LOG = logging.getLogger("test")
 
@@ -50,25 +47,7 @@ def ctx(settings: Any, resources: Any) -> Context[Any, Any]:
     return Context("test", settings, LOG, resources)
 
 
-# Each stage through its typed seam: the payload read from the event, then the handler.
-def preprocess(e: Event, c: Context[Any, Any]) -> Outcome:
-    return PREPROCESS.run_one(e, c)
-
-
-def infer(events: Sequence[Event], c: Context[Any, Any]) -> list[Any]:
-    return INFERENCE.run_batch(events, c)
-
-
-def moderate(events: Sequence[Event], c: Context[Any, Any]) -> list[Any]:
-    return MODERATION.run_batch(events, c)
-
-
-def write_back(events: Sequence[Event], c: Context[Any, Any]) -> list[BatchOutcome]:
-    return WRITEBACK.run_batch(events, c)
-
-
-def notify_batch(events: Sequence[Event], c: Context[Any, Any]) -> list[BatchOutcome]:
-    return NOTIFY.run_batch(events, c)
+# Each stage through its typed seam (tests/stages.py): the payload read, then the handler.
 
 
 def update_for(e: Event) -> Any:
